@@ -1,0 +1,1079 @@
+//! The config document of DESIGN.md §12.
+//!
+//! Field-level rules (formats, enums, ranges) are enforced while deserialising,
+//! so a bad value is reported with the line serde saw it on. Rules that span
+//! fields (duplicate ids, a key hash an `api_key` agent needs) run in
+//! [`Document::validate`] and name the path; the line is recovered from the
+//! text where the offending value appears.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A config problem: where it is and what is wrong. `line` is 1-based.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub path: String,
+    pub line: Option<usize>,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.path.is_empty(), self.line) {
+            (false, Some(l)) => write!(f, "line {l}: {}: {}", self.path, self.reason),
+            (false, None) => write!(f, "{}: {}", self.path, self.reason),
+            (true, Some(l)) => write!(f, "line {l}: {}", self.reason),
+            (true, None) => write!(f, "{}", self.reason),
+        }
+    }
+}
+
+/// Every error found in one document, in document order.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The whole document: this node's settings plus the policy document.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Document {
+    #[serde(default)]
+    pub gateway: Gateway,
+    #[serde(default)]
+    pub stores: Stores,
+    #[serde(default)]
+    pub nft: Nft,
+    #[serde(default)]
+    pub audit: AuditSettings,
+    #[serde(default)]
+    pub agents: Vec<Agent>,
+    #[serde(default)]
+    pub jwt: Jwt,
+    #[serde(default)]
+    pub policies: Vec<Policy>,
+    #[serde(default)]
+    pub quotas: Vec<Quota>,
+}
+
+/// The part of the document that revisions and bundles carry (§12: everything
+/// but `gateway`, `stores`, `nft` and `audit`).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyDocument {
+    #[serde(default)]
+    pub agents: Vec<Agent>,
+    #[serde(default)]
+    pub jwt: Jwt,
+    #[serde(default)]
+    pub policies: Vec<Policy>,
+    #[serde(default)]
+    pub quotas: Vec<Quota>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gateway {
+    #[serde(default = "default_proxy_listen")]
+    pub proxy_listen: SocketAddr,
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
+    /// `None`: `up` picks a per-user state directory.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub private_destinations_allowed: Vec<IpNet>,
+    #[serde(default)]
+    pub quota_check: QuotaCheck,
+    #[serde(default)]
+    pub audit_input: AuditInput,
+}
+
+impl Default for Gateway {
+    fn default() -> Self {
+        Gateway {
+            proxy_listen: default_proxy_listen(),
+            admin_listen: default_admin_listen(),
+            state_dir: None,
+            private_destinations_allowed: Vec::new(),
+            quota_check: QuotaCheck::default(),
+            audit_input: AuditInput::default(),
+        }
+    }
+}
+
+fn default_proxy_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 10000))
+}
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9080))
+}
+
+/// Where quotas are checked (§11). Only `rls` is wired so far; `authz` is
+/// refused by [`Document::validate`] rather than silently ignored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaCheck {
+    Authz,
+    #[default]
+    Rls,
+}
+
+/// How the audit sink receives Envoy's access log (§11). Only `grpc` is wired
+/// so far; `file` is refused by [`Document::validate`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditInput {
+    File,
+    #[default]
+    Grpc,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stores {
+    #[serde(default = "default_memory")]
+    pub ratelimit: String,
+    #[serde(default = "default_sqlite")]
+    pub control_plane: String,
+    #[serde(default = "default_sqlite")]
+    pub audit_query: String,
+    #[serde(default)]
+    pub audit_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub audit_spool_dir: Option<PathBuf>,
+}
+
+impl Default for Stores {
+    fn default() -> Self {
+        Stores {
+            ratelimit: default_memory(),
+            control_plane: default_sqlite(),
+            audit_query: default_sqlite(),
+            audit_dir: None,
+            audit_spool_dir: None,
+        }
+    }
+}
+
+fn default_memory() -> String {
+    "memory".into()
+}
+fn default_sqlite() -> String {
+    "sqlite".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Nft {
+    #[serde(default)]
+    pub mode: NftMode,
+    #[serde(default = "default_envoy_user")]
+    pub envoy_user: String,
+    #[serde(default)]
+    pub exempt_users: Vec<String>,
+    #[serde(default)]
+    pub protected_sources: Vec<IpNet>,
+    #[serde(default)]
+    pub allowed_private: Vec<IpNet>,
+    #[serde(default = "default_admin_sources")]
+    pub admin_sources: Vec<IpNet>,
+}
+
+impl Default for Nft {
+    fn default() -> Self {
+        Nft {
+            mode: NftMode::default(),
+            envoy_user: default_envoy_user(),
+            exempt_users: Vec::new(),
+            protected_sources: Vec::new(),
+            allowed_private: Vec::new(),
+            admin_sources: default_admin_sources(),
+        }
+    }
+}
+
+fn default_envoy_user() -> String {
+    "clawgress-envoy".into()
+}
+fn default_admin_sources() -> Vec<IpNet> {
+    vec![IpNet::from(std::net::IpAddr::from([127, 0, 0, 1]))]
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NftMode {
+    Sovereign,
+    #[default]
+    ProxyOnly,
+    Connected,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSettings {
+    #[serde(default = "default_min_free_mb")]
+    pub min_free_mb: u64,
+    #[serde(default)]
+    pub on_full: OnFull,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        AuditSettings {
+            min_free_mb: default_min_free_mb(),
+            on_full: OnFull::default(),
+        }
+    }
+}
+
+fn default_min_free_mb() -> u64 {
+    256
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFull {
+    #[default]
+    Deny,
+    Allow,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Agent {
+    pub agent_id: Name,
+    #[serde(default)]
+    pub team_id: String,
+    #[serde(default)]
+    pub project_id: String,
+    #[serde(default)]
+    pub environment: String,
+    pub auth_type: AuthType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_sha256: Option<KeyHash>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_cidrs: Vec<IpNet>,
+    #[serde(default)]
+    pub status: AgentStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Profile>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthType {
+    ApiKey,
+    Jwt,
+    SourceIp,
+}
+
+impl AuthType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthType::ApiKey => "api_key",
+            AuthType::Jwt => "jwt",
+            AuthType::SourceIp => "source_ip",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentStatus {
+    #[default]
+    Active,
+    Disabled,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Profile {
+    None,
+    TrainingUpdates,
+    ExternalApi,
+    Custom,
+}
+
+/// An identifier (`agent_id`, `policy_id`): non-empty, at most 128 bytes of
+/// `[A-Za-z0-9._:-]`, so it is safe in logs, metadata, headers and CLI paths.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Name(String);
+
+impl Name {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for Name {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s.is_empty() || s.len() > 128 {
+            return Err(format!("{s:?} must be 1 to 128 characters"));
+        }
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':')))
+        {
+            return Err(format!(
+                "{s:?} contains {c:?}; use letters, digits, '.', '_', '-' or ':'"
+            ));
+        }
+        Ok(Name(s))
+    }
+}
+
+impl<'de> Deserialize<'de> for Name {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Name::try_from(String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The SHA-256 of an API key, 64 hex digits, kept lower case.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct KeyHash(String);
+
+impl KeyHash {
+    /// The raw 32 bytes.
+    pub fn bytes(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        // Validated as 64 hex digits on construction.
+        if hex::decode_to_slice(&self.0, &mut out).is_err() {
+            out = [0u8; 32];
+        }
+        out
+    }
+
+    /// Hash a freshly minted key (what `clawgress key new` and `up` print).
+    pub fn of_key(key: &str) -> KeyHash {
+        use sha2::Digest;
+        KeyHash(hex::encode(sha2::Sha256::digest(key.as_bytes())))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for KeyHash {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(
+                "api_key_sha256 must be the 64 hex digits of the key's SHA-256 (never the key itself)"
+                    .into(),
+            );
+        }
+        Ok(KeyHash(s.to_ascii_lowercase()))
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyHash {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        KeyHash::try_from(String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Jwt {
+    #[serde(default)]
+    pub issuers: Vec<JwtIssuer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtIssuer {
+    pub issuer: String,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hs256_secret_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claims: Option<ClaimNames>,
+    #[serde(default = "default_true")]
+    pub require_exp: bool,
+    #[serde(default = "default_skew")]
+    pub clock_skew_s: u64,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_skew() -> u64 {
+    60
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimNames {
+    #[serde(default)]
+    pub agent_id: Option<String>,
+    #[serde(default)]
+    pub team_id: Option<String>,
+    #[serde(default)]
+    pub project_id: Option<String>,
+    #[serde(default)]
+    pub environment: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    pub policy_id: Name,
+    #[serde(default = "default_version")]
+    pub version: u32,
+    pub priority: u32,
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default)]
+    pub mode: PolicyMode,
+    #[serde(rename = "match")]
+    pub match_: Match,
+    pub action: Action,
+}
+
+fn default_version() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyMode {
+    #[default]
+    Enforce,
+    Shadow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    // Declared first so that `Deny < Allow`: on a priority tie deny wins.
+    Deny,
+    Allow,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Match {
+    #[serde(default)]
+    pub identity: IdentityMatch,
+    pub destination: DestinationMatch,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<Vec<Method>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<PathPrefix>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityMatch {
+    #[serde(default)]
+    pub agent_id: FieldMatch,
+    #[serde(default)]
+    pub team_id: FieldMatch,
+    #[serde(default)]
+    pub project_id: FieldMatch,
+    #[serde(default)]
+    pub environment: FieldMatch,
+}
+
+/// One identity field's constraint: absent or `"*"` (any), a value, or a list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum FieldMatch {
+    #[default]
+    Any,
+    OneOf(Vec<String>),
+}
+
+impl FieldMatch {
+    pub fn matches(&self, value: &str) -> bool {
+        match self {
+            FieldMatch::Any => true,
+            FieldMatch::OneOf(vs) => vs.iter().any(|v| v == value),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for FieldMatch {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(String),
+            Many(Vec<String>),
+        }
+        let raw = Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected a value, a list of values, or \"*\"")
+        })?;
+        Ok(match raw {
+            Raw::One(s) if s == "*" => FieldMatch::Any,
+            Raw::One(s) => FieldMatch::OneOf(vec![s]),
+            Raw::Many(v) if v.iter().any(|s| s == "*") => FieldMatch::Any,
+            Raw::Many(v) if v.is_empty() => {
+                return Err(serde::de::Error::custom(
+                    "an empty list matches nothing; use \"*\" for any",
+                ))
+            }
+            Raw::Many(v) => FieldMatch::OneOf(v),
+        })
+    }
+}
+
+impl Serialize for FieldMatch {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            FieldMatch::Any => s.serialize_str("*"),
+            FieldMatch::OneOf(v) if v.len() == 1 => s.serialize_str(&v[0]),
+            FieldMatch::OneOf(v) => v.serialize(s),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationMatch {
+    pub hosts: Vec<HostPattern>,
+    /// Empty: any port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<Port>,
+}
+
+/// A TCP port, 1–65535.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Port(pub u16);
+
+impl<'de> Deserialize<'de> for Port {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = u64::deserialize(d)?;
+        match u16::try_from(n) {
+            Ok(p) if p > 0 => Ok(Port(p)),
+            _ => Err(serde::de::Error::custom(format!(
+                "port {n} is outside 1-65535"
+            ))),
+        }
+    }
+}
+
+/// A destination host in a policy: `*`, `*.suffix`, an exact name, an IP or
+/// a CIDR. Names are normalised as request hosts are (lower case, no
+/// trailing dot, IDNA to punycode) so that matching compares like with like.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    Any,
+    /// Matches names strictly below the suffix; stored with its leading dot.
+    Suffix(String),
+    Exact(String),
+    Net(IpNet),
+}
+
+impl TryFrom<String> for HostPattern {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s == "*" {
+            return Ok(HostPattern::Any);
+        }
+        if let Ok(net) = s.parse::<IpNet>() {
+            return Ok(HostPattern::Net(net.trunc()));
+        }
+        if let Some(rest) = s.strip_prefix("*.") {
+            let name = crate::destination::normalise_name(rest)
+                .map_err(|e| format!("host pattern {s:?}: {e}"))?;
+            return Ok(HostPattern::Suffix(format!(".{name}")));
+        }
+        if s.contains('*') {
+            return Err(format!(
+                "host pattern {s:?}: '*' is allowed only alone or as a leading '*.'"
+            ));
+        }
+        match crate::destination::Destination::parse_host(&s) {
+            Ok(crate::destination::Host::Name(n)) => Ok(HostPattern::Exact(n)),
+            // An IP in another encoding (e.g. 2130706433): store it canonically.
+            Ok(crate::destination::Host::Ip(ip)) => Ok(HostPattern::Net(IpNet::from(ip))),
+            Err(e) => Err(format!("host pattern {s:?}: {e}")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HostPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        HostPattern::try_from(String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for HostPattern {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            HostPattern::Any => s.serialize_str("*"),
+            HostPattern::Suffix(sfx) => s.serialize_str(&format!("*{sfx}")),
+            HostPattern::Exact(n) => s.serialize_str(n),
+            HostPattern::Net(net) if net.prefix_len() == net.max_prefix_len() => {
+                s.serialize_str(&net.addr().to_string())
+            }
+            HostPattern::Net(net) => s.serialize_str(&net.to_string()),
+        }
+    }
+}
+
+/// An HTTP method token, kept upper case.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Method(String);
+
+impl Method {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Method {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_alphabetic()) {
+            return Err(serde::de::Error::custom(format!(
+                "method {s:?} is not an HTTP method name"
+            )));
+        }
+        Ok(Method(s.to_ascii_uppercase()))
+    }
+}
+
+/// A path prefix: starts with `/`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct PathPrefix(String);
+
+impl PathPrefix {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for PathPrefix {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if !s.starts_with('/') {
+            return Err(serde::de::Error::custom(format!(
+                "path_prefix {s:?} must start with '/'"
+            )));
+        }
+        Ok(PathPrefix(s))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<Name>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rps_limit: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm_limit: Option<u32>,
+    #[serde(default)]
+    pub mode: QuotaMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaMode {
+    #[default]
+    HardStop,
+    AlertOnly,
+}
+
+impl QuotaMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuotaMode::HardStop => "hard_stop",
+            QuotaMode::AlertOnly => "alert_only",
+        }
+    }
+}
+
+impl Document {
+    /// Parse and validate YAML text. Every problem found is returned, each
+    /// with its path, line (when known) and reason.
+    pub fn from_yaml(text: &str) -> Result<Document, ConfigErrors> {
+        let doc: Document = serde_yaml_ng::from_str(text).map_err(|e| {
+            let line = e.location().map(|l| l.line());
+            // serde_yaml_ng prefixes the message with the path ("agents[0]: ...")
+            // and appends " at line N column M"; split them so every error
+            // has the same shape.
+            let msg = e.to_string();
+            let msg = match msg.rfind(" at line ") {
+                Some(i) => msg[..i].to_string(),
+                None => msg,
+            };
+            let (path, reason) = split_path(&msg);
+            ConfigErrors(vec![ConfigError { path, line, reason }])
+        })?;
+        let errors = doc.validate_with_text(Some(text));
+        if errors.is_empty() {
+            Ok(doc)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// The policy part, as revisions and bundles carry it.
+    pub fn policy(&self) -> PolicyDocument {
+        PolicyDocument {
+            agents: self.agents.clone(),
+            jwt: self.jwt.clone(),
+            policies: self.policies.clone(),
+            quotas: self.quotas.clone(),
+        }
+    }
+
+    /// Cross-field rules. `text`, when given, is used to find lines.
+    fn validate_with_text(&self, text: Option<&str>) -> Vec<ConfigError> {
+        let mut errs = Vec::new();
+        let mut push = |path: String, needle: Option<&str>, reason: String| {
+            let line = match (text, needle) {
+                (Some(t), Some(n)) => line_of(t, n),
+                _ => None,
+            };
+            errs.push(ConfigError { path, line, reason });
+        };
+        if self.gateway.quota_check == QuotaCheck::Authz {
+            push(
+                "gateway.quota_check".into(),
+                Some("quota_check"),
+                "`authz` (quotas checked inside Check) is not available yet; use `rls`".into(),
+            );
+        }
+        if self.gateway.audit_input == AuditInput::File {
+            push(
+                "gateway.audit_input".into(),
+                Some("audit_input"),
+                "`file` (sink tails Envoy's access-log file) is not available yet; use `grpc`"
+                    .into(),
+            );
+        }
+        if self.stores.ratelimit != "memory" {
+            push(
+                "stores.ratelimit".into(),
+                Some("ratelimit:"),
+                format!(
+                    "{:?} is not available yet; only `memory` (in-process counters) is",
+                    self.stores.ratelimit
+                ),
+            );
+        }
+        if self.gateway.proxy_listen.port() == 0 {
+            push(
+                "gateway.proxy_listen".into(),
+                Some("proxy_listen"),
+                "needs a fixed port: agents must be told where the proxy is".into(),
+            );
+        }
+        for (path, v) in [
+            ("stores.control_plane", &self.stores.control_plane),
+            ("stores.audit_query", &self.stores.audit_query),
+        ] {
+            if v != "sqlite" && !v.starts_with("postgres://") && !v.starts_with("postgresql://")
+            {
+                push(
+                    path.into(),
+                    Some(path.rsplit('.').next().unwrap_or(path)),
+                    format!("{v:?} is not `sqlite` or a postgres:// URL"),
+                );
+            }
+        }
+        let policy_errs = self.policy().validate_inner(text);
+        errs.extend(policy_errs);
+        errs
+    }
+}
+
+impl PolicyDocument {
+    /// Parse a policy document from JSON (a bundle payload) and validate it.
+    pub fn from_json(text: &str) -> Result<PolicyDocument, ConfigErrors> {
+        let doc: PolicyDocument = serde_json::from_str(text).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: String::new(),
+                line: Some(e.line()),
+                reason: e.to_string(),
+            }])
+        })?;
+        let errs = doc.validate_inner(None);
+        if errs.is_empty() {
+            Ok(doc)
+        } else {
+            Err(ConfigErrors(errs))
+        }
+    }
+
+    /// Canonical JSON: field order fixed by the types, no whitespace.
+    pub fn to_canonical_json(&self) -> String {
+        // Serialising plain structs and vectors cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    fn validate_inner(&self, text: Option<&str>) -> Vec<ConfigError> {
+        let mut errs = Vec::new();
+        let mut push = |path: String, needle: Option<String>, reason: String| {
+            let line = match (text, needle) {
+                (Some(t), Some(n)) => line_of(t, &n),
+                _ => None,
+            };
+            errs.push(ConfigError { path, line, reason });
+        };
+        let mut seen = std::collections::HashSet::new();
+        for (i, a) in self.agents.iter().enumerate() {
+            let path = format!("agents[{i}]");
+            let needle = Some(format!("agent_id: {}", a.agent_id));
+            if !seen.insert(a.agent_id.as_str()) {
+                push(
+                    format!("{path}.agent_id"),
+                    needle.clone(),
+                    format!("duplicate agent_id {:?}", a.agent_id.as_str()),
+                );
+            }
+            match a.auth_type {
+                AuthType::ApiKey if a.api_key_sha256.is_none() => push(
+                    format!("{path}.api_key_sha256"),
+                    needle.clone(),
+                    "required for auth_type api_key (`clawgress key new` prints one)".into(),
+                ),
+                AuthType::SourceIp if a.source_cidrs.is_empty() => push(
+                    format!("{path}.source_cidrs"),
+                    needle.clone(),
+                    "required for auth_type source_ip".into(),
+                ),
+                _ => {}
+            }
+            if a.auth_type != AuthType::ApiKey && a.api_key_sha256.is_some() {
+                push(
+                    format!("{path}.api_key_sha256"),
+                    needle.clone(),
+                    format!("only valid with auth_type api_key, not {}", a.auth_type.as_str()),
+                );
+            }
+        }
+        if !self.jwt.issuers.is_empty() {
+            push(
+                "jwt.issuers".into(),
+                Some("issuers".into()),
+                "JWT identities are not available yet; use api_key agents".into(),
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, p) in self.policies.iter().enumerate() {
+            let path = format!("policies[{i}]");
+            let needle = Some(format!("policy_id: {}", p.policy_id));
+            if !seen.insert(p.policy_id.as_str()) {
+                push(
+                    format!("{path}.policy_id"),
+                    needle.clone(),
+                    format!("duplicate policy_id {:?}", p.policy_id.as_str()),
+                );
+            }
+            if p.policy_id.as_str() == crate::eval::DEFAULT_DENY {
+                push(
+                    format!("{path}.policy_id"),
+                    needle.clone(),
+                    "\"default-deny\" is reserved for the implicit final rule".into(),
+                );
+            }
+            if p.match_.destination.hosts.is_empty() {
+                push(
+                    format!("{path}.match.destination.hosts"),
+                    needle.clone(),
+                    "must name at least one host; use \"*\" for any".into(),
+                );
+            }
+        }
+        for (i, q) in self.quotas.iter().enumerate() {
+            let path = format!("quotas[{i}]");
+            let keys = [
+                q.agent_id.is_some(),
+                q.team_id.is_some(),
+                q.project_id.is_some(),
+            ];
+            let needle = q.agent_id.as_ref().map(|a| format!("agent_id: {a}"));
+            match keys.iter().filter(|k| **k).count() {
+                1 => {}
+                _ => push(
+                    path.clone(),
+                    needle.clone(),
+                    "name exactly one of agent_id, team_id or project_id".into(),
+                ),
+            }
+            if q.team_id.is_some() || q.project_id.is_some() {
+                push(
+                    path.clone(),
+                    needle.clone(),
+                    "team and project quotas are not available yet; use agent_id".into(),
+                );
+            }
+            if q.rps_limit.is_none() && q.rpm_limit.is_none() {
+                push(
+                    path.clone(),
+                    needle.clone(),
+                    "set rps_limit, rpm_limit or both".into(),
+                );
+            }
+            if q.rps_limit == Some(0) || q.rpm_limit == Some(0) {
+                push(
+                    path.clone(),
+                    needle.clone(),
+                    "a limit of 0 admits nothing; disable the agent instead".into(),
+                );
+            }
+        }
+        errs
+    }
+}
+
+/// Split "agents[0].api_key_sha256: reason" into path and reason.
+fn split_path(msg: &str) -> (String, String) {
+    if let Some((head, rest)) = msg.split_once(": ") {
+        if !head.contains(' ') {
+            return (head.to_string(), rest.to_string());
+        }
+    }
+    (String::new(), msg.to_string())
+}
+
+/// The 1-based line of the first occurrence of `needle`.
+fn line_of(text: &str, needle: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .map(|i| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+agents:
+  - agent_id: build-bot
+    team_id: infra
+    project_id: ci
+    environment: prod
+    auth_type: api_key
+    api_key_sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+policies:
+  - policy_id: allow-pypi
+    priority: 100
+    match:
+      identity: {team_id: infra}
+      destination: {hosts: ["PyPI.org.", "*.pythonhosted.org", "10.0.0.0/8"], ports: [443]}
+      method: [get]
+    action: allow
+quotas:
+  - agent_id: build-bot
+    rps_limit: 10
+    rpm_limit: 300
+"#;
+
+    #[test]
+    fn parses_the_design_example() {
+        let doc = Document::from_yaml(GOOD).expect("valid");
+        assert_eq!(doc.agents[0].agent_id.as_str(), "build-bot");
+        let hosts = &doc.policies[0].match_.destination.hosts;
+        assert_eq!(hosts[0], HostPattern::Exact("pypi.org".into()));
+        assert_eq!(hosts[1], HostPattern::Suffix(".pythonhosted.org".into()));
+        assert!(matches!(hosts[2], HostPattern::Net(_)));
+        assert_eq!(
+            doc.policies[0].match_.method.as_ref().map(|m| m[0].as_str()),
+            Some("GET")
+        );
+        assert_eq!(doc.gateway.proxy_listen.port(), 10000);
+        assert_eq!(doc.quotas[0].mode, QuotaMode::HardStop);
+    }
+
+    #[test]
+    fn unknown_field_names_field_and_line() {
+        let text = GOOD.replace("    environment: prod\n", "    environment: prod\n    colour: red\n");
+        let err = Document::from_yaml(&text).expect_err("unknown field");
+        let e = &err.0[0];
+        assert_eq!(e.line, Some(7), "{err}");
+        assert!(e.reason.contains("unknown field `colour`"), "{err}");
+        assert_eq!(e.path, "agents[0]");
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_line() {
+        for (from, to, want) in [
+            ("rps_limit: 10", "rps_limit: -1", "rps_limit"),
+            ("ports: [443]", "ports: [70000]", "outside 1-65535"),
+            ("auth_type: api_key", "auth_type: password", "unknown variant"),
+            ("\"9f86d0", "\"zz86d0", "64 hex digits"),
+            ("\"*.pythonhosted.org\"", "\"py*.org\"", "'*' is allowed only"),
+        ] {
+            let text = GOOD.replace(from, to);
+            let err = Document::from_yaml(&text).expect_err(to);
+            assert!(err.to_string().contains(want), "{to}: {err}");
+            assert!(err.0[0].line.is_some(), "{to}: {err}");
+        }
+    }
+
+    #[test]
+    fn cross_field_errors_name_path_and_line() {
+        let text = format!("{GOOD}  - agent_id: build-bot\n    rps_limit: 0\n");
+        let err = Document::from_yaml(&text).expect_err("zero limit");
+        assert!(err.to_string().contains("quotas[1]"), "{err}");
+        let text = GOOD.replace("    api_key_sha256: \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n", "");
+        let err = Document::from_yaml(&text).expect_err("missing hash");
+        assert_eq!(err.0[0].path, "agents[0].api_key_sha256");
+        assert_eq!(err.0[0].line, Some(2 + 1));
+    }
+
+    #[test]
+    fn unfinished_features_are_refused_not_ignored() {
+        for extra in [
+            "gateway: {quota_check: authz}\n",
+            "gateway: {audit_input: file}\n",
+            "stores: {ratelimit: \"redis://127.0.0.1:6379\"}\n",
+            "jwt: {issuers: [{issuer: x}]}\n",
+        ] {
+            let text = format!("{extra}{GOOD}");
+            assert!(Document::from_yaml(&text).is_err(), "{extra}");
+        }
+    }
+
+    #[test]
+    fn canonical_json_round_trips() {
+        let doc = Document::from_yaml(GOOD).expect("valid").policy();
+        let json = doc.to_canonical_json();
+        let back = PolicyDocument::from_json(&json).expect("round trip");
+        assert_eq!(back, doc);
+        assert_eq!(back.to_canonical_json(), json);
+    }
+}

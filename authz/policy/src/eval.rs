@@ -1,0 +1,396 @@
+//! Deterministic policy evaluation (DESIGN.md §3, §4).
+//!
+//! Among enabled, enforcing policies that match, the lowest `priority` wins;
+//! on a tie `deny` beats `allow`; then the smaller `policy_id`. The policies
+//! are sorted once in that order when the set is built, so evaluation is the
+//! first match. Nothing matching is a deny named `default-deny`.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::config::{Action, HostPattern, Policy, PolicyDocument, PolicyMode};
+use crate::destination::{guarded_range, is_guarded_name, Destination, Host};
+use crate::identity::Identity;
+
+/// The `policy_id` of the implicit final rule.
+pub const DEFAULT_DENY: &str = "default-deny";
+
+/// Stable machine codes an agent can act on (§3 `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    PolicyAllow,
+    PolicyDeny,
+    DefaultDeny,
+    PrivateDestination,
+    MalformedDestination,
+    MissingCredentials,
+    MalformedCredentials,
+    InvalidCredentials,
+    JwtNotConfigured,
+    AgentDisabled,
+    QuotaExceeded,
+}
+
+impl Reason {
+    pub fn code(self) -> &'static str {
+        match self {
+            Reason::PolicyAllow => "policy-allow",
+            Reason::PolicyDeny => "policy-deny",
+            Reason::DefaultDeny => "default-deny",
+            Reason::PrivateDestination => "private-destination",
+            Reason::MalformedDestination => "malformed-destination",
+            Reason::MissingCredentials => "missing-credentials",
+            Reason::MalformedCredentials => "malformed-credentials",
+            Reason::InvalidCredentials => "invalid-credentials",
+            Reason::JwtNotConfigured => "jwt-not-configured",
+            Reason::AgentDisabled => "agent-disabled",
+            Reason::QuotaExceeded => "quota-exceeded",
+        }
+    }
+
+    /// One plain sentence on what would make the request allowed: which
+    /// operator action, never how to get around the gateway.
+    pub fn hint(self) -> &'static str {
+        match self {
+            Reason::PolicyAllow => "",
+            Reason::PolicyDeny => "A policy denies this destination for this agent; ask the gateway operator to change that policy if the access is needed.",
+            Reason::DefaultDeny => "No policy allows this destination for this agent; ask the gateway operator to add an allow policy for it.",
+            Reason::PrivateDestination => "Private, loopback, link-local and metadata addresses are blocked; only the operator can allow a specific private range.",
+            Reason::MalformedDestination => "The destination host or port is malformed or ambiguous; use a plain host name or a dotted-quad address.",
+            Reason::MissingCredentials => "The proxy needs credentials: use a proxy URL of the form http://AGENT_ID:API_KEY@gateway:port.",
+            Reason::MalformedCredentials => "The Proxy-Authorization header could not be parsed; use a proxy URL of the form http://AGENT_ID:API_KEY@gateway:port.",
+            Reason::InvalidCredentials => "The agent id or key is not valid; ask the gateway operator for a current key.",
+            Reason::JwtNotConfigured => "This gateway accepts no bearer tokens; ask the operator for an API key or to configure a JWT issuer.",
+            Reason::AgentDisabled => "This agent is disabled; ask the gateway operator to re-enable it.",
+            Reason::QuotaExceeded => "This agent is over its request quota; wait for the Retry-After period or ask the operator to raise the quota.",
+        }
+    }
+
+    /// The HTTP status an agent gets for this reason.
+    pub fn http_status(self) -> u16 {
+        match self {
+            Reason::PolicyAllow => 200,
+            Reason::MissingCredentials | Reason::MalformedCredentials => 407,
+            Reason::QuotaExceeded => 429,
+            _ => 403,
+        }
+    }
+}
+
+/// The facts of one request, already normalised.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFacts<'a> {
+    pub identity: &'a Identity,
+    pub destination: &'a Destination,
+    /// Upper case.
+    pub method: &'a str,
+    /// Path without query; ignored for CONNECT.
+    pub path: &'a str,
+    /// A CONNECT tunnel: method and path are invisible inside it.
+    pub connect: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub allow: bool,
+    pub policy_id: String,
+    pub reason: Reason,
+    /// What the first matching shadow policy would have decided.
+    pub shadow: Option<ShadowDecision>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShadowDecision {
+    pub allow: bool,
+    pub policy_id: String,
+}
+
+impl Decision {
+    pub fn deny(policy_id: &str, reason: Reason) -> Decision {
+        Decision {
+            allow: false,
+            policy_id: policy_id.to_string(),
+            reason,
+            shadow: None,
+        }
+    }
+}
+
+/// Policies compiled for evaluation under one bundle revision.
+#[derive(Debug, Default)]
+pub struct PolicySet {
+    enforced: Vec<Policy>,
+    shadow: Vec<Policy>,
+    private_allowed: Vec<IpNet>,
+    revision: String,
+}
+
+impl PolicySet {
+    pub fn new(doc: &PolicyDocument, private_allowed: &[IpNet], revision: &str) -> PolicySet {
+        let mut enabled: Vec<Policy> = doc.policies.iter().filter(|p| p.enabled).cloned().collect();
+        enabled.sort_by(|a, b| {
+            (a.priority, a.action, &a.policy_id).cmp(&(b.priority, b.action, &b.policy_id))
+        });
+        let (shadow, enforced) = enabled
+            .into_iter()
+            .partition(|p| p.mode == PolicyMode::Shadow);
+        PolicySet {
+            enforced,
+            shadow,
+            private_allowed: private_allowed.to_vec(),
+            revision: revision.to_string(),
+        }
+    }
+
+    /// The bundle revision decisions are made under.
+    pub fn revision(&self) -> &str {
+        &self.revision
+    }
+
+    pub fn evaluate(&self, req: &RequestFacts<'_>) -> Decision {
+        if let Host::Name(n) = &req.destination.host {
+            if is_guarded_name(n) {
+                return Decision::deny(DEFAULT_DENY, Reason::PrivateDestination);
+            }
+        }
+        let guard = match req.destination.host {
+            Host::Ip(ip) => guarded_range(ip).filter(|_| !self.private_exempt(ip)),
+            Host::Name(_) => None,
+        };
+        let first = |set: &[Policy]| set.iter().find(|p| matches(p, req, guard)).cloned();
+        let shadow = first(&self.shadow).map(|p| ShadowDecision {
+            allow: p.action == Action::Allow,
+            policy_id: p.policy_id.to_string(),
+        });
+        let mut decision = match first(&self.enforced) {
+            Some(p) if p.action == Action::Allow => Decision {
+                allow: true,
+                policy_id: p.policy_id.to_string(),
+                reason: Reason::PolicyAllow,
+                shadow: None,
+            },
+            Some(p) => Decision::deny(p.policy_id.as_str(), Reason::PolicyDeny),
+            None if guard.is_some() => Decision::deny(DEFAULT_DENY, Reason::PrivateDestination),
+            None => Decision::deny(DEFAULT_DENY, Reason::DefaultDeny),
+        };
+        decision.shadow = shadow;
+        decision
+    }
+
+    fn private_exempt(&self, ip: IpAddr) -> bool {
+        self.private_allowed.iter().any(|n| n.contains(&ip))
+    }
+}
+
+fn matches(p: &Policy, req: &RequestFacts<'_>, guard: Option<IpNet>) -> bool {
+    let m = &p.match_;
+    // Inside a tunnel the method and path are unknown: a rule that constrains
+    // them can neither grant nor deny a CONNECT (§3).
+    if req.connect && (m.method.is_some() || m.path_prefix.is_some()) {
+        return false;
+    }
+    let id = req.identity;
+    let i = &m.identity;
+    if !(i.agent_id.matches(&id.agent_id)
+        && i.team_id.matches(&id.team_id)
+        && i.project_id.matches(&id.project_id)
+        && i.environment.matches(&id.environment))
+    {
+        return false;
+    }
+    let d = &m.destination;
+    if !d.ports.is_empty() && !d.ports.iter().any(|p| p.0 == req.destination.port) {
+        return false;
+    }
+    if !d
+        .hosts
+        .iter()
+        .any(|h| host_matches(h, &req.destination.host, guard))
+    {
+        return false;
+    }
+    if let Some(methods) = &m.method {
+        if !methods.iter().any(|x| x.as_str() == req.method) {
+            return false;
+        }
+    }
+    if let Some(prefix) = &m.path_prefix {
+        if !req.path.starts_with(prefix.as_str()) {
+            return false;
+        }
+    }
+    true
+}
+
+/// `guard` is the special-purpose range the destination IP lies in, unless
+/// the operator exempted it. Inside such a range only a policy CIDR that lies
+/// within the range itself matches: `*` and broad ranges never lift the guard.
+fn host_matches(pattern: &HostPattern, host: &Host, guard: Option<IpNet>) -> bool {
+    match (pattern, host) {
+        (HostPattern::Any, Host::Name(_)) => true,
+        (HostPattern::Any, Host::Ip(_)) => guard.is_none(),
+        (HostPattern::Exact(e), Host::Name(n)) => e == n,
+        (HostPattern::Suffix(s), Host::Name(n)) => n.ends_with(s.as_str()),
+        (HostPattern::Net(net), Host::Ip(ip)) => {
+            net.contains(ip)
+                && match guard {
+                    None => true,
+                    Some(range) => range.contains(net),
+                }
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{AuthType, Document};
+
+    const DOC: &str = r#"
+policies:
+  - policy_id: allow-pypi
+    priority: 100
+    match:
+      identity: {team_id: infra}
+      destination: {hosts: ["pypi.org", "*.pythonhosted.org"], ports: [443, 80]}
+    action: allow
+  - policy_id: deny-pypi-tie
+    priority: 100
+    match:
+      identity: {agent_id: evil}
+      destination: {hosts: ["pypi.org"]}
+    action: deny
+  - policy_id: get-only
+    priority: 50
+    match:
+      destination: {hosts: ["api.example.com"]}
+      method: [GET]
+      path_prefix: /v1/
+    action: allow
+  - policy_id: deny-admin
+    priority: 10
+    match:
+      destination: {hosts: ["api.example.com"]}
+      path_prefix: /admin
+    action: deny
+  - policy_id: any-host
+    priority: 500
+    match:
+      identity: {agent_id: wide}
+      destination: {hosts: ["*", "0.0.0.0/0", "::/0"]}
+    action: allow
+  - policy_id: local-test
+    priority: 20
+    match:
+      identity: {agent_id: tester}
+      destination: {hosts: ["127.0.0.1/32"]}
+    action: allow
+  - policy_id: disabled
+    priority: 1
+    enabled: false
+    match:
+      destination: {hosts: ["*"]}
+    action: deny
+  - policy_id: shadow-deny
+    priority: 1
+    mode: shadow
+    match:
+      destination: {hosts: ["pypi.org"]}
+    action: deny
+"#;
+
+    fn set() -> PolicySet {
+        PolicySet::new(&Document::from_yaml(DOC).expect("valid").policy(), &[], "r1")
+    }
+
+    fn who(agent: &str, team: &str) -> Identity {
+        Identity {
+            agent_id: agent.into(),
+            team_id: team.into(),
+            project_id: String::new(),
+            environment: String::new(),
+            auth_type: AuthType::ApiKey,
+        }
+    }
+
+    fn eval(s: &PolicySet, id: &Identity, authority: &str, method: &str, path: &str) -> Decision {
+        let connect = method == "CONNECT";
+        let dest = Destination::parse_authority(authority, 80).expect("authority");
+        s.evaluate(&RequestFacts {
+            identity: id,
+            destination: &dest,
+            method,
+            path,
+            connect,
+        })
+    }
+
+    #[test]
+    fn priority_and_ties() {
+        let s = set();
+        let d = eval(&s, &who("bot", "infra"), "pypi.org:443", "CONNECT", "");
+        assert!(d.allow);
+        assert_eq!(d.policy_id, "allow-pypi");
+        assert_eq!(d.shadow.as_ref().map(|s| s.policy_id.as_str()), Some("shadow-deny"));
+        // Same priority: deny beats allow.
+        let d = eval(&s, &who("evil", "infra"), "pypi.org", "GET", "/");
+        assert_eq!((d.allow, d.policy_id.as_str()), (false, "deny-pypi-tie"));
+        // Not in the team: default deny.
+        let d = eval(&s, &who("bot", "other"), "pypi.org", "GET", "/");
+        assert_eq!((d.allow, d.reason), (false, Reason::DefaultDeny));
+        assert_eq!(d.policy_id, DEFAULT_DENY);
+        let d = eval(&s, &who("bot", "infra"), "files.pythonhosted.org:443", "CONNECT", "");
+        assert!(d.allow);
+        // The suffix does not match the bare domain.
+        assert!(!eval(&s, &who("bot", "infra"), "pythonhosted.org:443", "CONNECT", "").allow);
+        assert!(!eval(&s, &who("bot", "infra"), "pypi.org:8443", "CONNECT", "").allow);
+    }
+
+    #[test]
+    fn tunnels_ignore_method_and_path_rules() {
+        let s = set();
+        let id = who("x", "");
+        assert!(eval(&s, &id, "api.example.com", "GET", "/v1/x").allow);
+        assert!(!eval(&s, &id, "api.example.com", "POST", "/v1/x").allow);
+        assert_eq!(eval(&s, &id, "api.example.com", "GET", "/admin").policy_id, "deny-admin");
+        // A method/path-limited allow does not grant a tunnel; a
+        // path-limited deny does not match one either.
+        let d = eval(&s, &id, "api.example.com:443", "CONNECT", "");
+        assert_eq!((d.allow, d.policy_id.as_str()), (false, DEFAULT_DENY));
+    }
+
+    #[test]
+    fn private_guard_is_not_lifted_by_wildcards() {
+        let s = set();
+        let wide = who("wide", "");
+        assert!(eval(&s, &wide, "example.com", "GET", "/").allow);
+        assert!(eval(&s, &wide, "8.8.8.8", "GET", "/").allow);
+        for private in ["127.0.0.1", "2130706433", "[::1]", "169.254.169.254", "10.0.0.1", "[::ffff:10.0.0.1]", "localhost", "metadata.google.internal"] {
+            let d = eval(&s, &wide, private, "GET", "/");
+            assert_eq!((d.allow, d.reason), (false, Reason::PrivateDestination), "{private}");
+        }
+        // A narrow CIDR inside the range lifts it, in any encoding.
+        let t = who("tester", "");
+        for form in ["127.0.0.1:8080", "127.1:8080", "0x7f000001:8080", "[::ffff:127.0.0.1]:8080"] {
+            assert!(eval(&s, &t, form, "GET", "/").allow, "{form}");
+        }
+        assert!(!eval(&s, &t, "127.0.0.2", "GET", "/").allow);
+        assert!(!eval(&s, &t, "localhost", "GET", "/").allow);
+        // The operator's exemption lifts it for `*` too.
+        let doc = Document::from_yaml(DOC).expect("valid").policy();
+        let s = PolicySet::new(&doc, &["10.0.0.0/8".parse().expect("net")], "r1");
+        assert!(eval(&s, &wide, "10.1.2.3", "GET", "/").allow);
+        assert!(!eval(&s, &wide, "192.168.1.1", "GET", "/").allow);
+    }
+
+    #[test]
+    fn disabled_policies_are_skipped_and_empty_set_denies() {
+        let s = set();
+        assert!(eval(&s, &who("bot", "infra"), "pypi.org", "GET", "/").allow);
+        let empty = PolicySet::new(&PolicyDocument::default(), &[], "r0");
+        let d = eval(&empty, &who("bot", "infra"), "pypi.org", "GET", "/");
+        assert_eq!((d.allow, d.reason), (false, Reason::DefaultDeny));
+    }
+}
