@@ -1,1 +1,481 @@
-//! placeholder
+//! The ext_authz server: Envoy asks `Authorization/Check` for every request;
+//! this crate resolves the agent from `Proxy-Authorization`, evaluates the
+//! policy set, and answers allow or a deny that an agent can read
+//! (DESIGN.md §3).
+//!
+//! Proto types stop at this file's edge: [`facts`] turns a raw
+//! `CheckRequest` into plain values once, the domain (`clawgress-policy`)
+//! decides, and [`response`] turns the verdict into a `CheckResponse` once.
+//! Depends on `clawgress-policy` only; never on another service.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use clawgress_policy::{
+    AgentDirectory, AuthError, Decision, Destination, Identity, PolicyDocument, PolicySet, Reason,
+    RequestFacts,
+};
+use envoy_types::ext_authz::v3::pb::{
+    Authorization, AuthorizationServer, CheckRequest, CheckResponse, DeniedHttpResponse,
+    HeaderValue, HeaderValueOption, HttpResponse, HttpStatus, OkHttpResponse,
+};
+use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+use envoy_types::pb::google::rpc;
+use ipnet::IpNet;
+use tokio_stream::Stream;
+use tonic::transport::server::Connected;
+
+/// What authz enforces: the policy document, the operator's private-range
+/// exemptions (`gateway.private_destinations_allowed`), and the revision name
+/// decisions are reported under.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    pub policy: PolicyDocument,
+    pub private_allowed: Vec<IpNet>,
+    pub revision: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("authz gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Everything a decision reads, swapped whole on reload.
+#[derive(Debug)]
+struct State {
+    agents: AgentDirectory,
+    policies: PolicySet,
+}
+
+impl State {
+    fn new(c: &Config) -> State {
+        State {
+            agents: AgentDirectory::new(&c.policy),
+            policies: PolicySet::new(&c.policy, &c.private_allowed, &c.revision),
+        }
+    }
+}
+
+/// The `Authorization` service. Cheap to clone; clones share state.
+#[derive(Debug, Clone)]
+pub struct AuthzService {
+    state: Arc<ArcSwap<State>>,
+}
+
+impl AuthzService {
+    pub fn new(config: &Config) -> AuthzService {
+        AuthzService {
+            state: Arc::new(ArcSwap::from_pointee(State::new(config))),
+        }
+    }
+
+    /// Swap in a new policy document atomically; requests in flight finish
+    /// under the old one.
+    pub fn reload(&self, config: &Config) {
+        self.state.store(Arc::new(State::new(config)));
+    }
+
+    /// The decision for one request, free of proto types.
+    pub fn decide(&self, f: &Facts<'_>) -> Verdict {
+        let state = self.state.load();
+        let revision = state.policies.revision().to_string();
+        let identity = match state.agents.authenticate(f.proxy_authorization) {
+            Ok(id) => id,
+            Err(e) => {
+                let (reason, identity) = match e {
+                    AuthError::Missing => (Reason::MissingCredentials, None),
+                    AuthError::Malformed => (Reason::MalformedCredentials, None),
+                    AuthError::Invalid => (Reason::InvalidCredentials, None),
+                    AuthError::JwtNotConfigured => (Reason::JwtNotConfigured, None),
+                    AuthError::Disabled(id) => (Reason::AgentDisabled, Some(id)),
+                };
+                return Verdict {
+                    identity,
+                    decision: Decision::deny("", reason),
+                    revision,
+                };
+            }
+        };
+        let default_port = if f.connect { 443 } else { 80 };
+        let destination = match Destination::parse_authority(f.authority, default_port) {
+            Ok(d) => d,
+            Err(_) => {
+                return Verdict {
+                    identity: Some(identity),
+                    decision: Decision::deny("", Reason::MalformedDestination),
+                    revision,
+                }
+            }
+        };
+        let path = f.path.split(['?', '#']).next().unwrap_or("");
+        let decision = state.policies.evaluate(&RequestFacts {
+            identity: &identity,
+            destination: &destination,
+            method: f.method,
+            path,
+            connect: f.connect,
+        });
+        Verdict {
+            identity: Some(identity),
+            decision,
+            revision,
+        }
+    }
+}
+
+/// The request facts authz reads, borrowed from the `CheckRequest`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Facts<'a> {
+    pub proxy_authorization: Option<&'a str>,
+    pub method: &'a str,
+    pub authority: &'a str,
+    pub path: &'a str,
+    pub connect: bool,
+    pub request_id: &'a str,
+}
+
+/// Extract the facts from Envoy's proto, once.
+pub fn facts(req: &CheckRequest) -> Facts<'_> {
+    let Some(http) = req
+        .attributes
+        .as_ref()
+        .and_then(|a| a.request.as_ref())
+        .and_then(|r| r.http.as_ref())
+    else {
+        return Facts::default();
+    };
+    let header = |name: &str| http.headers.get(name).map(String::as_str);
+    Facts {
+        proxy_authorization: header("proxy-authorization"),
+        method: &http.method,
+        authority: &http.host,
+        path: &http.path,
+        connect: http.method == "CONNECT",
+        request_id: header("x-request-id").unwrap_or(&http.id),
+    }
+}
+
+/// A decision with who it was for and the revision it was made under.
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    pub identity: Option<Identity>,
+    pub decision: Decision,
+    pub revision: String,
+}
+
+impl Verdict {
+    /// Dynamic metadata for the next filters and the access log (§3),
+    /// on allow and deny alike.
+    fn metadata(&self) -> Struct {
+        let d = &self.decision;
+        let id = self.identity.as_ref();
+        let field = |f: fn(&Identity) -> &str| id.map(f).unwrap_or("").to_string();
+        let mut fields = vec![
+            ("agent_id", field(|i| &i.agent_id)),
+            ("team_id", field(|i| &i.team_id)),
+            ("project_id", field(|i| &i.project_id)),
+            ("environment", field(|i| &i.environment)),
+            ("auth_type", field(|i| i.auth_type.as_str())),
+            ("policy_id", d.policy_id.clone()),
+            ("bundle_revision", self.revision.clone()),
+            ("reason", d.reason.code().to_string()),
+            ("decision", if d.allow { "allow" } else { "deny" }.to_string()),
+        ];
+        if let Some(s) = &d.shadow {
+            fields.push((
+                "shadow_decision",
+                if s.allow { "allow" } else { "deny" }.to_string(),
+            ));
+            fields.push(("shadow_policy_id", s.policy_id.clone()));
+        }
+        Struct {
+            fields: fields
+                .into_iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        Value {
+                            kind: Some(Kind::StringValue(v)),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+fn header(key: &str, value: &str) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_string(),
+            value: value.to_string(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The §3 deny body.
+pub fn deny_body(decision: &Decision, request_id: &str) -> String {
+    serde_json::json!({
+        "decision": "deny",
+        "reason": decision.reason.code(),
+        "policy_id": decision.policy_id,
+        "request_id": request_id,
+        "hint": decision.reason.hint(),
+    })
+    .to_string()
+}
+
+/// Turn a verdict into Envoy's answer, once.
+pub fn response(v: &Verdict, request_id: &str) -> CheckResponse {
+    let d = &v.decision;
+    let metadata = Some(v.metadata());
+    if d.allow {
+        return CheckResponse {
+            status: Some(rpc::Status {
+                code: tonic::Code::Ok as i32,
+                ..Default::default()
+            }),
+            dynamic_metadata: metadata,
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                // Credentials never reach the upstream (§3); the route config
+                // removes the header too, this covers a hand-wired Envoy.
+                headers_to_remove: vec!["proxy-authorization".into()],
+                ..Default::default()
+            })),
+        };
+    }
+    let status = d.reason.http_status();
+    let mut headers = vec![
+        header("content-type", "application/json"),
+        header(
+            "x-clawgress-policy",
+            if d.policy_id.is_empty() {
+                "none"
+            } else {
+                &d.policy_id
+            },
+        ),
+    ];
+    if status == 407 {
+        headers.push(header("proxy-authenticate", "Basic realm=\"clawgress\""));
+    }
+    let code = if status == 407 {
+        tonic::Code::Unauthenticated
+    } else {
+        tonic::Code::PermissionDenied
+    };
+    CheckResponse {
+        status: Some(rpc::Status {
+            code: code as i32,
+            message: d.reason.code().to_string(),
+            ..Default::default()
+        }),
+        dynamic_metadata: metadata,
+        http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+            status: Some(HttpStatus {
+                code: i32::from(status),
+            }),
+            headers,
+            body: deny_body(d, request_id),
+        })),
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for AuthzService {
+    async fn check(
+        &self,
+        request: tonic::Request<CheckRequest>,
+    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+        let req = request.into_inner();
+        let f = facts(&req);
+        let verdict = self.decide(&f);
+        tracing::debug!(
+            request_id = f.request_id,
+            agent_id = verdict.identity.as_ref().map(|i| i.agent_id.as_str()).unwrap_or(""),
+            authority = f.authority,
+            method = f.method,
+            allow = verdict.decision.allow,
+            policy_id = verdict.decision.policy_id,
+            reason = verdict.decision.reason.code(),
+            "check"
+        );
+        Ok(tonic::Response::new(response(&verdict, f.request_id)))
+    }
+}
+
+/// Serve `Authorization/Check` on `incoming` until `shutdown` resolves.
+pub async fn run<I, IO, IE, F>(service: AuthzService, incoming: I, shutdown: F) -> Result<(), Error>
+where
+    I: Stream<Item = Result<IO, IE>> + Send + 'static,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Connected + Unpin + Send + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+    F: Future<Output = ()> + Send,
+{
+    tonic::transport::Server::builder()
+        .add_service(AuthorizationServer::new(service))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+    use clawgress_policy::Document;
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+
+    fn service() -> AuthzService {
+        let yaml = format!(
+            r#"
+agents:
+  - {{agent_id: bot, team_id: infra, auth_type: api_key, api_key_sha256: "{}"}}
+  - {{agent_id: off, auth_type: api_key, status: disabled, api_key_sha256: "{}"}}
+policies:
+  - policy_id: allow-example
+    priority: 10
+    match: {{destination: {{hosts: ["example.com"]}}}}
+    action: allow
+"#,
+            clawgress_policy::config::KeyHash::of_key("sekret").as_str(),
+            clawgress_policy::config::KeyHash::of_key("sekret").as_str(),
+        );
+        let doc = Document::from_yaml(&yaml).expect("valid");
+        AuthzService::new(&Config {
+            policy: doc.policy(),
+            private_allowed: vec![],
+            revision: "rev-1".into(),
+        })
+    }
+
+    fn check_req(auth: Option<&str>, method: &str, host: &str, path: &str) -> CheckRequest {
+        let mut headers = std::collections::HashMap::new();
+        if let Some(a) = auth {
+            headers.insert("proxy-authorization".to_string(), a.to_string());
+        }
+        headers.insert("x-request-id".to_string(), "rid-1".to_string());
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(Request {
+                    http: Some(HttpRequest {
+                        method: method.into(),
+                        host: host.into(),
+                        path: path.into(),
+                        headers,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn basic(s: &str) -> String {
+        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(s))
+    }
+
+    async fn call(req: CheckRequest) -> CheckResponse {
+        service()
+            .check(tonic::Request::new(req))
+            .await
+            .expect("check answers")
+            .into_inner()
+    }
+
+    fn denied(resp: &CheckResponse) -> (i32, serde_json::Value, Vec<(String, String)>) {
+        match &resp.http_response {
+            Some(HttpResponse::DeniedResponse(d)) => (
+                d.status.as_ref().map(|s| s.code).unwrap_or(0),
+                serde_json::from_str(&d.body).expect("json body"),
+                d.headers
+                    .iter()
+                    .filter_map(|h| h.header.as_ref())
+                    .map(|h| (h.key.clone(), h.value.clone()))
+                    .collect(),
+            ),
+            other => panic!("expected a denial, got {other:?}"),
+        }
+    }
+
+    fn meta(resp: &CheckResponse, key: &str) -> String {
+        match resp
+            .dynamic_metadata
+            .as_ref()
+            .and_then(|m| m.fields.get(key))
+            .and_then(|v| v.kind.as_ref())
+        {
+            Some(Kind::StringValue(s)) => s.clone(),
+            _ => String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn allowed_request_strips_credentials_and_names_agent() {
+        let resp = call(check_req(Some(&basic("bot:sekret")), "GET", "example.com", "/x?y")).await;
+        assert_eq!(resp.status.as_ref().map(|s| s.code), Some(0));
+        match &resp.http_response {
+            Some(HttpResponse::OkResponse(ok)) => {
+                assert_eq!(ok.headers_to_remove, vec!["proxy-authorization".to_string()])
+            }
+            other => panic!("expected ok, got {other:?}"),
+        }
+        assert_eq!(meta(&resp, "agent_id"), "bot");
+        assert_eq!(meta(&resp, "team_id"), "infra");
+        assert_eq!(meta(&resp, "policy_id"), "allow-example");
+        assert_eq!(meta(&resp, "bundle_revision"), "rev-1");
+    }
+
+    #[tokio::test]
+    async fn missing_credentials_get_407_with_challenge() {
+        let resp = call(check_req(None, "GET", "example.com", "/")).await;
+        let (status, body, headers) = denied(&resp);
+        assert_eq!(status, 407);
+        assert_eq!(body["reason"], "missing-credentials");
+        assert_eq!(body["request_id"], "rid-1");
+        assert!(headers
+            .iter()
+            .any(|(k, v)| k == "proxy-authenticate" && v.starts_with("Basic")));
+    }
+
+    #[tokio::test]
+    async fn wrong_key_disabled_and_default_deny_get_403() {
+        for (auth, reason, policy) in [
+            (basic("bot:wrong"), "invalid-credentials", ""),
+            (basic("off:sekret"), "agent-disabled", ""),
+        ] {
+            let (status, body, _) = denied(&call(check_req(Some(&auth), "GET", "example.com", "/")).await);
+            assert_eq!((status, body["reason"].as_str()), (403, Some(reason)));
+            assert_eq!(body["policy_id"], policy);
+            assert!(body["hint"].as_str().is_some_and(|h| !h.is_empty()));
+        }
+        let resp = call(check_req(Some(&basic("bot:sekret")), "GET", "other.com", "/")).await;
+        let (status, body, headers) = denied(&resp);
+        assert_eq!((status, body["policy_id"].as_str()), (403, Some("default-deny")));
+        assert!(headers.contains(&("x-clawgress-policy".into(), "default-deny".into())));
+        // Denials still name the agent for the audit log.
+        assert_eq!(meta(&resp, "agent_id"), "bot");
+        assert_eq!(meta(&resp, "decision"), "deny");
+    }
+
+    #[tokio::test]
+    async fn connect_and_malformed_hosts() {
+        let ok = call(check_req(Some(&basic("bot:sekret")), "CONNECT", "example.com:443", "")).await;
+        assert!(matches!(ok.http_response, Some(HttpResponse::OkResponse(_))));
+        for host in ["exa mple.com:443", "0177.0.0.1:443", "example.com:99999", ""] {
+            let resp = call(check_req(Some(&basic("bot:sekret")), "CONNECT", host, "")).await;
+            let (status, body, _) = denied(&resp);
+            assert_eq!((status, body["reason"].as_str()), (403, Some("malformed-destination")), "{host}");
+        }
+        // An empty request (no attributes at all) is denied, not a panic.
+        let resp = call(CheckRequest::default()).await;
+        assert_eq!(denied(&resp).0, 407);
+    }
+}
