@@ -1,0 +1,149 @@
+//! Counter stores: where request counts per agent and window live.
+//!
+//! Windows are fixed and aligned to the Unix epoch (a second, a minute), so
+//! every instance sharing a store agrees on where a window starts without
+//! talking to the others.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Window {
+    Second,
+    Minute,
+}
+
+impl Window {
+    pub fn millis(self) -> u64 {
+        match self {
+            Window::Second => 1_000,
+            Window::Minute => 60_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub window: Window,
+    pub max: u32,
+}
+
+/// One window's state after a request was counted (or refused).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowStatus {
+    pub limit: Limit,
+    /// Requests admitted in this window so far.
+    pub count: u32,
+    pub remaining: u32,
+    /// Milliseconds until this window ends.
+    pub reset_ms: u64,
+    /// This request did not fit in this window.
+    pub over: bool,
+}
+
+/// A store failure. Transient: the same call may succeed later.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("counter store unavailable: {0}")]
+pub struct StoreError(pub String);
+
+/// Atomic check-and-count across all of one agent's windows.
+///
+/// `acquire` admits `hits` only if every window has room for all of them,
+/// and then counts them in every window; otherwise it counts nothing. Doing
+/// the check and the increment as one step is what keeps the admitted count
+/// at or under the limit however many instances race (DESIGN.md §5).
+#[async_trait::async_trait]
+pub trait CounterStore: Send + Sync {
+    async fn acquire(
+        &self,
+        agent: &str,
+        limits: &[Limit],
+        hits: u32,
+        now_ms: u64,
+    ) -> Result<Vec<WindowStatus>, StoreError>;
+}
+
+/// In-process counters for one node (the `clawgress up` default).
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    // (agent, window) -> (window start, count). One lock: the critical
+    // section is a few map operations, shorter than any contention it causes.
+    counters: Mutex<HashMap<(String, Window), (u64, u32)>>,
+}
+
+#[async_trait::async_trait]
+impl CounterStore for MemoryStore {
+    async fn acquire(
+        &self,
+        agent: &str,
+        limits: &[Limit],
+        hits: u32,
+        now_ms: u64,
+    ) -> Result<Vec<WindowStatus>, StoreError> {
+        let mut map = self
+            .counters
+            .lock()
+            .map_err(|_| StoreError("memory store lock poisoned".into()))?;
+        let current = |map: &HashMap<(String, Window), (u64, u32)>, l: &Limit| {
+            let start = now_ms - now_ms % l.window.millis();
+            match map.get(&(agent.to_string(), l.window)) {
+                Some(&(s, c)) if s == start => (start, c),
+                _ => (start, 0),
+            }
+        };
+        let fits = limits.iter().all(|l| {
+            let (_, c) = current(&map, l);
+            u64::from(c) + u64::from(hits) <= u64::from(l.max)
+        });
+        let mut out = Vec::with_capacity(limits.len());
+        for l in limits {
+            let (start, mut count) = current(&map, l);
+            let over = u64::from(count) + u64::from(hits) > u64::from(l.max);
+            if fits {
+                count = count.saturating_add(hits);
+                map.insert((agent.to_string(), l.window), (start, count));
+            }
+            out.push(WindowStatus {
+                limit: *l,
+                count,
+                remaining: l.max.saturating_sub(count),
+                reset_ms: start + l.window.millis() - now_ms,
+                over,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_acquires_never_exceed_the_limit() {
+        let store = Arc::new(MemoryStore::default());
+        let limits = [Limit {
+            window: Window::Second,
+            max: 50,
+        }];
+        let now = 1_700_000_000_000;
+        let mut tasks = Vec::new();
+        for _ in 0..64 {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut admitted = 0u32;
+                for _ in 0..10 {
+                    let st = s.acquire("a", &limits, 1, now).await.expect("store");
+                    admitted += u32::from(!st[0].over);
+                }
+                admitted
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.expect("task");
+        }
+        assert_eq!(total, 50, "exactly the limit is admitted out of 640 tries");
+    }
+}
