@@ -1,1 +1,140 @@
-//! placeholder
+//! The audit sink: receives Envoy's access-log stream
+//! (`AccessLogService/StreamAccessLogs`), turns each entry into one
+//! [`AuditRecord`] (DESIGN.md §6) and appends it through a [`RecordWriter`].
+//!
+//! The request path never waits for this service: Envoy buffers and streams
+//! access logs after the response. Entries are handed from the gRPC handler
+//! to a single writer thread over a channel, so file I/O never blocks the
+//! gRPC runtime and records keep one order.
+//! Depends on `clawgress-audit-log` only; never on another service.
+
+mod entry;
+mod writer;
+
+use std::future::Future;
+use std::path::PathBuf;
+
+use clawgress_audit_log::AuditRecord;
+use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::{
+    AccessLogService, AccessLogServiceServer,
+};
+use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::LogEntries;
+use envoy_types::pb::envoy::service::accesslog::v3::{
+    StreamAccessLogsMessage, StreamAccessLogsResponse,
+};
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, StreamExt};
+use tonic::transport::server::Connected;
+
+pub use entry::record_from_entry;
+pub use writer::{JsonlWriter, RecordWriter, WriterError};
+
+/// Where records go.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `stores.audit_dir`: holds `audit.jsonl`.
+    pub audit_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("audit gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("audit writer: {0}")]
+    Writer(#[from] WriterError),
+    #[error("audit writer thread panicked")]
+    WriterPanicked,
+}
+
+/// Records queued between the gRPC handler and the writer thread. Bounded so
+/// a stalled disk shows as backpressure on Envoy's stream (which buffers on
+/// its side) instead of unbounded memory here.
+const QUEUE: usize = 16 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct AuditService {
+    tx: mpsc::Sender<AuditRecord>,
+}
+
+#[tonic::async_trait]
+impl AccessLogService for AuditService {
+    async fn stream_access_logs(
+        &self,
+        request: tonic::Request<tonic::Streaming<StreamAccessLogsMessage>>,
+    ) -> Result<tonic::Response<StreamAccessLogsResponse>, tonic::Status> {
+        let mut stream = request.into_inner();
+        while let Some(msg) = stream.next().await {
+            let msg = msg?;
+            let Some(LogEntries::HttpLogs(logs)) = msg.log_entries else {
+                continue;
+            };
+            for entry in &logs.log_entry {
+                let record = record_from_entry(entry);
+                if self.tx.send(record).await.is_err() {
+                    return Err(tonic::Status::unavailable("audit writer stopped"));
+                }
+            }
+        }
+        Ok(tonic::Response::new(StreamAccessLogsResponse {}))
+    }
+}
+
+/// Serve the access-log stream on `incoming` until `shutdown`, writing with
+/// `writer`. On shutdown every record already received is written before
+/// this returns.
+pub async fn run<W, I, IO, IE, F>(
+    writer: W,
+    incoming: I,
+    shutdown: F,
+) -> Result<(), Error>
+where
+    W: RecordWriter + 'static,
+    I: Stream<Item = Result<IO, IE>> + Send + 'static,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Connected + Unpin + Send + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+    F: Future<Output = ()> + Send,
+{
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let writer_thread = std::thread::Builder::new()
+        .name("audit-writer".into())
+        .spawn(move || write_loop(writer, rx))
+        .map_err(|e| Error::Writer(WriterError::Io(e)))?;
+    let served = tonic::transport::Server::builder()
+        .add_service(AccessLogServiceServer::new(AuditService { tx }))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    // The server (and with it every sender) is gone: the writer drains what
+    // is queued and stops.
+    let written = tokio::task::spawn_blocking(move || writer_thread.join())
+        .await
+        .map_err(|_| Error::WriterPanicked)?
+        .map_err(|_| Error::WriterPanicked)?;
+    served?;
+    written?;
+    Ok(())
+}
+
+/// Write records in batches: block for one, take what else is queued, write
+/// and sync them together.
+fn write_loop<W: RecordWriter>(
+    mut writer: W,
+    mut rx: mpsc::Receiver<AuditRecord>,
+) -> Result<(), WriterError> {
+    let mut batch = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < 1024 {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = writer.append(&mut batch) {
+            tracing::error!(alert = "audit-write-failed", error = %e, lost = batch.len(), "audit append failed");
+            return Err(e);
+        }
+        batch.clear();
+    }
+    Ok(())
+}
