@@ -79,10 +79,12 @@ enum KeyCommand {
 
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("CLAWGRESS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_env("CLAWGRESS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -126,6 +128,10 @@ fn main() -> ExitCode {
         Command::Key {
             command: KeyCommand::New { agent },
         } => {
+            if let Err(e) = clawgress_policy::config::Name::try_from(agent.clone()) {
+                eprintln!("clawgress: agent id {e}");
+                return ExitCode::from(2);
+            }
             let key = node::new_api_key();
             let hash = clawgress_policy::config::KeyHash::of_key(&key);
             println!("key for {agent} (shown once; keep it secret): {key}");

@@ -120,7 +120,10 @@ mod tests {
         let key = key.expect("key on first start");
         let doc = load(&path).expect("valid");
         assert_eq!(
-            doc.agents[0].api_key_sha256.as_ref().map(|h| h.as_str().to_string()),
+            doc.agents[0]
+                .api_key_sha256
+                .as_ref()
+                .map(|h| h.as_str().to_string()),
             Some(KeyHash::of_key(&key).as_str().to_string())
         );
         let (_, again) = default_config(dir.path()).expect("second");

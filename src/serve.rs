@@ -136,7 +136,10 @@ mod tests {
             "unix:/run/a.sock".parse::<Listen>(),
             Ok(Listen::Unix("/run/a.sock".into()))
         );
-        assert!(matches!("127.0.0.1:0".parse::<Listen>(), Ok(Listen::Tcp(_))));
+        assert!(matches!(
+            "127.0.0.1:0".parse::<Listen>(),
+            Ok(Listen::Tcp(_))
+        ));
         assert!("unix:".parse::<Listen>().is_err());
         assert!("nowhere".parse::<Listen>().is_err());
     }

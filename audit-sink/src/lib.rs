@@ -82,11 +82,7 @@ impl AccessLogService for AuditService {
 /// Serve the access-log stream on `incoming` until `shutdown`, writing with
 /// `writer`. On shutdown every record already received is written before
 /// this returns.
-pub async fn run<W, I, IO, IE, F>(
-    writer: W,
-    incoming: I,
-    shutdown: F,
-) -> Result<(), Error>
+pub async fn run<W, I, IO, IE, F>(writer: W, incoming: I, shutdown: F) -> Result<(), Error>
 where
     W: RecordWriter + 'static,
     I: Stream<Item = Result<IO, IE>> + Send + 'static,

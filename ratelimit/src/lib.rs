@@ -67,7 +67,13 @@ fn quotas_by_agent(doc: &PolicyDocument) -> HashMap<String, AgentQuota> {
                     max: n,
                 });
             }
-            Some((agent, AgentQuota { limits, mode: q.mode }))
+            Some((
+                agent,
+                AgentQuota {
+                    limits,
+                    mode: q.mode,
+                },
+            ))
         })
         .collect()
 }
@@ -175,7 +181,11 @@ fn header(key: &str, value: String) -> HeaderValue {
 
 /// Turn an outcome into Envoy's answer, once.
 pub fn response(agent: &str, o: &Outcome, descriptors: usize) -> RateLimitResponse {
-    let code = if o.admitted { Code::Ok } else { Code::OverLimit };
+    let code = if o.admitted {
+        Code::Ok
+    } else {
+        Code::OverLimit
+    };
     let status = o.status.as_ref().map(|s| DescriptorStatus {
         code: if s.over { Code::OverLimit } else { Code::Ok } as i32,
         current_limit: Some(RateLimit {
@@ -204,7 +214,9 @@ pub fn response(agent: &str, o: &Outcome, descriptors: usize) -> RateLimitRespon
     RateLimitResponse {
         overall_code: code as i32,
         // Envoy expects one status per descriptor it sent.
-        statuses: status.map(|s| vec![s; descriptors.max(1)]).unwrap_or_default(),
+        statuses: status
+            .map(|s| vec![s; descriptors.max(1)])
+            .unwrap_or_default(),
         response_headers_to_add: if o.admitted {
             Vec::new()
         } else {
@@ -235,11 +247,19 @@ impl RateLimitService for RatelimitService {
         match self.should_limit(agent, hits, now_ms()).await {
             Ok(o) => {
                 if o.quota_applied.starts_with("alert_only:exceeded") {
-                    tracing::warn!(alert = "quota-alert-only", agent_id = agent, "alert_only quota exceeded; request passed");
+                    tracing::warn!(
+                        alert = "quota-alert-only",
+                        agent_id = agent,
+                        "alert_only quota exceeded; request passed"
+                    );
                 } else if !o.admitted {
                     tracing::debug!(agent_id = agent, "hard_stop quota exceeded");
                 }
-                Ok(tonic::Response::new(response(agent, &o, req.descriptors.len())))
+                Ok(tonic::Response::new(response(
+                    agent,
+                    &o,
+                    req.descriptors.len(),
+                )))
             }
             Err(e) => {
                 // Fail closed through Envoy: UNAVAILABLE + failure_mode_deny
@@ -295,7 +315,12 @@ quotas:
     async fn rps_then_rpm_then_reset() {
         let s = service();
         for i in 0..3 {
-            assert!(s.should_limit("fast", 1, T0 + i).await.expect("store").admitted);
+            assert!(
+                s.should_limit("fast", 1, T0 + i)
+                    .await
+                    .expect("store")
+                    .admitted
+            );
         }
         let o = s.should_limit("fast", 1, T0 + 500).await.expect("store");
         assert!(!o.admitted);
@@ -303,18 +328,34 @@ quotas:
         assert_eq!(o.quota_applied, "hard_stop:exceeded");
         // Next second: rps resets, rpm has 2 left.
         for i in 0..2 {
-            assert!(s.should_limit("fast", 1, T0 + 1000 + i).await.expect("store").admitted);
+            assert!(
+                s.should_limit("fast", 1, T0 + 1000 + i)
+                    .await
+                    .expect("store")
+                    .admitted
+            );
         }
         let o = s.should_limit("fast", 1, T0 + 2000).await.expect("store");
         assert!(!o.admitted, "rpm of 5 reached");
         assert_eq!(o.retry_after_s, 58);
-        assert!(s.should_limit("fast", 1, T0 + 60_000).await.expect("store").admitted);
+        assert!(
+            s.should_limit("fast", 1, T0 + 60_000)
+                .await
+                .expect("store")
+                .admitted
+        );
     }
 
     #[tokio::test]
     async fn alert_only_passes_and_says_so() {
         let s = service();
-        assert_eq!(s.should_limit("loud", 1, T0).await.expect("store").quota_applied, "alert_only");
+        assert_eq!(
+            s.should_limit("loud", 1, T0)
+                .await
+                .expect("store")
+                .quota_applied,
+            "alert_only"
+        );
         let o = s.should_limit("loud", 1, T0 + 1).await.expect("store");
         assert!(o.admitted);
         assert_eq!(o.quota_applied, "alert_only:exceeded");
@@ -323,16 +364,32 @@ quotas:
     #[tokio::test]
     async fn unknown_agents_are_not_limited_and_reload_keeps_counts() {
         let s = service();
-        assert!(s.should_limit("nobody", 1, T0).await.expect("store").admitted);
+        assert!(
+            s.should_limit("nobody", 1, T0)
+                .await
+                .expect("store")
+                .admitted
+        );
         for i in 0..3 {
-            assert!(s.should_limit("fast", 1, T0 + i).await.expect("store").admitted);
+            assert!(
+                s.should_limit("fast", 1, T0 + i)
+                    .await
+                    .expect("store")
+                    .admitted
+            );
         }
         // Same quota after reload: the count of this second stands.
-        let doc = Document::from_yaml("quotas:\n  - {agent_id: fast, rps_limit: 3, rpm_limit: 5}\n")
-            .expect("valid")
-            .policy();
+        let doc =
+            Document::from_yaml("quotas:\n  - {agent_id: fast, rps_limit: 3, rpm_limit: 5}\n")
+                .expect("valid")
+                .policy();
         s.reload(&doc);
-        assert!(!s.should_limit("fast", 1, T0 + 10).await.expect("store").admitted);
+        assert!(
+            !s.should_limit("fast", 1, T0 + 10)
+                .await
+                .expect("store")
+                .admitted
+        );
     }
 
     #[tokio::test]

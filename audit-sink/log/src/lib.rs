@@ -90,10 +90,25 @@ mod tests {
         };
         let line = r.to_json_line();
         for field in [
-            "\"timestamp\"", "\"request_id\"", "\"agent_id\"", "\"team_id\"", "\"project_id\"",
-            "\"environment\"", "\"destination_host\"", "\"destination_port\"", "\"http_method\"",
-            "\"path\"", "\"decision\"", "\"policy_id\"", "\"bundle_revision\"", "\"quota_applied\"",
-            "\"response_code\"", "\"latency_ms\"", "\"bytes_out\"", "\"bytes_in\"", "\"source_address\"",
+            "\"timestamp\"",
+            "\"request_id\"",
+            "\"agent_id\"",
+            "\"team_id\"",
+            "\"project_id\"",
+            "\"environment\"",
+            "\"destination_host\"",
+            "\"destination_port\"",
+            "\"http_method\"",
+            "\"path\"",
+            "\"decision\"",
+            "\"policy_id\"",
+            "\"bundle_revision\"",
+            "\"quota_applied\"",
+            "\"response_code\"",
+            "\"latency_ms\"",
+            "\"bytes_out\"",
+            "\"bytes_in\"",
+            "\"source_address\"",
         ] {
             assert!(line.contains(field), "{field} missing from {line}");
         }

@@ -727,17 +727,23 @@ impl Document {
     /// Parse and validate YAML text. Every problem found is returned, each
     /// with its path, line (when known) and reason.
     pub fn from_yaml(text: &str) -> Result<Document, ConfigErrors> {
-        let doc: Document = serde_yaml_ng::from_str(text).map_err(|e| {
-            let line = e.location().map(|l| l.line());
-            // serde_yaml_ng prefixes the message with the path ("agents[0]: ...")
-            // and appends " at line N column M"; split them so every error
-            // has the same shape.
-            let msg = e.to_string();
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        let doc: Document = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.inner();
+            // serde_yaml_ng marks a bad value at the start of the mapping
+            // that holds it; walk forward from there to the key's own line.
+            let line = inner
+                .location()
+                .map(|l| line_of_key(text, l.line(), &path).unwrap_or(l.line()));
+            let msg = inner.to_string();
             let msg = match msg.rfind(" at line ") {
                 Some(i) => msg[..i].to_string(),
                 None => msg,
             };
-            let (path, reason) = split_path(&msg);
+            // The message repeats the (shorter) path serde_yaml_ng tracked.
+            let (_, reason) = split_path(&msg);
+            let path = if path == "." { String::new() } else { path };
             ConfigErrors(vec![ConfigError { path, line, reason }])
         })?;
         let errors = doc.validate_with_text(Some(text));
@@ -804,8 +810,7 @@ impl Document {
             ("stores.control_plane", &self.stores.control_plane),
             ("stores.audit_query", &self.stores.audit_query),
         ] {
-            if v != "sqlite" && !v.starts_with("postgres://") && !v.starts_with("postgresql://")
-            {
+            if v != "sqlite" && !v.starts_with("postgres://") && !v.starts_with("postgresql://") {
                 push(
                     path.into(),
                     Some(path.rsplit('.').next().unwrap_or(path)),
@@ -880,7 +885,10 @@ impl PolicyDocument {
                 push(
                     format!("{path}.api_key_sha256"),
                     needle.clone(),
-                    format!("only valid with auth_type api_key, not {}", a.auth_type.as_str()),
+                    format!(
+                        "only valid with auth_type api_key, not {}",
+                        a.auth_type.as_str()
+                    ),
                 );
             }
         }
@@ -969,11 +977,28 @@ fn split_path(msg: &str) -> (String, String) {
     (String::new(), msg.to_string())
 }
 
+/// The line of the last key of `path` (`agents[0].api_key_sha256` →
+/// `api_key_sha256:`), searching from `from` (1-based) onwards.
+fn line_of_key(text: &str, from: usize, path: &str) -> Option<usize> {
+    let last = path.rsplit('.').next()?;
+    let key = last.split('[').next()?;
+    if key.is_empty() || key == "?" {
+        return None;
+    }
+    let pat = format!("{key}:");
+    text.lines()
+        .enumerate()
+        .skip(from.saturating_sub(1))
+        .find(|(_, l)| {
+            let t = l.trim_start().trim_start_matches("- ");
+            t.starts_with(&pat) || l.contains(&format!("{{{pat}")) || l.contains(&format!(" {pat}"))
+        })
+        .map(|(i, _)| i + 1)
+}
+
 /// The 1-based line of the first occurrence of `needle`.
 fn line_of(text: &str, needle: &str) -> Option<usize> {
-    text.lines()
-        .position(|l| l.contains(needle))
-        .map(|i| i + 1)
+    text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
 }
 
 #[cfg(test)]
@@ -1011,7 +1036,11 @@ quotas:
         assert_eq!(hosts[1], HostPattern::Suffix(".pythonhosted.org".into()));
         assert!(matches!(hosts[2], HostPattern::Net(_)));
         assert_eq!(
-            doc.policies[0].match_.method.as_ref().map(|m| m[0].as_str()),
+            doc.policies[0]
+                .match_
+                .method
+                .as_ref()
+                .map(|m| m[0].as_str()),
             Some("GET")
         );
         assert_eq!(doc.gateway.proxy_listen.port(), 10000);
@@ -1020,12 +1049,15 @@ quotas:
 
     #[test]
     fn unknown_field_names_field_and_line() {
-        let text = GOOD.replace("    environment: prod\n", "    environment: prod\n    colour: red\n");
+        let text = GOOD.replace(
+            "    environment: prod\n",
+            "    environment: prod\n    colour: red\n",
+        );
         let err = Document::from_yaml(&text).expect_err("unknown field");
         let e = &err.0[0];
         assert_eq!(e.line, Some(7), "{err}");
         assert!(e.reason.contains("unknown field `colour`"), "{err}");
-        assert_eq!(e.path, "agents[0]");
+        assert_eq!(e.path, "agents[0].colour");
     }
 
     #[test]
@@ -1033,14 +1065,23 @@ quotas:
         for (from, to, want) in [
             ("rps_limit: 10", "rps_limit: -1", "rps_limit"),
             ("ports: [443]", "ports: [70000]", "outside 1-65535"),
-            ("auth_type: api_key", "auth_type: password", "unknown variant"),
+            (
+                "auth_type: api_key",
+                "auth_type: password",
+                "unknown variant",
+            ),
             ("\"9f86d0", "\"zz86d0", "64 hex digits"),
-            ("\"*.pythonhosted.org\"", "\"py*.org\"", "'*' is allowed only"),
+            (
+                "\"*.pythonhosted.org\"",
+                "\"py*.org\"",
+                "'*' is allowed only",
+            ),
         ] {
             let text = GOOD.replace(from, to);
             let err = Document::from_yaml(&text).expect_err(to);
             assert!(err.to_string().contains(want), "{to}: {err}");
-            assert!(err.0[0].line.is_some(), "{to}: {err}");
+            let want_line = text.lines().position(|l| l.contains(to)).map(|i| i + 1);
+            assert_eq!(err.0[0].line, want_line, "{to}: {err}");
         }
     }
 

@@ -43,7 +43,9 @@ pub enum DestinationError {
     Empty,
     #[error("malformed host: {0}")]
     Malformed(&'static str),
-    #[error("ambiguous IP literal (a leading zero reads as octal to some clients, decimal to others)")]
+    #[error(
+        "ambiguous IP literal (a leading zero reads as octal to some clients, decimal to others)"
+    )]
     AmbiguousIp,
     #[error("malformed port")]
     BadPort,
@@ -151,7 +153,9 @@ pub fn normalise_name(host: &str) -> Result<String, DestinationError> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         {
-            return Err(DestinationError::Malformed("character not allowed in a host"));
+            return Err(DestinationError::Malformed(
+                "character not allowed in a host",
+            ));
         }
     }
     Ok(ascii)
@@ -293,12 +297,7 @@ fn guarded_v4(ip: Ipv4Addr) -> Option<Ipv4Net> {
 
 fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = v6.segments();
-    let low = Ipv4Addr::new(
-        (s[6] >> 8) as u8,
-        s[6] as u8,
-        (s[7] >> 8) as u8,
-        s[7] as u8,
-    );
+    let low = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
     if s[..5] == [0, 0, 0, 0, 0] && (s[5] == 0 || s[5] == 0xffff) {
         return Some(low); // ::/96 compatible and ::ffff:0:0/96 mapped
     }
@@ -344,7 +343,15 @@ mod tests {
 
     #[test]
     fn ipv4_in_every_client_encoding() {
-        for form in ["127.0.0.1", "127.1", "127.0.1", "2130706433", "0x7f.1", "0x7f000001", "0x7F.0.0.1"] {
+        for form in [
+            "127.0.0.1",
+            "127.1",
+            "127.0.1",
+            "2130706433",
+            "0x7f.1",
+            "0x7f000001",
+            "0x7F.0.0.1",
+        ] {
             assert_eq!(host(form), Ok(ip("127.0.0.1")), "{form}");
         }
         assert_eq!(host("169.254.169.254."), Ok(ip("169.254.169.254")));
@@ -358,8 +365,18 @@ mod tests {
         assert_eq!(host("127.0.0.01"), Err(DestinationError::AmbiguousIp));
         assert_eq!(host("0x.1"), Err(DestinationError::AmbiguousIp));
         for bad in [
-            "1.2.3.4.5", "256.1.1.1", "1.2.3.256", "1.16777216", "example.123", "a..b",
-            "exa mple.com", "ex%41mple.com", "[::1", "::zz", "", ".",
+            "1.2.3.4.5",
+            "256.1.1.1",
+            "1.2.3.256",
+            "1.16777216",
+            "example.123",
+            "a..b",
+            "exa mple.com",
+            "ex%41mple.com",
+            "[::1",
+            "::zz",
+            "",
+            ".",
             "4294967296",
         ] {
             assert!(host(bad).is_err(), "{bad} should fail: {:?}", host(bad));
@@ -369,8 +386,14 @@ mod tests {
     #[test]
     fn names_are_normalised() {
         assert_eq!(host("PyPI.Org."), Ok(Host::Name("pypi.org".into())));
-        assert_eq!(host("bücher.example"), Ok(Host::Name("xn--bcher-kva.example".into())));
-        assert_eq!(host("_acme.example.com"), Ok(Host::Name("_acme.example.com".into())));
+        assert_eq!(
+            host("bücher.example"),
+            Ok(Host::Name("xn--bcher-kva.example".into()))
+        );
+        assert_eq!(
+            host("_acme.example.com"),
+            Ok(Host::Name("_acme.example.com".into()))
+        );
     }
 
     #[test]
@@ -379,8 +402,18 @@ mod tests {
         assert_eq!((d.host, d.port), (Host::Name("example.com".into()), 8443));
         let d = Destination::parse_authority("[::1]:443", 80).expect("ok");
         assert_eq!((d.host, d.port), (ip("::1"), 443));
-        assert_eq!(Destination::parse_authority("example.com", 80).map(|d| d.port), Ok(80));
-        for bad in ["example.com:", "example.com:0", "example.com:65536", "example.com:+80", "u@example.com", "[::1]x"] {
+        assert_eq!(
+            Destination::parse_authority("example.com", 80).map(|d| d.port),
+            Ok(80)
+        );
+        for bad in [
+            "example.com:",
+            "example.com:0",
+            "example.com:65536",
+            "example.com:+80",
+            "u@example.com",
+            "[::1]x",
+        ] {
             assert!(Destination::parse_authority(bad, 80).is_err(), "{bad}");
         }
     }
@@ -388,16 +421,46 @@ mod tests {
     #[test]
     fn guarded_ranges() {
         for g in [
-            "0.0.0.0", "10.1.2.3", "100.64.0.1", "127.0.0.1", "169.254.169.254", "172.31.255.255",
-            "192.0.0.8", "192.0.2.1", "192.88.99.1", "192.168.1.1", "198.19.0.1", "198.51.100.7",
-            "203.0.113.9", "224.0.0.1", "255.255.255.255", "::", "::1", "100::1", "2001::1",
-            "2001:db8::1", "fd00::1", "fe80::1", "fec0::1", "ff02::1", "::127.0.0.1",
-            "64:ff9b::a9fe:a9fe", "2002:7f00:1::", "64:ff9b:1::1",
+            "0.0.0.0",
+            "10.1.2.3",
+            "100.64.0.1",
+            "127.0.0.1",
+            "169.254.169.254",
+            "172.31.255.255",
+            "192.0.0.8",
+            "192.0.2.1",
+            "192.88.99.1",
+            "192.168.1.1",
+            "198.19.0.1",
+            "198.51.100.7",
+            "203.0.113.9",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "100::1",
+            "2001::1",
+            "2001:db8::1",
+            "fd00::1",
+            "fe80::1",
+            "fec0::1",
+            "ff02::1",
+            "::127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "2002:7f00:1::",
+            "64:ff9b:1::1",
         ] {
             let a: IpAddr = g.parse().expect("test ip");
             assert!(guarded_range(a).is_some(), "{g} should be guarded");
         }
-        for p in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "64:ff9b::808:808", "2002:808:808::", "::8.8.8.8"] {
+        for p in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "2606:4700::1111",
+            "64:ff9b::808:808",
+            "2002:808:808::",
+            "::8.8.8.8",
+        ] {
             let a: IpAddr = p.parse().expect("test ip");
             assert!(guarded_range(a).is_none(), "{p} should be public");
         }
@@ -405,7 +468,13 @@ mod tests {
 
     #[test]
     fn guarded_names() {
-        for n in ["localhost", "a.localhost", "metadata", "metadata.google.internal", "instance-data"] {
+        for n in [
+            "localhost",
+            "a.localhost",
+            "metadata",
+            "metadata.google.internal",
+            "instance-data",
+        ] {
             assert!(is_guarded_name(n), "{n}");
         }
         assert!(!is_guarded_name("notlocalhost"));

@@ -302,7 +302,11 @@ policies:
 "#;
 
     fn set() -> PolicySet {
-        PolicySet::new(&Document::from_yaml(DOC).expect("valid").policy(), &[], "r1")
+        PolicySet::new(
+            &Document::from_yaml(DOC).expect("valid").policy(),
+            &[],
+            "r1",
+        )
     }
 
     fn who(agent: &str, team: &str) -> Identity {
@@ -333,7 +337,10 @@ policies:
         let d = eval(&s, &who("bot", "infra"), "pypi.org:443", "CONNECT", "");
         assert!(d.allow);
         assert_eq!(d.policy_id, "allow-pypi");
-        assert_eq!(d.shadow.as_ref().map(|s| s.policy_id.as_str()), Some("shadow-deny"));
+        assert_eq!(
+            d.shadow.as_ref().map(|s| s.policy_id.as_str()),
+            Some("shadow-deny")
+        );
         // Same priority: deny beats allow.
         let d = eval(&s, &who("evil", "infra"), "pypi.org", "GET", "/");
         assert_eq!((d.allow, d.policy_id.as_str()), (false, "deny-pypi-tie"));
@@ -341,10 +348,25 @@ policies:
         let d = eval(&s, &who("bot", "other"), "pypi.org", "GET", "/");
         assert_eq!((d.allow, d.reason), (false, Reason::DefaultDeny));
         assert_eq!(d.policy_id, DEFAULT_DENY);
-        let d = eval(&s, &who("bot", "infra"), "files.pythonhosted.org:443", "CONNECT", "");
+        let d = eval(
+            &s,
+            &who("bot", "infra"),
+            "files.pythonhosted.org:443",
+            "CONNECT",
+            "",
+        );
         assert!(d.allow);
         // The suffix does not match the bare domain.
-        assert!(!eval(&s, &who("bot", "infra"), "pythonhosted.org:443", "CONNECT", "").allow);
+        assert!(
+            !eval(
+                &s,
+                &who("bot", "infra"),
+                "pythonhosted.org:443",
+                "CONNECT",
+                ""
+            )
+            .allow
+        );
         assert!(!eval(&s, &who("bot", "infra"), "pypi.org:8443", "CONNECT", "").allow);
     }
 
@@ -354,7 +376,10 @@ policies:
         let id = who("x", "");
         assert!(eval(&s, &id, "api.example.com", "GET", "/v1/x").allow);
         assert!(!eval(&s, &id, "api.example.com", "POST", "/v1/x").allow);
-        assert_eq!(eval(&s, &id, "api.example.com", "GET", "/admin").policy_id, "deny-admin");
+        assert_eq!(
+            eval(&s, &id, "api.example.com", "GET", "/admin").policy_id,
+            "deny-admin"
+        );
         // A method/path-limited allow does not grant a tunnel; a
         // path-limited deny does not match one either.
         let d = eval(&s, &id, "api.example.com:443", "CONNECT", "");
@@ -367,13 +392,31 @@ policies:
         let wide = who("wide", "");
         assert!(eval(&s, &wide, "example.com", "GET", "/").allow);
         assert!(eval(&s, &wide, "8.8.8.8", "GET", "/").allow);
-        for private in ["127.0.0.1", "2130706433", "[::1]", "169.254.169.254", "10.0.0.1", "[::ffff:10.0.0.1]", "localhost", "metadata.google.internal"] {
+        for private in [
+            "127.0.0.1",
+            "2130706433",
+            "[::1]",
+            "169.254.169.254",
+            "10.0.0.1",
+            "[::ffff:10.0.0.1]",
+            "localhost",
+            "metadata.google.internal",
+        ] {
             let d = eval(&s, &wide, private, "GET", "/");
-            assert_eq!((d.allow, d.reason), (false, Reason::PrivateDestination), "{private}");
+            assert_eq!(
+                (d.allow, d.reason),
+                (false, Reason::PrivateDestination),
+                "{private}"
+            );
         }
         // A narrow CIDR inside the range lifts it, in any encoding.
         let t = who("tester", "");
-        for form in ["127.0.0.1:8080", "127.1:8080", "0x7f000001:8080", "[::ffff:127.0.0.1]:8080"] {
+        for form in [
+            "127.0.0.1:8080",
+            "127.1:8080",
+            "0x7f000001:8080",
+            "[::ffff:127.0.0.1]:8080",
+        ] {
             assert!(eval(&s, &t, form, "GET", "/").allow, "{form}");
         }
         assert!(!eval(&s, &t, "127.0.0.2", "GET", "/").allow);

@@ -155,7 +155,10 @@ mod tests {
     }
 
     fn basic(s: &str) -> String {
-        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(s))
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(s)
+        )
     }
 
     #[test]
@@ -163,11 +166,23 @@ mod tests {
         let d = dir();
         let id = d.authenticate(Some(&basic("a:k1"))).expect("valid");
         assert_eq!((id.agent_id.as_str(), id.team_id.as_str()), ("a", "t"));
-        assert_eq!(d.authenticate(Some(&basic("a:k2"))), Err(AuthError::Invalid));
-        assert_eq!(d.authenticate(Some(&basic("nobody:k1"))), Err(AuthError::Invalid));
-        assert!(matches!(d.authenticate(Some(&basic("off:k2"))), Err(AuthError::Disabled(_))));
+        assert_eq!(
+            d.authenticate(Some(&basic("a:k2"))),
+            Err(AuthError::Invalid)
+        );
+        assert_eq!(
+            d.authenticate(Some(&basic("nobody:k1"))),
+            Err(AuthError::Invalid)
+        );
+        assert!(matches!(
+            d.authenticate(Some(&basic("off:k2"))),
+            Err(AuthError::Disabled(_))
+        ));
         // Key with a colon: only the first colon splits.
-        assert_eq!(d.authenticate(Some(&basic("a:k1:x"))), Err(AuthError::Invalid));
+        assert_eq!(
+            d.authenticate(Some(&basic("a:k1:x"))),
+            Err(AuthError::Invalid)
+        );
     }
 
     #[test]
@@ -175,11 +190,25 @@ mod tests {
         let d = dir();
         assert_eq!(d.authenticate(None), Err(AuthError::Missing));
         assert_eq!(d.authenticate(Some("")), Err(AuthError::Missing));
-        for bad in ["Basic", "Basic !!!", "Digest abc", "Basic YWJj", &basic(":k1"), &basic("a:")] {
-            assert_eq!(d.authenticate(Some(bad)), Err(AuthError::Malformed), "{bad}");
+        for bad in [
+            "Basic",
+            "Basic !!!",
+            "Digest abc",
+            "Basic YWJj",
+            &basic(":k1"),
+            &basic("a:"),
+        ] {
+            assert_eq!(
+                d.authenticate(Some(bad)),
+                Err(AuthError::Malformed),
+                "{bad}"
+            );
         }
         let huge = format!("Basic {}", "A".repeat(9000));
         assert_eq!(d.authenticate(Some(&huge)), Err(AuthError::Malformed));
-        assert_eq!(d.authenticate(Some("Bearer x.y.z")), Err(AuthError::JwtNotConfigured));
+        assert_eq!(
+            d.authenticate(Some("Bearer x.y.z")),
+            Err(AuthError::JwtNotConfigured)
+        );
     }
 }

@@ -1,0 +1,409 @@
+//! End-to-end harness: a real `clawgress up` (real Envoy, real services) on
+//! free loopback ports in a temporary state directory, upstream test servers
+//! on 127.0.0.1:0, and curl as the agent. Everything started here is stopped
+//! when its handle drops, also when a test fails.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clawgress_policy::config::KeyHash;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub const AGENT: &str = "bot";
+pub const KEY: &str = "cg_test_key_0123456789abcdef";
+
+/// A free loopback port (bound, read, released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub fn key_hash(key: &str) -> String {
+    KeyHash::of_key(key).as_str().to_string()
+}
+
+/// A running `clawgress up`.
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub proxy: SocketAddr,
+    pub config: PathBuf,
+    child: Option<Child>,
+    pub stderr_log: PathBuf,
+}
+
+impl Stack {
+    /// Start `up` with `body` (agents/policies/quotas YAML) plus a gateway
+    /// section on a free port. Returns once `up` printed that it is up.
+    pub fn start(body: &str) -> Stack {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let config = dir.path().join("clawgress.yaml");
+        let yaml = format!(
+            "gateway:\n  proxy_listen: {proxy}\n  state_dir: {}\n{body}",
+            dir.path().join("state").display()
+        );
+        std::fs::write(&config, yaml).expect("write config");
+        let stderr_log = dir.path().join("up.stderr");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_clawgress"))
+            .args(["up", "--config"])
+            .arg(&config)
+            .env("CLAWGRESS_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_log).expect("stderr file"))
+            .spawn()
+            .expect("spawn clawgress up");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut stack = Stack {
+            dir,
+            proxy,
+            config,
+            child: Some(child),
+            stderr_log,
+        };
+        // Readiness is `up`'s own announcement, made after Envoy's /ready.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("clawgress is up") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        if rx.recv_timeout(Duration::from_secs(60)).is_err() {
+            let log = std::fs::read_to_string(&stack.stderr_log).unwrap_or_default();
+            stack.stop();
+            panic!("clawgress up did not come up:\n{log}");
+        }
+        stack
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn proxy_url(&self, agent: &str, key: &str) -> String {
+        format!("http://{agent}:{key}@{}", self.proxy)
+    }
+
+    /// The PID of a supervised service (`authz`, `ratelimit`, `audit`),
+    /// found by its command line, which names this stack's config.
+    pub fn service_pid(&self, name: &str) -> Option<u32> {
+        let cfg = self.config.display().to_string();
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = cmd
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            if args.iter().any(|a| a == "serve")
+                && args.iter().any(|a| a == name)
+                && args.contains(&cfg)
+            {
+                return Some(pid);
+            }
+        }
+        None
+    }
+
+    /// Audit records written so far.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        let path = self.state().join("audit").join("audit.jsonl");
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Wait until at least `n` audit records exist (Envoy flushes its
+    /// access-log stream every 200 ms), or 15 s pass.
+    pub fn wait_audit(&self, n: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let recs = self.audit_records();
+            if recs.len() >= n || Instant::now() > deadline {
+                return recs;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM `up` and wait for it; returns its exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        signal(child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Wait for `up` to exit by itself.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = child.try_wait() {
+                self.child = None;
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .status();
+}
+
+/// What curl saw.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    /// The proxy's answer to CONNECT, 0 if none.
+    pub connect_status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+    pub curl_exit: i32,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+}
+
+/// Run curl with `args`; `env` adds environment variables.
+pub fn curl(args: &[&str], env: &[(&str, &str)]) -> Reply {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let body = tmp.path().join("body");
+    let head = tmp.path().join("head");
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "10", "--noproxy", "", "-o"])
+        .arg(&body)
+        .arg("-D")
+        .arg(&head)
+        .args(["-w", "%{http_code} %{http_connect}"])
+        .args(args)
+        .env_remove("http_proxy")
+        .env_remove("https_proxy")
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .envs(env.iter().copied())
+        .output()
+        .expect("curl is installed");
+    let codes = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut it = codes
+        .split_whitespace()
+        .map(|c| c.parse::<u16>().unwrap_or(0));
+    let status = it.next().unwrap_or(0);
+    let connect_status = it.next().unwrap_or(0);
+    let headers = std::fs::read_to_string(&head)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Reply {
+        status,
+        connect_status,
+        headers,
+        body: std::fs::read_to_string(&body).unwrap_or_default(),
+        curl_exit: out.status.code().unwrap_or(-1),
+    }
+}
+
+/// Request heads an upstream saw: (lower-cased header name, value) lists.
+pub type Seen = Arc<Mutex<Vec<Vec<(String, String)>>>>;
+
+/// A plain-HTTP upstream on 127.0.0.1:0 that records each request's headers
+/// and answers 200 "hello from upstream".
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Seen,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Upstream {
+    pub fn http() -> Upstream {
+        Self::start(None)
+    }
+
+    /// The same, behind TLS with a fresh self-signed certificate.
+    pub fn https() -> Upstream {
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+            .expect("self-signed cert");
+        let der = cert.cert.der().clone();
+        let key = tokio_rustls::rustls::pki_types::PrivateKeyDer::Pkcs8(
+            cert.signing_key.serialize_der().into(),
+        );
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let cfg = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("tls versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![der], key)
+            .expect("server cert");
+        Self::start(Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg))))
+    }
+
+    fn start(tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind upstream");
+        let addr = listener.local_addr().expect("addr");
+        let seen: Seen = Arc::default();
+        let seen2 = seen.clone();
+        rt.spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let seen = seen2.clone();
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    match tls {
+                        Some(acc) => {
+                            if let Ok(s) = acc.accept(sock).await {
+                                answer(s, seen).await;
+                            }
+                        }
+                        None => answer(sock, seen).await,
+                    }
+                });
+            }
+        });
+        Upstream {
+            addr,
+            seen,
+            _rt: rt,
+        }
+    }
+
+    pub fn requests(&self) -> Vec<Vec<(String, String)>> {
+        self.seen.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S, seen: Seen) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        if buf.len() > 64 * 1024 {
+            return;
+        }
+    }
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let headers = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    if let Ok(mut v) = seen.lock() {
+        v.push(headers);
+    }
+    let body = "hello from upstream";
+    let resp = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = s.write_all(resp.as_bytes()).await;
+    let _ = s.shutdown().await;
+}
+
+/// A config body with agent `bot` (key [`KEY`]) allowed to reach
+/// `127.0.0.1` on `ports`, plus `extra` YAML appended.
+pub fn config_allowing(ports: &[u16], extra: &str) -> String {
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+    format!(
+        r#"agents:
+  - agent_id: {AGENT}
+    team_id: infra
+    project_id: ci
+    environment: test
+    auth_type: api_key
+    api_key_sha256: "{hash}"
+  - agent_id: sleeper
+    auth_type: api_key
+    status: disabled
+    api_key_sha256: "{hash}"
+policies:
+  - policy_id: allow-local-upstreams
+    priority: 100
+    match:
+      identity: {{agent_id: {AGENT}}}
+      destination: {{hosts: ["127.0.0.1/32"], ports: [{ports}]}}
+    action: allow
+{extra}"#,
+        hash = key_hash(KEY),
+        ports = ports.join(", ")
+    )
+}
+
+/// Poll `f` every 50 ms until it returns true or `within` passes.
+pub fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn path_exists(p: &Path) -> bool {
+    p.exists()
+}

@@ -1,0 +1,170 @@
+//! Identity and policy through real Envoy: explicit-proxy HTTP and CONNECT.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn allowed_http_reaches_upstream_without_credentials_or_agent_request_id() {
+    let up = Upstream::http();
+    let stack = Stack::start(&config_allowing(&[up.addr.port()], ""));
+    let r = curl(
+        &[
+            "-x",
+            &stack.proxy_url(AGENT, KEY),
+            "-H",
+            "x-request-id: chosen-by-agent",
+            &format!("http://{}/hello?q=1", up.addr),
+        ],
+        &[],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, "hello from upstream");
+    let seen = up.requests();
+    assert_eq!(seen.len(), 1);
+    let h = &seen[0];
+    assert!(
+        !h.iter().any(|(k, _)| k == "proxy-authorization"),
+        "credentials leaked upstream: {h:?}"
+    );
+    let rid = h
+        .iter()
+        .find(|(k, _)| k == "x-request-id")
+        .map(|(_, v)| v.as_str());
+    assert!(
+        rid.is_some_and(|v| v != "chosen-by-agent"),
+        "agent-chosen request id kept: {rid:?}"
+    );
+}
+
+#[test]
+fn anonymous_wrong_key_disabled_and_unlisted_hosts_are_refused() {
+    let up = Upstream::http();
+    let stack = Stack::start(&config_allowing(&[up.addr.port()], ""));
+    let target = format!("http://{}/", up.addr);
+
+    let r = curl(&["-x", &format!("http://{}", stack.proxy), &target], &[]);
+    assert_eq!(r.status, 407, "{r:?}");
+    assert!(r
+        .header("proxy-authenticate")
+        .is_some_and(|v| v.starts_with("Basic")));
+    assert_eq!(r.json()["reason"], "missing-credentials");
+
+    let r = curl(&["-x", &stack.proxy_url(AGENT, "wrong-key"), &target], &[]);
+    assert_eq!(r.status, 403, "{r:?}");
+    let body = r.json();
+    assert_eq!(body["decision"], "deny");
+    assert_eq!(body["reason"], "invalid-credentials");
+    for k in ["decision", "reason", "policy_id", "request_id", "hint"] {
+        assert!(body.get(k).is_some(), "deny body lacks {k}: {body}");
+    }
+    assert!(r.header("x-clawgress-policy").is_some());
+
+    let r = curl(&["-x", &stack.proxy_url("sleeper", KEY), &target], &[]);
+    assert_eq!(
+        (r.status, r.json()["reason"].as_str()),
+        (403, Some("agent-disabled"))
+    );
+
+    // A host no policy names: denied by authz before any DNS lookup.
+    let r = curl(
+        &["-x", &stack.proxy_url(AGENT, KEY), "http://example.org/"],
+        &[],
+    );
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.json()["policy_id"], "default-deny");
+    assert_eq!(r.header("x-clawgress-policy"), Some("default-deny"));
+
+    // Loopback in another encoding, on a port no policy allows.
+    let r = curl(
+        &[
+            "-x",
+            &stack.proxy_url(AGENT, KEY),
+            &format!("http://2130706433:{}/", up.addr.port() ^ 1),
+        ],
+        &[],
+    );
+    assert_eq!(
+        (r.status, r.json()["reason"].as_str()),
+        (403, Some("private-destination"))
+    );
+    assert!(
+        up.requests().is_empty(),
+        "nothing denied reached the upstream"
+    );
+}
+
+#[test]
+fn connect_tunnels_to_allowed_tls_upstream_and_refuses_others() {
+    let tls = Upstream::https();
+    let other = Upstream::https();
+    let stack = Stack::start(&config_allowing(&[tls.addr.port()], ""));
+    let url = format!("https://{}/secure", tls.addr);
+
+    // curl -x with credentials in the proxy URL.
+    let r = curl(&["-k", "-x", &stack.proxy_url(AGENT, KEY), &url], &[]);
+    assert_eq!((r.connect_status, r.status), (200, 200), "{r:?}");
+    assert_eq!(r.body, "hello from upstream");
+
+    // The same through HTTPS_PROXY, as an agent's HTTP library would.
+    let proxy = stack.proxy_url(AGENT, KEY);
+    let r = curl(&["-k", &url], &[("HTTPS_PROXY", &proxy)]);
+    assert_eq!((r.connect_status, r.status), (200, 200), "{r:?}");
+    assert_eq!(tls.requests().len(), 2);
+
+    // A port no policy allows: the tunnel is refused with 403.
+    let r = curl(
+        &["-k", "-x", &proxy, &format!("https://{}/", other.addr)],
+        &[],
+    );
+    assert_eq!(r.connect_status, 403, "{r:?}");
+    assert!(other.requests().is_empty());
+
+    // No credentials on CONNECT: 407.
+    let r = curl(&["-k", "-x", &format!("http://{}", stack.proxy), &url], &[]);
+    assert_eq!(r.connect_status, 407, "{r:?}");
+}
+
+#[test]
+fn authz_down_fails_closed_with_a_readable_503() {
+    let up = Upstream::http();
+    let stack = Stack::start(&config_allowing(&[up.addr.port()], ""));
+    let target = format!("http://{}/", up.addr);
+    assert_eq!(
+        curl(&["-x", &stack.proxy_url(AGENT, KEY), &target], &[]).status,
+        200
+    );
+
+    // Freeze authz: Envoy's 250 ms timeout fires and it must deny.
+    let pid = stack.service_pid("authz").expect("authz pid");
+    signal(pid, "STOP");
+    let r = curl(&["-x", &stack.proxy_url(AGENT, KEY), &target], &[]);
+    signal(pid, "CONT");
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.json()["reason"], "authz-unavailable");
+    assert!(r.json()["request_id"]
+        .as_str()
+        .is_some_and(|s| !s.is_empty()));
+    assert_eq!(
+        up.requests().len(),
+        1,
+        "nothing passed while authz was down"
+    );
+
+    // Kill it outright: until the supervisor has it back, requests are
+    // refused, never let through; afterwards they flow again.
+    signal(pid, "KILL");
+    let r = curl(&["-x", &stack.proxy_url(AGENT, KEY), &target], &[]);
+    assert!(r.status == 503 || r.status == 200, "{r:?}");
+    assert!(
+        eventually(std::time::Duration::from_secs(10), || {
+            curl(&["-x", &stack.proxy_url(AGENT, KEY), &target], &[]).status == 200
+        }),
+        "authz was not restarted:\n{}",
+        stack.stderr()
+    );
+    assert!(
+        stack.stderr().contains("alert=\"child-restarted\"")
+            || stack.stderr().contains("alert=child-restarted")
+    );
+}

@@ -1,0 +1,62 @@
+//! Per-agent quotas through real Envoy and the RLS.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn over_quota_gets_429_with_retry_after_and_body() {
+    let up = Upstream::http();
+    // rpm 3: eight requests in a row must see a 429 even if a minute
+    // boundary falls between them.
+    let stack = Stack::start(&config_allowing(
+        &[up.addr.port()],
+        "quotas:\n  - {agent_id: bot, rps_limit: 1000, rpm_limit: 3, mode: hard_stop}\n",
+    ));
+    let target = format!("http://{}/", up.addr);
+    let replies: Vec<Reply> = (0..8)
+        .map(|_| curl(&["-x", &stack.proxy_url(AGENT, KEY), &target], &[]))
+        .collect();
+    let ok = replies.iter().filter(|r| r.status == 200).count();
+    let limited: Vec<&Reply> = replies.iter().filter(|r| r.status == 429).collect();
+    assert_eq!(
+        ok + limited.len(),
+        8,
+        "only 200 and 429 expected: {replies:?}"
+    );
+    assert!(!limited.is_empty() && ok <= 6, "{replies:?}");
+    let r = limited[0];
+    let retry: u64 = r
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After");
+    assert!((1..=60).contains(&retry), "{r:?}");
+    assert!(r.header("x-ratelimit-limit").is_some(), "{r:?}");
+    let body = r.json();
+    assert_eq!(body["reason"], "quota-exceeded");
+    assert_eq!(body["policy_id"], "quota:bot");
+    assert_eq!(r.header("x-clawgress-policy"), Some("quota:bot"));
+    assert_eq!(up.requests().len(), ok, "no 429 reached the upstream");
+}
+
+#[test]
+fn ratelimit_down_fails_closed_with_503_not_429() {
+    let up = Upstream::http();
+    let stack = Stack::start(&config_allowing(
+        &[up.addr.port()],
+        "quotas:\n  - {agent_id: bot, rps_limit: 1000}\n",
+    ));
+    let target = format!("http://{}/", up.addr);
+    assert_eq!(
+        curl(&["-x", &stack.proxy_url(AGENT, KEY), &target], &[]).status,
+        200
+    );
+    let pid = stack.service_pid("ratelimit").expect("ratelimit pid");
+    signal(pid, "STOP");
+    let r = curl(&["-x", &stack.proxy_url(AGENT, KEY), &target], &[]);
+    signal(pid, "CONT");
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.json()["reason"], "ratelimit-unavailable");
+    assert_eq!(r.header("x-clawgress-policy"), Some("none"));
+    assert_eq!(up.requests().len(), 1);
+}

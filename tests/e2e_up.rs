@@ -1,0 +1,109 @@
+//! `clawgress up` as a user meets it: config checking, start, stop.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn check_config_names_field_line_and_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "agents:\n  - agent_id: a\n    auth_type: api_key\n    api_key_sha256: \"00\"\n",
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_clawgress"))
+        .args(["up", "--check-config"])
+        .arg(&bad)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 4"), "{err}");
+    assert!(err.contains("api_key_sha256"), "{err}");
+
+    std::fs::write(&bad, "agents: []\npolices: []\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_clawgress"))
+        .args(["up", "--config"])
+        .arg(&bad)
+        .args(["--state-dir"])
+        .arg(dir.path().join("state"))
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown field `polices`") && err.contains("line 2"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("state").join("run").exists(),
+        "nothing was started"
+    );
+
+    let good = dir.path().join("good.yaml");
+    std::fs::write(&good, config_allowing(&[8080], "")).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_clawgress"))
+        .args(["up", "--check-config"])
+        .arg(&good)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn sigterm_stops_envoy_and_every_service() {
+    let mut stack = Stack::start(&config_allowing(&[8080], ""));
+    let pids: Vec<u32> = ["authz", "ratelimit", "audit"]
+        .iter()
+        .map(|s| stack.service_pid(s).expect("service running"))
+        .collect();
+    let status = stack.stop().expect("exited");
+    assert!(status.success(), "{status:?}\n{}", stack.stderr());
+    for pid in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "pid {pid} outlived up"
+        );
+    }
+    // The proxy port is free again: Envoy is gone too.
+    assert!(
+        std::net::TcpListener::bind(stack.proxy).is_ok(),
+        "Envoy still holds the port"
+    );
+}
+
+#[test]
+fn a_crash_looping_child_makes_up_exit_nonzero_naming_it() {
+    let mut stack = Stack::start(&config_allowing(&[8080], ""));
+    // Kill authz every time it comes back: the fifth exit within a minute
+    // makes up give up.
+    let mut killed = 0;
+    let ok = eventually(Duration::from_secs(30), || {
+        if let Some(pid) = stack.service_pid("authz") {
+            signal(pid, "KILL");
+            killed += 1;
+        }
+        killed >= 5
+    });
+    assert!(ok, "could not kill authz five times:\n{}", stack.stderr());
+    let status = stack.wait_exit(Duration::from_secs(20)).expect("up exited");
+    assert!(!status.success());
+    assert!(
+        stack.stderr().contains("authz crash-looped"),
+        "{}",
+        stack.stderr()
+    );
+    assert!(
+        std::net::TcpListener::bind(stack.proxy).is_ok(),
+        "Envoy still holds the port"
+    );
+}
