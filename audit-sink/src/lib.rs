@@ -92,24 +92,50 @@ where
     F: Future<Output = ()> + Send,
 {
     let (tx, rx) = mpsc::channel(QUEUE);
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
     let writer_thread = std::thread::Builder::new()
         .name("audit-writer".into())
-        .spawn(move || write_loop(writer, rx))
+        .spawn(move || {
+            let r = write_loop(writer, rx);
+            let _ = stopped_tx.send(());
+            r
+        })
         .map_err(|e| Error::Writer(WriterError::Io(e)))?;
-    let served = tonic::transport::Server::builder()
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
         .add_service(AccessLogServiceServer::new(AuditService { tx }))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
-    // The server (and with it every sender) is gone: the writer drains what
-    // is queued and stops.
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = drain_rx.await;
+        });
+    let mut server = std::pin::pin!(server);
+    let served = tokio::select! {
+        r = &mut server => r,
+        // Stop on the caller's signal, or when the writer has died (the
+        // process then exits with its error and the supervisor restarts it).
+        _ = async { tokio::select! { _ = shutdown => {}, _ = stopped_rx => {} } } => {
+            let _ = drain_tx.send(());
+            // Envoy keeps its access-log stream open for good: give open
+            // streams a bounded grace period, then drop them.
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                Ok(r) => r,
+                Err(_) => Ok(()),
+            }
+        }
+    };
+    drop(server);
+    // Every sender is gone with the server: the writer drains what is
+    // queued and stops.
     let written = tokio::task::spawn_blocking(move || writer_thread.join())
         .await
         .map_err(|_| Error::WriterPanicked)?
         .map_err(|_| Error::WriterPanicked)?;
-    served?;
     written?;
+    served?;
     Ok(())
 }
+
+/// How long open access-log streams may take to finish at shutdown.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Write records in batches: block for one, take what else is queued, write
 /// and sync them together.
@@ -133,4 +159,102 @@ fn write_loop<W: RecordWriter>(
         batch.clear();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::data::accesslog::v3::{HttpAccessLogEntry, HttpRequestProperties};
+    use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_client::AccessLogServiceClient;
+    use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::HttpAccessLogEntries;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Memory(Arc<Mutex<Vec<AuditRecord>>>, bool);
+
+    impl RecordWriter for Memory {
+        fn append(&mut self, batch: &mut [AuditRecord]) -> Result<(), WriterError> {
+            if self.1 {
+                return Err(WriterError::Io(std::io::Error::other("disk full")));
+            }
+            self.0.lock().expect("lock").extend(batch.iter().cloned());
+            Ok(())
+        }
+    }
+
+    fn message(ids: &[&str]) -> StreamAccessLogsMessage {
+        StreamAccessLogsMessage {
+            identifier: None,
+            log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries {
+                log_entry: ids
+                    .iter()
+                    .map(|id| HttpAccessLogEntry {
+                        request: Some(HttpRequestProperties {
+                            request_id: id.to_string(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    })
+                    .collect(),
+            })),
+        }
+    }
+
+    async fn start(
+        w: Memory,
+    ) -> (
+        String,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<(), Error>>,
+    ) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", l.local_addr().expect("addr"));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(run(
+            w,
+            tokio_stream::wrappers::TcpListenerStream::new(l),
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        (url, stop_tx, task)
+    }
+
+    #[tokio::test]
+    async fn streamed_entries_are_written_in_order() {
+        let w = Memory::default();
+        let (url, stop, task) = start(w.clone()).await;
+        let mut client = AccessLogServiceClient::connect(url).await.expect("connect");
+        let msgs = vec![message(&["a", "b"]), message(&["c"])];
+        client
+            .stream_access_logs(tokio_stream::iter(msgs))
+            .await
+            .expect("stream");
+        let _ = stop.send(());
+        task.await.expect("join").expect("run ok");
+        let ids: Vec<String> =
+            w.0.lock()
+                .expect("lock")
+                .iter()
+                .map(|r| r.request_id.clone())
+                .collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+    }
+
+    #[tokio::test]
+    async fn a_dead_writer_stops_the_sink_with_its_error() {
+        let w = Memory(Arc::default(), true);
+        let (url, _stop, task) = start(w).await;
+        let mut client = AccessLogServiceClient::connect(url).await.expect("connect");
+        let _ = client
+            .stream_access_logs(tokio_stream::iter(vec![message(&["a"])]))
+            .await;
+        let r = tokio::time::timeout(std::time::Duration::from_secs(10), task)
+            .await
+            .expect("sink stopped by itself")
+            .expect("join");
+        assert!(matches!(r, Err(Error::Writer(_))), "{r:?}");
+    }
 }
