@@ -107,7 +107,9 @@ where
         .serve_with_incoming_shutdown(incoming, async {
             let _ = drain_rx.await;
         });
-    let mut server = std::pin::pin!(server);
+    // Boxed so that dropping it below really drops the server, and with it
+    // every record sender the writer is waiting on.
+    let mut server = Box::pin(server);
     let served = tokio::select! {
         r = &mut server => r,
         // Stop on the caller's signal, or when the writer has died (the
