@@ -60,3 +60,23 @@ fn ratelimit_down_fails_closed_with_503_not_429() {
     assert_eq!(r.header("x-clawgress-policy"), Some("none"));
     assert_eq!(up.requests().len(), 1);
 }
+
+#[test]
+fn over_rps_gets_429() {
+    let up = Upstream::http();
+    // rps 1: eight requests in a row see a 429 unless they span 7+ seconds.
+    let stack = Stack::start(&config_allowing(
+        &[up.addr.port()],
+        "quotas:\n  - {agent_id: bot, rps_limit: 1}\n",
+    ));
+    let target = format!("http://{}/", up.addr);
+    let codes: Vec<u16> = (0..8)
+        .map(|_| curl(&["-x", &stack.proxy_url(AGENT, KEY), &target], &[]).status)
+        .collect();
+    assert!(codes.contains(&429), "{codes:?}");
+    assert!(codes.iter().all(|c| *c == 200 || *c == 429), "{codes:?}");
+    assert_eq!(
+        up.requests().len(),
+        codes.iter().filter(|c| **c == 200).count()
+    );
+}

@@ -107,3 +107,27 @@ fn a_crash_looping_child_makes_up_exit_nonzero_naming_it() {
         "Envoy still holds the port"
     );
 }
+
+#[test]
+fn a_killed_envoy_is_restarted_and_traffic_resumes() {
+    let up = Upstream::http();
+    let stack = Stack::start(&config_allowing(&[up.addr.port()], ""));
+    let target = format!("http://{}/", up.addr);
+    let proxy = stack.proxy_url(AGENT, KEY);
+    assert_eq!(curl(&["-x", &proxy, &target], &[]).status, 200);
+    let pid = stack.envoy_pid().expect("envoy pid");
+    signal(pid, "KILL");
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            stack.envoy_pid().is_some_and(|p| p != pid)
+                && curl(&["-x", &proxy, &target], &[]).status == 200
+        }),
+        "Envoy was not restarted:\n{}",
+        stack.stderr()
+    );
+    let log = stack.stderr();
+    assert!(
+        log.contains("child-restarted") && log.contains("envoy"),
+        "{log}"
+    );
+}

@@ -117,6 +117,17 @@ impl Stack {
         None
     }
 
+    /// The PID of this stack's Envoy (its command line names our state dir).
+    pub fn envoy_pid(&self) -> Option<u32> {
+        let cfg = self
+            .state()
+            .join("run")
+            .join("envoy.yaml")
+            .display()
+            .to_string();
+        pids_with_arg(&cfg).into_iter().next()
+    }
+
     /// Audit records written so far.
     pub fn audit_records(&self) -> Vec<serde_json::Value> {
         let path = self.state().join("audit").join("audit.jsonl");
@@ -180,6 +191,25 @@ impl Drop for Stack {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Processes whose command line has `arg` as one argument.
+pub fn pids_with_arg(arg: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
+            if cmd.split(|b| *b == 0).any(|a| a == arg.as_bytes()) {
+                out.push(pid);
+            }
+        }
+    }
+    out
 }
 
 pub fn signal(pid: u32, sig: &str) {
