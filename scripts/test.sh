@@ -5,9 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v curl >/dev/null 2>&1; then
-  echo "test.sh: installing curl (apt)" >&2
-  apt-get update -qq && apt-get install -y -qq curl >/dev/null
+# curl is the agent in end-to-end tests; redis-server backs the Redis and
+# Redis Cluster counter-store tests.
+missing=()
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "test.sh: installing ${missing[*]} (apt)" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 # pip puts `envoy` in the interpreter's scripts directory; make sure it is on PATH.

@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use tokio::net::{TcpListener, UnixListener};
@@ -106,7 +105,9 @@ pub async fn serve(
             serve_on!(listen, clawgress_authz::run, svc);
         }
         Service::Ratelimit => {
-            let store = Arc::new(clawgress_ratelimit::MemoryStore::default());
+            let store = clawgress_ratelimit::open_store(&doc.stores.ratelimit)
+                .map_err(|e| anyhow::anyhow!("stores.ratelimit: {e}"))?;
+            tracing::info!(store = %doc.stores.ratelimit, "counter store");
             let svc = clawgress_ratelimit::RatelimitService::new(&doc.policy(), store);
             serve_on!(listen, clawgress_ratelimit::run, svc);
         }

@@ -34,8 +34,8 @@ fn over_quota_gets_429_with_retry_after_and_body() {
     assert!(r.header("x-ratelimit-limit").is_some(), "{r:?}");
     let body = r.json();
     assert_eq!(body["reason"], "quota-exceeded");
-    assert_eq!(body["policy_id"], "quota:bot");
-    assert_eq!(r.header("x-clawgress-policy"), Some("quota:bot"));
+    assert_eq!(body["policy_id"], "quota:agent:bot");
+    assert_eq!(r.header("x-clawgress-policy"), Some("quota:agent:bot"));
     assert_eq!(up.requests().len(), ok, "no 429 reached the upstream");
 }
 
@@ -78,5 +78,51 @@ fn over_rps_gets_429() {
     assert_eq!(
         up.requests().len(),
         codes.iter().filter(|c| **c == 200).count()
+    );
+}
+
+#[test]
+fn redis_backed_hard_stop_and_alert_only_through_envoy() {
+    let redis = common::redis::RedisServer::start();
+    let up = Upstream::http();
+    let stack = Stack::start(&format!(
+        "stores:\n  ratelimit: {}\n{}",
+        redis.url(),
+        config_allowing(
+            &[up.addr.port()],
+            "quotas:\n  - {agent_id: bot, rpm_limit: 2, mode: hard_stop}\n  - {team_id: infra, rpm_limit: 1, mode: alert_only}\n",
+        )
+    ));
+    let target = format!("http://{}/", up.addr);
+    let codes: Vec<u16> = (0..6)
+        .map(|_| curl(&["-x", &stack.proxy_url(AGENT, KEY), &target], &[]).status)
+        .collect();
+    assert!(codes.contains(&429), "{codes:?}");
+    let ok = codes.iter().filter(|c| **c == 200).count();
+    assert!(
+        (2..=4).contains(&ok),
+        "rpm 2, at most one minute boundary: {codes:?}"
+    );
+    let recs = stack.wait_audit(6);
+    assert_eq!(recs.len(), 6);
+    // The team's alert_only quota (1/min) is exceeded by the second admitted
+    // request: it passes, and the audit record says so.
+    assert!(
+        recs.iter().any(|r| r["response_code"] == 200
+            && r["quota_applied"]
+                .as_str()
+                .is_some_and(|q| q.contains("team:infra=alert_only:exceeded"))),
+        "{recs:#?}"
+    );
+    let limited = recs
+        .iter()
+        .find(|r| r["response_code"] == 429)
+        .expect("429 record");
+    assert_eq!(limited["reason"], "quota-exceeded");
+    assert_eq!(limited["policy_id"], "quota:agent:bot");
+    assert!(
+        stack.stderr().contains("quota-alert-only"),
+        "{}",
+        stack.stderr()
     );
 }

@@ -9,11 +9,12 @@
 //! outage never looks like a 429 and never lets traffic through.
 //! Depends on `clawgress-policy` only; never on another service.
 
+mod redis_store;
 mod store;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -31,10 +32,13 @@ use envoy_types::pb::google::protobuf::{value::Kind, Duration, Struct, Value};
 use tokio_stream::Stream;
 use tonic::transport::server::Connected;
 
+pub use redis_store::RedisStore;
 pub use store::{CounterStore, Limit, MemoryStore, StoreError, Window, WindowStatus};
 
-/// The descriptor key Envoy puts the agent under.
+/// The descriptor keys Envoy sends (each built from authz's metadata).
 pub const AGENT_KEY: &str = "agent_id";
+pub const TEAM_KEY: &str = "team_id";
+pub const PROJECT_KEY: &str = "project_id";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -42,18 +46,35 @@ pub enum Error {
     Serve(#[from] tonic::transport::Error),
 }
 
-/// One agent's limits as the service applies them.
+/// Open the store named by `stores.ratelimit`: `memory`, `redis://…` or
+/// `redis-cluster://…`.
+pub fn open_store(spec: &str) -> Result<Arc<dyn CounterStore>, StoreError> {
+    if spec == "memory" {
+        Ok(Arc::new(MemoryStore::default()))
+    } else {
+        Ok(Arc::new(RedisStore::new(spec)?))
+    }
+}
+
+/// One scope's limits as the service applies them.
 #[derive(Debug, Clone, PartialEq)]
-struct AgentQuota {
+struct ScopeQuota {
     limits: Vec<Limit>,
     mode: QuotaMode,
 }
 
-fn quotas_by_agent(doc: &PolicyDocument) -> HashMap<String, AgentQuota> {
+/// Quotas by scope key (`agent:ID`, `team:ID`, `project:ID`).
+fn quotas_by_scope(doc: &PolicyDocument) -> HashMap<String, ScopeQuota> {
     doc.quotas
         .iter()
         .filter_map(|q: &Quota| {
-            let agent = q.agent_id.as_ref()?.as_str().to_string();
+            let scope = if let Some(a) = &q.agent_id {
+                format!("agent:{a}")
+            } else if let Some(t) = &q.team_id {
+                format!("team:{t}")
+            } else {
+                format!("project:{}", q.project_id.as_ref()?)
+            };
             let mut limits = Vec::new();
             if let Some(n) = q.rps_limit {
                 limits.push(Limit {
@@ -68,8 +89,8 @@ fn quotas_by_agent(doc: &PolicyDocument) -> HashMap<String, AgentQuota> {
                 });
             }
             Some((
-                agent,
-                AgentQuota {
+                scope,
+                ScopeQuota {
                     limits,
                     mode: q.mode,
                 },
@@ -78,80 +99,157 @@ fn quotas_by_agent(doc: &PolicyDocument) -> HashMap<String, AgentQuota> {
         .collect()
 }
 
-/// The outcome of one request against its agent's quota, free of protos.
+/// Who a request counts against.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Subject {
+    pub agent_id: String,
+    pub team_id: String,
+    pub project_id: String,
+}
+
+impl Subject {
+    fn scopes(&self) -> impl Iterator<Item = String> + '_ {
+        [
+            ("agent", &self.agent_id),
+            ("team", &self.team_id),
+            ("project", &self.project_id),
+        ]
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, v)| format!("{k}:{v}"))
+    }
+}
+
+/// The outcome of one request against every quota that applies to it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
-    /// False only for a `hard_stop` quota over its limit.
+    /// False only when a `hard_stop` quota is over its limit.
     pub admitted: bool,
-    /// For the audit record: "" (no quota), "hard_stop", "alert_only",
-    /// or the mode with ":exceeded" appended.
+    /// For the audit record, one entry per quota that applied, comma
+    /// separated: `agent:bot=hard_stop`, `team:infra=alert_only:exceeded`.
+    /// Empty when no quota applies.
     pub quota_applied: String,
+    /// The quota that refused the request, or the first exceeded one.
+    pub policy_id: String,
     /// The tightest window, for `x-ratelimit-*`.
     pub status: Option<WindowStatus>,
     /// Seconds until a window that would admit the request.
     pub retry_after_s: u64,
+    /// `alert_only` scopes over their limit.
+    pub alerts: Vec<String>,
 }
 
 /// The `RateLimitService`. Cheap to clone; clones share state.
 #[derive(Clone)]
 pub struct RatelimitService {
-    quotas: Arc<ArcSwap<HashMap<String, AgentQuota>>>,
+    quotas: Arc<ArcSwap<HashMap<String, ScopeQuota>>>,
     store: Arc<dyn CounterStore>,
+    /// Scope → the minute it last raised `quota-alert-only`.
+    alerted: Arc<Mutex<HashMap<String, u64>>>,
 }
 
 impl RatelimitService {
     pub fn new(doc: &PolicyDocument, store: Arc<dyn CounterStore>) -> RatelimitService {
         RatelimitService {
-            quotas: Arc::new(ArcSwap::from_pointee(quotas_by_agent(doc))),
+            quotas: Arc::new(ArcSwap::from_pointee(quotas_by_scope(doc))),
             store,
+            alerted: Arc::default(),
         }
     }
 
-    /// Apply new quotas. Counters live in the store, keyed by agent and
+    /// Apply new quotas. Counters live in the store, keyed by scope and
     /// window, so unchanged quotas keep their live counts.
     pub fn reload(&self, doc: &PolicyDocument) {
-        self.quotas.store(Arc::new(quotas_by_agent(doc)));
+        self.quotas.store(Arc::new(quotas_by_scope(doc)));
     }
 
-    /// Count `hits` requests for `agent` at `now_ms` (Unix milliseconds).
+    /// Count `hits` requests for `who` at `now_ms` (Unix milliseconds)
+    /// against every quota that applies. A request refused by one scope is
+    /// taken back from the scopes that had already counted it.
     pub async fn should_limit(
         &self,
-        agent: &str,
+        who: &Subject,
         hits: u32,
         now_ms: u64,
     ) -> Result<Outcome, StoreError> {
         let quotas = self.quotas.load();
-        let Some(q) = quotas.get(agent) else {
-            return Ok(Outcome {
-                admitted: true,
-                quota_applied: String::new(),
-                status: None,
-                retry_after_s: 0,
-            });
+        let mut o = Outcome {
+            admitted: true,
+            quota_applied: String::new(),
+            policy_id: String::new(),
+            status: None,
+            retry_after_s: 0,
+            alerts: Vec::new(),
         };
-        let statuses = self.store.acquire(agent, &q.limits, hits, now_ms).await?;
-        let over: Vec<&WindowStatus> = statuses.iter().filter(|s| s.over).collect();
-        let retry_after_s = over
-            .iter()
-            .map(|s| s.reset_ms.div_ceil(1000))
-            .max()
-            .unwrap_or(0);
-        let tightest = statuses
-            .iter()
-            .min_by_key(|s| (!s.over, s.remaining))
-            .cloned();
-        let exceeded = !over.is_empty();
-        let mode = q.mode.as_str();
-        Ok(Outcome {
-            admitted: !(exceeded && q.mode == QuotaMode::HardStop),
-            quota_applied: if exceeded {
-                format!("{mode}:exceeded")
-            } else {
-                mode.to_string()
-            },
-            status: tightest,
-            retry_after_s,
-        })
+        let mut counted: Vec<(String, &ScopeQuota)> = Vec::new();
+        let mut applied = Vec::new();
+        for scope in who.scopes() {
+            let Some(q) = quotas.get(&scope) else {
+                continue;
+            };
+            let statuses = match self.store.acquire(&scope, &q.limits, hits, now_ms).await {
+                Ok(s) => s,
+                Err(e) => {
+                    self.undo(&counted, hits, now_ms).await;
+                    return Err(e);
+                }
+            };
+            let over: Vec<&WindowStatus> = statuses.iter().filter(|s| s.over).collect();
+            let mode = q.mode.as_str();
+            let tightest = statuses.iter().min_by_key(|s| (!s.over, s.remaining));
+            if o.status.as_ref().is_none_or(|cur| {
+                tightest.is_some_and(|t| (!t.over, t.remaining) < (!cur.over, cur.remaining))
+            }) {
+                o.status = tightest.cloned();
+            }
+            if over.is_empty() {
+                applied.push(format!("{scope}={mode}"));
+                counted.push((scope, q));
+                continue;
+            }
+            applied.push(format!("{scope}={mode}:exceeded"));
+            if o.policy_id.is_empty() {
+                o.policy_id = format!("quota:{scope}");
+            }
+            if q.mode == QuotaMode::HardStop {
+                o.admitted = false;
+                o.policy_id = format!("quota:{scope}");
+                o.retry_after_s = over
+                    .iter()
+                    .map(|s| s.reset_ms.div_ceil(1000))
+                    .max()
+                    .unwrap_or(1);
+                self.undo(&counted, hits, now_ms).await;
+                break;
+            }
+            o.alerts.push(scope);
+        }
+        o.quota_applied = applied.join(",");
+        Ok(o)
+    }
+
+    async fn undo(&self, counted: &[(String, &ScopeQuota)], hits: u32, now_ms: u64) {
+        for (scope, q) in counted {
+            if let Err(e) = self.store.release(scope, &q.limits, hits, now_ms).await {
+                // The request is refused either way; the scope keeps one
+                // count too many until its window ends (under-, never
+                // over-admission).
+                tracing::warn!(scope, error = %e, "could not take back a counted request");
+            }
+        }
+    }
+
+    /// True at most once per scope per minute: `alert_only` overruns raise
+    /// the `quota-alert-only` alert that often, and are counted every time.
+    fn should_alert(&self, scope: &str, now_ms: u64) -> bool {
+        let minute = now_ms / 60_000;
+        let Ok(mut m) = self.alerted.lock() else {
+            return true;
+        };
+        match m.insert(scope.to_string(), minute) {
+            Some(prev) => prev != minute,
+            None => true,
+        }
     }
 }
 
@@ -162,13 +260,21 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The agent a request is for: the `agent_id` entry of its descriptors.
-pub fn agent_of(req: &RateLimitRequest) -> Option<&str> {
-    req.descriptors
-        .iter()
-        .flat_map(|d| d.entries.iter())
-        .find(|e| e.key == AGENT_KEY && !e.value.is_empty())
-        .map(|e| e.value.as_str())
+/// Who a request is for, from its descriptor entries.
+pub fn subject_of(req: &RateLimitRequest) -> Subject {
+    let mut who = Subject::default();
+    for e in req.descriptors.iter().flat_map(|d| d.entries.iter()) {
+        let slot = match e.key.as_str() {
+            AGENT_KEY => &mut who.agent_id,
+            TEAM_KEY => &mut who.team_id,
+            PROJECT_KEY => &mut who.project_id,
+            _ => continue,
+        };
+        if slot.is_empty() {
+            *slot = e.value.clone();
+        }
+    }
+    who
 }
 
 fn header(key: &str, value: String) -> HeaderValue {
@@ -180,7 +286,7 @@ fn header(key: &str, value: String) -> HeaderValue {
 }
 
 /// Turn an outcome into Envoy's answer, once.
-pub fn response(agent: &str, o: &Outcome, descriptors: usize) -> RateLimitResponse {
+pub fn response(o: &Outcome, descriptors: usize) -> RateLimitResponse {
     let code = if o.admitted {
         Code::Ok
     } else {
@@ -209,7 +315,7 @@ pub fn response(agent: &str, o: &Outcome, descriptors: usize) -> RateLimitRespon
             kind: Some(Kind::StringValue(v)),
         };
         fields.insert("quota_applied".to_string(), s(o.quota_applied.clone()));
-        fields.insert("policy_id".to_string(), s(format!("quota:{agent}")));
+        fields.insert("policy_id".to_string(), s(o.policy_id.clone()));
     }
     RateLimitResponse {
         overall_code: code as i32,
@@ -234,32 +340,31 @@ impl RateLimitService for RatelimitService {
         request: tonic::Request<RateLimitRequest>,
     ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
         let req = request.into_inner();
-        let Some(agent) = agent_of(&req) else {
+        let who = subject_of(&req);
+        if who.agent_id.is_empty() {
             // No agent: authz denied before us or the route sent nothing to
             // count. Nothing to limit.
             return Ok(tonic::Response::new(RateLimitResponse {
                 overall_code: Code::Ok as i32,
                 ..Default::default()
             }));
-        };
+        }
         // hits_addend 0 means 1 (Envoy's contract).
         let hits = req.hits_addend.max(1);
-        match self.should_limit(agent, hits, now_ms()).await {
+        let now = now_ms();
+        match self.should_limit(&who, hits, now).await {
             Ok(o) => {
-                if o.quota_applied.starts_with("alert_only:exceeded") {
-                    tracing::warn!(
-                        alert = "quota-alert-only",
-                        agent_id = agent,
-                        "alert_only quota exceeded; request passed"
-                    );
-                } else if !o.admitted {
-                    tracing::debug!(agent_id = agent, "hard_stop quota exceeded");
+                for scope in &o.alerts {
+                    if self.should_alert(scope, now) {
+                        tracing::warn!(
+                            alert = "quota-alert-only",
+                            scope,
+                            agent_id = who.agent_id,
+                            "alert_only quota exceeded; requests pass"
+                        );
+                    }
                 }
-                Ok(tonic::Response::new(response(
-                    agent,
-                    &o,
-                    req.descriptors.len(),
-                )))
+                Ok(tonic::Response::new(response(&o, req.descriptors.len())))
             }
             Err(e) => {
                 // Fail closed through Envoy: UNAVAILABLE + failure_mode_deny
@@ -302,6 +407,8 @@ mod tests {
 quotas:
   - {agent_id: fast, rps_limit: 3, rpm_limit: 5}
   - {agent_id: loud, rps_limit: 1, mode: alert_only}
+  - {team_id: infra, rps_limit: 4}
+  - {project_id: ci, rpm_limit: 100, mode: alert_only}
 "#,
         )
         .expect("valid")
@@ -309,74 +416,98 @@ quotas:
         RatelimitService::new(&doc, Arc::new(MemoryStore::default()))
     }
 
+    fn who(agent: &str, team: &str, project: &str) -> Subject {
+        Subject {
+            agent_id: agent.into(),
+            team_id: team.into(),
+            project_id: project.into(),
+        }
+    }
+
     const T0: u64 = 1_699_999_980_000; // on a minute boundary
+
+    async fn go(s: &RatelimitService, w: &Subject, hits: u32, at: u64) -> Outcome {
+        s.should_limit(w, hits, at).await.expect("store")
+    }
 
     #[tokio::test]
     async fn rps_then_rpm_then_reset() {
         let s = service();
+        let w = who("fast", "", "");
         for i in 0..3 {
-            assert!(
-                s.should_limit("fast", 1, T0 + i)
-                    .await
-                    .expect("store")
-                    .admitted
-            );
+            assert!(go(&s, &w, 1, T0 + i).await.admitted);
         }
-        let o = s.should_limit("fast", 1, T0 + 500).await.expect("store");
+        let o = go(&s, &w, 1, T0 + 500).await;
         assert!(!o.admitted);
         assert_eq!(o.retry_after_s, 1);
-        assert_eq!(o.quota_applied, "hard_stop:exceeded");
+        assert_eq!(o.quota_applied, "agent:fast=hard_stop:exceeded");
+        assert_eq!(o.policy_id, "quota:agent:fast");
         // Next second: rps resets, rpm has 2 left.
         for i in 0..2 {
-            assert!(
-                s.should_limit("fast", 1, T0 + 1000 + i)
-                    .await
-                    .expect("store")
-                    .admitted
-            );
+            assert!(go(&s, &w, 1, T0 + 1000 + i).await.admitted);
         }
-        let o = s.should_limit("fast", 1, T0 + 2000).await.expect("store");
+        let o = go(&s, &w, 1, T0 + 2000).await;
         assert!(!o.admitted, "rpm of 5 reached");
         assert_eq!(o.retry_after_s, 58);
-        assert!(
-            s.should_limit("fast", 1, T0 + 60_000)
-                .await
-                .expect("store")
-                .admitted
-        );
+        assert!(go(&s, &w, 1, T0 + 60_000).await.admitted);
     }
 
     #[tokio::test]
-    async fn alert_only_passes_and_says_so() {
+    async fn alert_only_passes_and_says_so_once_a_minute() {
         let s = service();
+        let w = who("loud", "", "");
         assert_eq!(
-            s.should_limit("loud", 1, T0)
-                .await
-                .expect("store")
-                .quota_applied,
-            "alert_only"
+            go(&s, &w, 1, T0).await.quota_applied,
+            "agent:loud=alert_only"
         );
-        let o = s.should_limit("loud", 1, T0 + 1).await.expect("store");
+        let o = go(&s, &w, 1, T0 + 1).await;
         assert!(o.admitted);
-        assert_eq!(o.quota_applied, "alert_only:exceeded");
+        assert_eq!(o.quota_applied, "agent:loud=alert_only:exceeded");
+        assert_eq!(o.alerts, vec!["agent:loud".to_string()]);
+        assert!(s.should_alert("agent:loud", T0 + 1));
+        assert!(!s.should_alert("agent:loud", T0 + 30_000));
+        assert!(s.should_alert("agent:loud", T0 + 60_000));
+    }
+
+    #[tokio::test]
+    async fn team_quota_spans_agents_and_refusals_are_taken_back() {
+        let s = service();
+        // Team infra: 4/s across its agents.
+        for (i, a) in ["a", "b", "c", "d"].iter().enumerate() {
+            assert!(
+                go(&s, &who(a, "infra", "ci"), 1, T0 + i as u64)
+                    .await
+                    .admitted,
+                "{a}"
+            );
+        }
+        let o = go(&s, &who("fast", "infra", "ci"), 1, T0 + 10).await;
+        assert!(!o.admitted);
+        assert_eq!(o.policy_id, "quota:team:infra");
+        assert!(
+            o.quota_applied
+                .starts_with("agent:fast=hard_stop,team:infra=hard_stop:exceeded"),
+            "{}",
+            o.quota_applied
+        );
+        // The refused request was taken back from agent fast's own quota:
+        // fast still has all 3 of its per-second requests.
+        for i in 0..3 {
+            assert!(go(&s, &who("fast", "", ""), 1, T0 + 20 + i).await.admitted);
+        }
+        assert!(!go(&s, &who("fast", "", ""), 1, T0 + 30).await.admitted);
     }
 
     #[tokio::test]
     async fn unknown_agents_are_not_limited_and_reload_keeps_counts() {
         let s = service();
-        assert!(
-            s.should_limit("nobody", 1, T0)
-                .await
-                .expect("store")
-                .admitted
+        assert!(go(&s, &who("nobody", "", ""), 1, T0).await.admitted);
+        assert_eq!(
+            go(&s, &who("nobody", "", ""), 1, T0).await.quota_applied,
+            ""
         );
         for i in 0..3 {
-            assert!(
-                s.should_limit("fast", 1, T0 + i)
-                    .await
-                    .expect("store")
-                    .admitted
-            );
+            assert!(go(&s, &who("fast", "", ""), 1, T0 + i).await.admitted);
         }
         // Same quota after reload: the count of this second stands.
         let doc =
@@ -384,12 +515,7 @@ quotas:
                 .expect("valid")
                 .policy();
         s.reload(&doc);
-        assert!(
-            !s.should_limit("fast", 1, T0 + 10)
-                .await
-                .expect("store")
-                .admitted
-        );
+        assert!(!go(&s, &who("fast", "", ""), 1, T0 + 10).await.admitted);
     }
 
     #[tokio::test]
@@ -397,10 +523,10 @@ quotas:
         let s = service();
         let mut last = None;
         for _ in 0..4 {
-            last = Some(s.should_limit("fast", 1, T0).await.expect("store"));
+            last = Some(go(&s, &who("fast", "", ""), 1, T0).await);
         }
         let o = last.expect("ran");
-        let r = response("fast", &o, 1);
+        let r = response(&o, 1);
         assert_eq!(r.overall_code, Code::OverLimit as i32);
         let h = &r.response_headers_to_add[0];
         assert_eq!((h.key.as_str(), h.value.as_str()), ("retry-after", "1"));
@@ -412,11 +538,12 @@ quotas:
     #[tokio::test]
     async fn hits_addend_counts_as_many() {
         let s = service();
-        assert!(s.should_limit("fast", 3, T0).await.expect("store").admitted);
-        assert!(!s.should_limit("fast", 1, T0).await.expect("store").admitted);
+        let w = who("fast", "", "");
+        assert!(go(&s, &w, 3, T0).await.admitted);
+        assert!(!go(&s, &w, 1, T0).await.admitted);
         // A batch that does not fit is refused whole and consumes nothing.
         let s = service();
-        assert!(!s.should_limit("fast", 4, T0).await.expect("store").admitted);
-        assert!(s.should_limit("fast", 3, T0).await.expect("store").admitted);
+        assert!(!go(&s, &w, 4, T0).await.admitted);
+        assert!(go(&s, &w, 3, T0).await.admitted);
     }
 }

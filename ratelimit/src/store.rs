@@ -22,6 +22,11 @@ impl Window {
     }
 }
 
+/// Where the window containing `now_ms` starts.
+pub fn window_start(w: Window, now_ms: u64) -> u64 {
+    now_ms - now_ms % w.millis()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limit {
     pub window: Window,
@@ -46,7 +51,8 @@ pub struct WindowStatus {
 #[error("counter store unavailable: {0}")]
 pub struct StoreError(pub String);
 
-/// Atomic check-and-count across all of one agent's windows.
+/// Atomic check-and-count across all windows of one scope (an agent, a
+/// team or a project: `agent:build-bot`, `team:infra`).
 ///
 /// `acquire` admits `hits` only if every window has room for all of them,
 /// and then counts them in every window; otherwise it counts nothing. Doing
@@ -56,11 +62,21 @@ pub struct StoreError(pub String);
 pub trait CounterStore: Send + Sync {
     async fn acquire(
         &self,
-        agent: &str,
+        scope: &str,
         limits: &[Limit],
         hits: u32,
         now_ms: u64,
     ) -> Result<Vec<WindowStatus>, StoreError>;
+
+    /// Take back an admitted `acquire` (same arguments) when a later scope
+    /// refused the request, so it does not count where it was not served.
+    async fn release(
+        &self,
+        scope: &str,
+        limits: &[Limit],
+        hits: u32,
+        now_ms: u64,
+    ) -> Result<(), StoreError>;
 }
 
 /// In-process counters for one node (the `clawgress up` default).
@@ -75,7 +91,7 @@ pub struct MemoryStore {
 impl CounterStore for MemoryStore {
     async fn acquire(
         &self,
-        agent: &str,
+        scope: &str,
         limits: &[Limit],
         hits: u32,
         now_ms: u64,
@@ -85,8 +101,8 @@ impl CounterStore for MemoryStore {
             .lock()
             .map_err(|_| StoreError("memory store lock poisoned".into()))?;
         let current = |map: &HashMap<(String, Window), (u64, u32)>, l: &Limit| {
-            let start = now_ms - now_ms % l.window.millis();
-            match map.get(&(agent.to_string(), l.window)) {
+            let start = window_start(l.window, now_ms);
+            match map.get(&(scope.to_string(), l.window)) {
                 Some(&(s, c)) if s == start => (start, c),
                 _ => (start, 0),
             }
@@ -101,7 +117,7 @@ impl CounterStore for MemoryStore {
             let over = u64::from(count) + u64::from(hits) > u64::from(l.max);
             if fits {
                 count = count.saturating_add(hits);
-                map.insert((agent.to_string(), l.window), (start, count));
+                map.insert((scope.to_string(), l.window), (start, count));
             }
             out.push(WindowStatus {
                 limit: *l,
@@ -112,6 +128,28 @@ impl CounterStore for MemoryStore {
             });
         }
         Ok(out)
+    }
+
+    async fn release(
+        &self,
+        scope: &str,
+        limits: &[Limit],
+        hits: u32,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let mut map = self
+            .counters
+            .lock()
+            .map_err(|_| StoreError("memory store lock poisoned".into()))?;
+        for l in limits {
+            let start = window_start(l.window, now_ms);
+            if let Some((s, c)) = map.get_mut(&(scope.to_string(), l.window)) {
+                if *s == start {
+                    *c = c.saturating_sub(hits);
+                }
+            }
+        }
+        Ok(())
     }
 }
 

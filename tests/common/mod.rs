@@ -11,6 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod redis;
+
 use clawgress_policy::config::KeyHash;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -789,14 +789,12 @@ impl Document {
                     .into(),
             );
         }
-        if self.stores.ratelimit != "memory" {
+        let rl = &self.stores.ratelimit;
+        if rl != "memory" && !rl.starts_with("redis://") && !rl.starts_with("redis-cluster://") {
             push(
                 "stores.ratelimit".into(),
                 Some("ratelimit:"),
-                format!(
-                    "{:?} is not available yet; only `memory` (in-process counters) is",
-                    self.stores.ratelimit
-                ),
+                format!("{rl:?} is not `memory`, redis://host:port or redis-cluster://h1:p1,h2:p2"),
             );
         }
         if self.gateway.proxy_listen.port() == 0 {
@@ -925,6 +923,7 @@ impl PolicyDocument {
                 );
             }
         }
+        let mut quota_scopes = std::collections::HashSet::new();
         for (i, q) in self.quotas.iter().enumerate() {
             let path = format!("quotas[{i}]");
             let keys = [
@@ -941,12 +940,20 @@ impl PolicyDocument {
                     "name exactly one of agent_id, team_id or project_id".into(),
                 ),
             }
-            if q.team_id.is_some() || q.project_id.is_some() {
-                push(
-                    path.clone(),
-                    needle.clone(),
-                    "team and project quotas are not available yet; use agent_id".into(),
-                );
+            let scope = q
+                .agent_id
+                .as_ref()
+                .map(|a| format!("agent:{a}"))
+                .or_else(|| q.team_id.as_ref().map(|t| format!("team:{t}")))
+                .or_else(|| q.project_id.as_ref().map(|p| format!("project:{p}")));
+            if let Some(scope) = scope {
+                if !quota_scopes.insert(scope.clone()) {
+                    push(
+                        path.clone(),
+                        needle.clone(),
+                        format!("a second quota for {scope}; merge them into one"),
+                    );
+                }
             }
             if q.rps_limit.is_none() && q.rpm_limit.is_none() {
                 push(
@@ -1097,11 +1104,24 @@ quotas:
     }
 
     #[test]
+    fn team_and_project_quotas_and_duplicates() {
+        let ok =
+            "quotas:\n  - {team_id: infra, rps_limit: 5}\n  - {project_id: ci, rpm_limit: 9}\n";
+        assert!(Document::from_yaml(ok).is_ok());
+        let dup =
+            "quotas:\n  - {team_id: infra, rps_limit: 5}\n  - {team_id: infra, rpm_limit: 9}\n";
+        let err = Document::from_yaml(dup).expect_err("duplicate");
+        assert!(
+            err.to_string().contains("second quota for team:infra"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn unfinished_features_are_refused_not_ignored() {
         for extra in [
             "gateway: {quota_check: authz}\n",
             "gateway: {audit_input: file}\n",
-            "stores: {ratelimit: \"redis://127.0.0.1:6379\"}\n",
             "jwt: {issuers: [{issuer: x}]}\n",
         ] {
             let text = format!("{extra}{GOOD}");
