@@ -108,7 +108,13 @@ pub async fn serve(
             let store = clawgress_ratelimit::open_store(&doc.stores.ratelimit)
                 .map_err(|e| anyhow::anyhow!("stores.ratelimit: {e}"))?;
             tracing::info!(store = %doc.stores.ratelimit, "counter store");
-            let svc = clawgress_ratelimit::RatelimitService::new(&doc.policy(), store);
+            let fail_open =
+                doc.stores.ratelimit_failure_mode == clawgress_policy::config::FailureMode::Allow;
+            if fail_open {
+                tracing::warn!("stores.ratelimit_failure_mode is allow: a counter-store outage lets requests through unlimited");
+            }
+            let svc = clawgress_ratelimit::RatelimitService::new(&doc.policy(), store)
+                .fail_open(fail_open);
             serve_on!(listen, clawgress_ratelimit::run, svc);
         }
         Service::Audit => {

@@ -78,6 +78,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
         authz_socket: run.join("authz.sock"),
         ratelimit_socket: run.join("ratelimit.sock"),
         audit_socket: run.join("audit.sock"),
+        ratelimit_fail_open: doc.stores.ratelimit_failure_mode
+            == clawgress_policy::config::FailureMode::Allow,
     };
     let envoy_yaml = run.join("envoy.yaml");
     node::write_private(&envoy_yaml, boot.render()?.as_bytes())?;

@@ -168,3 +168,113 @@ fn authz_down_fails_closed_with_a_readable_503() {
             || stack.stderr().contains("alert=child-restarted")
     );
 }
+
+#[test]
+fn path_rules_cannot_be_dodged() {
+    let up = Upstream::http();
+    let port = up.addr.port();
+    let stack = Stack::start(&config_allowing(
+        &[port],
+        &format!(
+            "  - policy_id: deny-admin\n    priority: 10\n    match:\n      destination: {{hosts: [\"127.0.0.1/32\"], ports: [{port}]}}\n      path_prefix: /admin\n    action: deny\n"
+        ),
+    ));
+    let proxy = stack.proxy_url(AGENT, KEY);
+    for path in [
+        "/admin",
+        "/x/../admin",
+        "//admin",
+        "/./admin",
+        "/%61dmin",
+        "/%2e/admin",
+        "/%2E%2E/admin/x",
+    ] {
+        let r = curl(
+            &[
+                "--path-as-is",
+                "-x",
+                &proxy,
+                &format!("http://{}{path}", up.addr),
+            ],
+            &[],
+        );
+        assert_eq!(r.status, 403, "{path}: {r:?}");
+        assert_eq!(r.json()["policy_id"], "deny-admin", "{path}");
+    }
+    for path in ["/x/..%2fadmin", "/%2fadmin", "/%5cadmin"] {
+        let r = curl(
+            &[
+                "--path-as-is",
+                "-x",
+                &proxy,
+                &format!("http://{}{path}", up.addr),
+            ],
+            &[],
+        );
+        assert_eq!(r.status, 403, "{path}: {r:?}");
+        assert_eq!(r.json()["reason"], "malformed-path", "{path}");
+    }
+    assert!(up.requests().is_empty(), "nothing reached the upstream");
+    let r = curl(
+        &[
+            "--path-as-is",
+            "-x",
+            &proxy,
+            &format!("http://{}/public/../ok", up.addr),
+        ],
+        &[],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+}
+
+#[test]
+fn ipv6_cidrs_over_embedding_prefixes_do_not_open_loopback() {
+    let stack = Stack::start(&config_allowing(
+        &[80],
+        "  - policy_id: nat64\n    priority: 1\n    match:\n      destination: {hosts: [\"64:ff9b::/96\", \"2002::/16\", \"::/96\", \"::/0\"]}\n    action: allow\n",
+    ));
+    let proxy = stack.proxy_url(AGENT, KEY);
+    for host in [
+        "[64:ff9b::7f00:1]",
+        "[2002:7f00:1::]",
+        "[::127.0.0.1]",
+        "[::1]",
+        "[::]",
+        "[64:ff9b::a9fe:a9fe]",
+    ] {
+        let r = curl(&["-g", "-x", &proxy, &format!("http://{host}:80/")], &[]);
+        assert_eq!(r.status, 403, "{host}: {r:?}");
+        assert_eq!(r.json()["reason"], "private-destination", "{host}");
+    }
+}
+
+#[test]
+fn envoy_own_answers_are_readable_json_too() {
+    let up = Upstream::http();
+    let closed = free_port();
+    let stack = Stack::start(&config_allowing(&[up.addr.port(), closed], ""));
+    let proxy = stack.proxy_url(AGENT, KEY);
+    // HTTP/1.0 agents work.
+    let r = curl(&["-0", "-x", &proxy, &format!("http://{}/", up.addr)], &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    // Allowed, but nothing listens there.
+    let r = curl(&["-x", &proxy, &format!("http://127.0.0.1:{closed}/")], &[]);
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.json()["reason"], "upstream-unreachable");
+    assert_eq!(r.json()["policy_id"], "allow-local-upstreams");
+    // A scheme the proxy does not speak.
+    let r = curl(
+        &[
+            "-x",
+            &proxy,
+            &format!("ftp://127.0.0.1:{}/", up.addr.port()),
+        ],
+        &[],
+    );
+    assert!(r.status >= 400, "{r:?}");
+    let body = r.json();
+    for k in ["decision", "reason", "policy_id", "request_id", "hint"] {
+        assert!(body.get(k).is_some(), "lacks {k}: {body}");
+    }
+    assert!(r.header("x-clawgress-policy").is_some());
+}

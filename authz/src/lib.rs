@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use clawgress_policy::{
-    AgentDirectory, AuthError, Decision, Destination, Identity, PolicyDocument, PolicySet, Reason,
-    RequestFacts,
+    normalise_path, AgentDirectory, AuthError, Decision, Destination, Identity, PolicyDocument,
+    PolicySet, Reason, RequestFacts,
 };
 use envoy_types::ext_authz::v3::pb::{
     Authorization, AuthorizationServer, CheckRequest, CheckResponse, DeniedHttpResponse,
@@ -109,12 +109,27 @@ impl AuthzService {
                 }
             }
         };
-        let path = f.path.split(['?', '#']).next().unwrap_or("");
+        // Policies see the path as the origin server will: normalised, so
+        // `/x/../admin` cannot dodge a `/admin` rule. CONNECT has no path.
+        let path = if f.connect {
+            String::new()
+        } else {
+            match normalise_path(f.path) {
+                Ok(p) => p,
+                Err(_) => {
+                    return Verdict {
+                        identity: Some(identity),
+                        decision: Decision::deny("", Reason::MalformedPath),
+                        revision,
+                    }
+                }
+            }
+        };
         let decision = state.policies.evaluate(&RequestFacts {
             identity: &identity,
             destination: &destination,
             method: f.method,
-            path,
+            path: &path,
             connect: f.connect,
         });
         Verdict {

@@ -20,6 +20,9 @@ pub struct Bootstrap {
     pub authz_socket: PathBuf,
     pub ratelimit_socket: PathBuf,
     pub audit_socket: PathBuf,
+    /// Let requests through when the rate-limit service fails
+    /// (`stores.ratelimit_failure_mode: allow`). Default: fail closed.
+    pub ratelimit_fail_open: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +56,14 @@ impl Bootstrap {
             ("{{authz_socket}}", path_str(&self.authz_socket)?),
             ("{{ratelimit_socket}}", path_str(&self.ratelimit_socket)?),
             ("{{audit_socket}}", path_str(&self.audit_socket)?),
+            (
+                "{{ratelimit_failure_mode_deny}}",
+                if self.ratelimit_fail_open {
+                    "false"
+                } else {
+                    "true"
+                },
+            ),
         ];
         let mut out = template.to_string();
         for (k, v) in pairs {
@@ -100,6 +111,7 @@ mod tests {
             authz_socket: dir.join("authz.sock"),
             ratelimit_socket: dir.join("ratelimit.sock"),
             audit_socket: dir.join("audit.sock"),
+            ratelimit_fail_open: false,
         }
     }
 
@@ -109,6 +121,7 @@ mod tests {
         assert!(!out.contains("{{"));
         assert!(out.contains("/run/x/authz.sock"));
         assert!(out.contains("port_value: 10000"));
+        assert!(out.contains("failure_mode_deny: true"));
     }
 
     #[test]

@@ -146,6 +146,8 @@ pub struct RatelimitService {
     store: Arc<dyn CounterStore>,
     /// Scope → the minute it last raised `quota-alert-only`.
     alerted: Arc<Mutex<HashMap<String, u64>>>,
+    /// `stores.ratelimit_failure_mode: allow`: a store error admits.
+    fail_open: bool,
 }
 
 impl RatelimitService {
@@ -154,7 +156,15 @@ impl RatelimitService {
             quotas: Arc::new(ArcSwap::from_pointee(quotas_by_scope(doc))),
             store,
             alerted: Arc::default(),
+            fail_open: false,
         }
+    }
+
+    /// Admit requests (with an alert each time) when the store fails,
+    /// instead of failing closed.
+    pub fn fail_open(mut self, yes: bool) -> RatelimitService {
+        self.fail_open = yes;
+        self
     }
 
     /// Apply new quotas. Counters live in the store, keyed by scope and
@@ -364,6 +374,20 @@ impl RateLimitService for RatelimitService {
                         );
                     }
                 }
+                Ok(tonic::Response::new(response(&o, req.descriptors.len())))
+            }
+            Err(e) if self.fail_open => {
+                // Configured to fail open: the request passes unlimited, and
+                // says so in the audit record and an alert, every time.
+                tracing::error!(alert = "ratelimit-store-unavailable", error = %e, failure_mode = "allow", agent_id = who.agent_id, "counter store failed; request allowed unlimited");
+                let o = Outcome {
+                    admitted: true,
+                    quota_applied: "store-unavailable:allowed".into(),
+                    policy_id: String::new(),
+                    status: None,
+                    retry_after_s: 0,
+                    alerts: Vec::new(),
+                };
                 Ok(tonic::Response::new(response(&o, req.descriptors.len())))
             }
             Err(e) => {

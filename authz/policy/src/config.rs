@@ -152,10 +152,23 @@ pub struct Stores {
     pub control_plane: String,
     #[serde(default = "default_sqlite")]
     pub audit_query: String,
+    /// What happens when the rate limiter or its store is down: `deny`
+    /// (503 `ratelimit-unavailable`, the default) or `allow` (requests pass
+    /// unlimited, an alert each time).
+    #[serde(default)]
+    pub ratelimit_failure_mode: FailureMode,
     #[serde(default)]
     pub audit_dir: Option<PathBuf>,
     #[serde(default)]
     pub audit_spool_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    #[default]
+    Deny,
+    Allow,
 }
 
 impl Default for Stores {
@@ -164,6 +177,7 @@ impl Default for Stores {
             ratelimit: default_memory(),
             control_plane: default_sqlite(),
             audit_query: default_sqlite(),
+            ratelimit_failure_mode: FailureMode::default(),
             audit_dir: None,
             audit_spool_dir: None,
         }

@@ -270,21 +270,32 @@ const GUARDED_V6: &[(&str, u8)] = &[
 ];
 
 /// The IANA special-purpose range that contains `ip`, if any (DESIGN.md §4).
-/// IPv6 forms that embed an IPv4 address are judged by that address.
+///
+/// IPv6 forms that embed an IPv4 address (`::ffff:0:0/96`, `::/96`,
+/// `64:ff9b::/96`, `2002::/16`) are judged by that address, and the range
+/// returned is the IPv4 one: only an IPv4 policy CIDR inside it can open
+/// such a destination, never an IPv6 CIDR over the embedding block (which
+/// would otherwise open every embedded loopback and metadata address).
 pub fn guarded_range(ip: IpAddr) -> Option<IpNet> {
     match ip {
         IpAddr::V4(v4) => guarded_v4(v4).map(IpNet::V4),
         IpAddr::V6(v6) => {
             if let Some(v4) = embedded_v4(v6) {
-                // Report the IPv6 block so that a policy CIDR can be tested
-                // for containment in the same family.
-                return guarded_v4(v4).map(|_| IpNet::V6(embedding_block(v6)));
+                return guarded_v4(v4).map(IpNet::V4);
             }
             GUARDED_V6.iter().find_map(|(a, len)| {
                 let net = Ipv6Net::new(a.parse().ok()?, *len).ok()?;
                 net.contains(&v6).then_some(IpNet::V6(net))
             })
         }
+    }
+}
+
+/// The IPv4 address an IPv6 address embeds, if it is of such a form.
+pub fn embedded_ipv4(ip: IpAddr) -> Option<Ipv4Addr> {
+    match ip {
+        IpAddr::V6(v6) => embedded_v4(v6),
+        IpAddr::V4(_) => None,
     }
 }
 
@@ -314,19 +325,6 @@ fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
         ));
     }
     None
-}
-
-fn embedding_block(v6: Ipv6Addr) -> Ipv6Net {
-    let (addr, len) = match v6.segments() {
-        [0x2002, ..] => ("2002::", 16),
-        [0x64, 0xff9b, ..] => ("64:ff9b::", 96),
-        [0, 0, 0, 0, 0, 0xffff, ..] => ("::ffff:0:0", 96),
-        _ => ("::", 96),
-    };
-    addr.parse()
-        .ok()
-        .and_then(|a| Ipv6Net::new(a, len).ok())
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

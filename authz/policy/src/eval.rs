@@ -24,6 +24,7 @@ pub enum Reason {
     DefaultDeny,
     PrivateDestination,
     MalformedDestination,
+    MalformedPath,
     MissingCredentials,
     MalformedCredentials,
     InvalidCredentials,
@@ -40,6 +41,7 @@ impl Reason {
             Reason::DefaultDeny => "default-deny",
             Reason::PrivateDestination => "private-destination",
             Reason::MalformedDestination => "malformed-destination",
+            Reason::MalformedPath => "malformed-path",
             Reason::MissingCredentials => "missing-credentials",
             Reason::MalformedCredentials => "malformed-credentials",
             Reason::InvalidCredentials => "invalid-credentials",
@@ -58,6 +60,7 @@ impl Reason {
             Reason::DefaultDeny => "No policy allows this destination for this agent; ask the gateway operator to add an allow policy for it.",
             Reason::PrivateDestination => "Private, loopback, link-local and metadata addresses are blocked; only the operator can allow a specific private range.",
             Reason::MalformedDestination => "The destination host or port is malformed or ambiguous; use a plain host name or a dotted-quad address.",
+            Reason::MalformedPath => "The request path is ambiguous (encoded slashes, backslashes, control characters or bad escapes); send a plain path.",
             Reason::MissingCredentials => "The proxy needs credentials: use a proxy URL of the form http://AGENT_ID:API_KEY@gateway:port.",
             Reason::MalformedCredentials => "The Proxy-Authorization header could not be parsed; use a proxy URL of the form http://AGENT_ID:API_KEY@gateway:port.",
             Reason::InvalidCredentials => "The agent id or key is not valid; ask the gateway operator for a current key.",
@@ -85,7 +88,7 @@ pub struct RequestFacts<'a> {
     pub destination: &'a Destination,
     /// Upper case.
     pub method: &'a str,
-    /// Path without query; ignored for CONNECT.
+    /// Normalised path ([`crate::normalise_path`]); ignored for CONNECT.
     pub path: &'a str,
     /// A CONNECT tunnel: method and path are invisible inside it.
     pub connect: bool,
@@ -178,8 +181,13 @@ impl PolicySet {
         decision
     }
 
+    /// The operator's exemption, judged like the guard: an embedded IPv4
+    /// address is exempt when that IPv4 address is.
     fn private_exempt(&self, ip: IpAddr) -> bool {
-        self.private_allowed.iter().any(|n| n.contains(&ip))
+        let v4 = crate::destination::embedded_ipv4(ip).map(IpAddr::V4);
+        self.private_allowed
+            .iter()
+            .any(|n| n.contains(&ip) || v4.is_some_and(|v4| n.contains(&v4)))
     }
 }
 
@@ -236,6 +244,9 @@ fn host_matches(pattern: &HostPattern, host: &Host, guard: Option<IpNet>) -> boo
             net.contains(ip)
                 && match guard {
                     None => true,
+                    // The policy CIDR must lie inside the guarded range it
+                    // opens; for an embedded IPv4 the range is IPv4, so no
+                    // IPv6 CIDR qualifies.
                     Some(range) => range.contains(net),
                 }
         }
@@ -420,6 +431,34 @@ policies:
             assert!(eval(&s, &t, form, "GET", "/").allow, "{form}");
         }
         assert!(!eval(&s, &t, "127.0.0.2", "GET", "/").allow);
+        // IPv6 forms embedding loopback are judged by the IPv4 inside: an
+        // IPv6 CIDR over the embedding block does not open them.
+        let doc = Document::from_yaml(
+            "policies:\n  - {policy_id: nat64, priority: 1, match: {destination: {hosts: [\"64:ff9b::/96\", \"2002::/16\", \"::/96\", \"::/0\"]}}, action: allow}\n",
+        )
+        .expect("valid")
+        .policy();
+        let s6 = PolicySet::new(&doc, &[], "r1");
+        for h in [
+            "[64:ff9b::7f00:1]",
+            "[2002:7f00:1::]",
+            "[::127.0.0.1]",
+            "[::1]",
+            "[::]",
+            "[64:ff9b::a9fe:a9fe]",
+            "[2002:a9fe:a9fe::1]",
+        ] {
+            let d = eval(&s6, &t, h, "GET", "/");
+            assert_eq!(
+                (d.allow, d.reason),
+                (false, Reason::PrivateDestination),
+                "{h}"
+            );
+        }
+        assert!(
+            eval(&s6, &t, "[64:ff9b::808:808]", "GET", "/").allow,
+            "public NAT64 stays reachable"
+        );
         assert!(!eval(&s, &t, "localhost", "GET", "/").allow);
         // The operator's exemption lifts it for `*` too.
         let doc = Document::from_yaml(DOC).expect("valid").policy();

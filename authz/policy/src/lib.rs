@@ -11,8 +11,10 @@ pub mod config;
 pub mod destination;
 pub mod eval;
 pub mod identity;
+pub mod path;
 
 pub use config::{ConfigError, Document, PolicyDocument};
 pub use destination::{Destination, DestinationError};
 pub use eval::{Decision, PolicySet, Reason, RequestFacts};
 pub use identity::{AgentDirectory, AuthError, Identity};
+pub use path::{normalise_path, PathError};
