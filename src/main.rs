@@ -60,6 +60,16 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// Make the running `up` re-read its config file (same as SIGHUP): a
+    /// valid file is applied without a restart, an invalid one changes
+    /// nothing and is reported in `up`'s log.
+    Reload {
+        /// The config `up` was started with (to find its state directory).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// API keys for agents.
     Key {
         #[command(subcommand)]
@@ -125,6 +135,12 @@ fn main() -> ExitCode {
         } => runtime(true).and_then(|rt| {
             rt.block_on(serve::serve(service, &config, state_dir.as_deref(), listen))
         }),
+        Command::Reload { config, state_dir } => (|| {
+            let doc = config.as_deref().map(node::load).transpose()?;
+            let env = |k: &str| std::env::var(k).ok();
+            let dir = node::state_dir(state_dir.as_deref(), doc.as_ref(), &env)?;
+            up::signal_reload(&dir)
+        })(),
         Command::Key {
             command: KeyCommand::New { agent },
         } => {

@@ -58,6 +58,32 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// On every SIGHUP, re-read and validate `config` and hand it to `apply`.
+/// A file that does not validate is rejected with an alert naming line and
+/// reason, and what is in force stays. Returns the task (aborted on drop of
+/// the runtime).
+fn on_hangup<F>(config: &Path, apply: F) -> Result<tokio::task::JoinHandle<()>>
+where
+    F: Fn(&clawgress_policy::Document) + Send + 'static,
+{
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let config = config.to_path_buf();
+    Ok(tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match node::load(&config) {
+                Ok(doc) => {
+                    apply(&doc);
+                    tracing::info!(revision = node::revision_of(&doc), "config reloaded");
+                }
+                Err(e) => {
+                    tracing::error!(alert = "config-rejected", error = %format!("{e:#}"), "reload refused; the previous config stays in force");
+                }
+            }
+        }
+    }))
+}
+
 fn bind_unix(path: &Path) -> Result<UnixListener> {
     // A socket file left by a killed predecessor would make bind fail.
     match std::fs::remove_file(path) {
@@ -97,11 +123,14 @@ pub async fn serve(
     tracing::info!(service = ?service, listen = ?listen, revision, "starting");
     match service {
         Service::Authz => {
-            let svc = clawgress_authz::AuthzService::new(&clawgress_authz::Config {
+            let authz_config = |doc: &clawgress_policy::Document| clawgress_authz::Config {
                 policy: doc.policy(),
                 private_allowed: doc.gateway.private_destinations_allowed.clone(),
-                revision,
-            });
+                revision: node::revision_of(doc),
+            };
+            let svc = clawgress_authz::AuthzService::new(&authz_config(&doc));
+            let s = svc.clone();
+            let _reloader = on_hangup(config, move |doc| s.reload(&authz_config(doc)))?;
             serve_on!(listen, clawgress_authz::run, svc);
         }
         Service::Ratelimit => {
@@ -115,6 +144,8 @@ pub async fn serve(
             }
             let svc = clawgress_ratelimit::RatelimitService::new(&doc.policy(), store)
                 .fail_open(fail_open);
+            let s = svc.clone();
+            let _reloader = on_hangup(config, move |doc| s.reload(&doc.policy()))?;
             serve_on!(listen, clawgress_ratelimit::run, svc);
         }
         Service::Audit => {
@@ -126,6 +157,8 @@ pub async fn serve(
             let writer = clawgress_audit_sink::JsonlWriter::open(&dir)
                 .with_context(|| format!("cannot open audit log in {}", dir.display()))?;
             tracing::info!(audit_dir = %dir.display(), "audit log open");
+            // Nothing to reload here, but SIGHUP must not stop the sink.
+            let _reloader = on_hangup(config, |_| {})?;
             serve_on!(listen, clawgress_audit_sink::run, writer);
         }
     }

@@ -6,6 +6,7 @@
 pub enum Sig {
     Term,
     Kill,
+    Hup,
 }
 
 /// Send `sig` to process `pid`. A process that is already gone is fine.
@@ -16,6 +17,7 @@ pub fn signal(pid: u32, sig: Sig) {
     let sig = match sig {
         Sig::Term => libc::SIGTERM,
         Sig::Kill => libc::SIGKILL,
+        Sig::Hup => libc::SIGHUP,
     };
     // SAFETY: kill(2) has no memory-safety preconditions; a stale pid only
     // yields ESRCH.

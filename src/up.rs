@@ -129,6 +129,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
 
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut stop = std::pin::pin!(serve::shutdown_signal());
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot handle SIGHUP")?;
+    let mut doc = doc;
 
     // Services first, each ready before Envoy starts sending them requests.
     for (i, slot) in slots.iter_mut().enumerate().take(envoy_index) {
@@ -162,12 +165,17 @@ pub async fn up(args: UpArgs) -> Result<()> {
         args.config.is_none(),
         demo_key.as_deref(),
     );
+    let pidfile = run.join("up.pid");
+    node::write_private(&pidfile, format!("{}\n", std::process::id()).as_bytes())?;
 
     let outcome = loop {
         tokio::select! {
             _ = &mut stop => {
                 tracing::info!("stopping: Envoy first, then the services");
                 break Ok(());
+            }
+            _ = hup.recv() => {
+                doc = reload(&config_path, doc, &slots);
             }
             ev = rx.recv() => match ev {
                 None => break Ok(()),
@@ -208,7 +216,73 @@ pub async fn up(args: UpArgs) -> Result<()> {
         }
     };
     stop_all(&mut slots, &mut rx).await;
+    let _ = std::fs::remove_file(&pidfile);
     outcome
+}
+
+/// SIGHUP: re-read the config file; if it validates and its policy part
+/// changed, have authz and ratelimit load it (they swap atomically and keep
+/// live counters). An invalid file changes nothing. Returns what is in force.
+fn reload(
+    config: &Path,
+    current: clawgress_policy::Document,
+    slots: &[Slot],
+) -> clawgress_policy::Document {
+    let new = match node::load(config) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(alert = "config-rejected", error = %format!("{e:#}"), "reload refused; nothing changed");
+            return current;
+        }
+    };
+    if (&new.gateway, &new.stores, &new.nft, &new.audit)
+        != (
+            &current.gateway,
+            &current.stores,
+            &current.nft,
+            &current.audit,
+        )
+    {
+        tracing::warn!("gateway/stores/nft/audit changes take effect when `up` is restarted");
+    }
+    if new.policy() == current.policy() {
+        tracing::info!("reload: the policy is unchanged");
+        return new;
+    }
+    for slot in slots
+        .iter()
+        .filter(|s| matches!(s.spec.name, "authz" | "ratelimit"))
+    {
+        if let Some(pid) = slot.pid {
+            sys::signal(pid, sys::Sig::Hup);
+        }
+    }
+    tracing::info!(
+        revision = node::revision_of(&new),
+        "reload: new policy sent to authz and ratelimit"
+    );
+    new
+}
+
+/// `clawgress reload`: signal the running `up` that owns `state_dir`.
+pub fn signal_reload(state_dir: &Path) -> Result<()> {
+    let pidfile = state_dir.join("run").join("up.pid");
+    let text = std::fs::read_to_string(&pidfile).with_context(|| {
+        format!(
+            "no running `clawgress up` found ({} missing)",
+            pidfile.display()
+        )
+    })?;
+    let pid: u32 = text
+        .trim()
+        .parse()
+        .with_context(|| format!("{} does not hold a pid", pidfile.display()))?;
+    if !Path::new(&format!("/proc/{pid}")).exists() {
+        bail!("`clawgress up` (pid {pid}) is not running");
+    }
+    sys::signal(pid, sys::Sig::Hup);
+    println!("reload requested from clawgress up (pid {pid}); its log says whether the config was accepted");
+    Ok(())
 }
 
 /// 100 ms after the first exit, doubling per exit in the window, at most 5 s.

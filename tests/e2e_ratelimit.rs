@@ -126,3 +126,47 @@ fn redis_backed_hard_stop_and_alert_only_through_envoy() {
         stack.stderr()
     );
 }
+
+#[test]
+fn store_outage_fails_closed_by_default_and_open_when_configured() {
+    let mut redis = common::redis::RedisServer::start();
+    let up = Upstream::http();
+    let quotas = "quotas:\n  - {agent_id: bot, rps_limit: 1000}\n";
+    let closed = Stack::start(&format!(
+        "stores:\n  ratelimit: {}\n{}",
+        redis.url(),
+        config_allowing(&[up.addr.port()], quotas)
+    ));
+    let open = Stack::start(&format!(
+        "stores:\n  ratelimit: {}\n  ratelimit_failure_mode: allow\n{}",
+        redis.url(),
+        config_allowing(&[up.addr.port()], quotas)
+    ));
+    let target = format!("http://{}/", up.addr);
+    for s in [&closed, &open] {
+        assert_eq!(
+            curl(&["-x", &s.proxy_url(AGENT, KEY), &target], &[]).status,
+            200
+        );
+    }
+    redis.kill();
+    let r = curl(&["-x", &closed.proxy_url(AGENT, KEY), &target], &[]);
+    assert_eq!(
+        (r.status, r.json()["reason"].as_str()),
+        (503, Some("ratelimit-unavailable")),
+        "{r:?}"
+    );
+    let r = curl(&["-x", &open.proxy_url(AGENT, KEY), &target], &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        open.stderr().contains("ratelimit-store-unavailable"),
+        "{}",
+        open.stderr()
+    );
+    let recs = open.wait_audit(2);
+    assert!(
+        recs.iter()
+            .any(|r| r["quota_applied"] == "store-unavailable:allowed"),
+        "{recs:#?}"
+    );
+}

@@ -131,3 +131,76 @@ fn a_killed_envoy_is_restarted_and_traffic_resumes() {
         "{log}"
     );
 }
+
+#[test]
+fn reload_applies_a_valid_file_and_refuses_a_bad_one() {
+    let a = Upstream::http();
+    let b = Upstream::http();
+    let stack = Stack::start(&config_allowing(&[a.addr.port()], ""));
+    let proxy = stack.proxy_url(AGENT, KEY);
+    let to_b = format!("http://{}/", b.addr);
+    assert_eq!(curl(&["-x", &proxy, &to_b], &[]).status, 403);
+    let authz = stack.service_pid("authz").expect("authz");
+
+    // Allow b as well, then `clawgress reload`.
+    let text = std::fs::read_to_string(&stack.config).expect("read");
+    let widened = text.replace(
+        &format!("ports: [{}]", a.addr.port()),
+        &format!("ports: [{}, {}]", a.addr.port(), b.addr.port()),
+    );
+    assert_ne!(text, widened);
+    std::fs::write(&stack.config, &widened).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_clawgress"))
+        .args(["reload", "--config"])
+        .arg(&stack.config)
+        .output()
+        .expect("reload");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || curl(
+            &["-x", &proxy, &to_b],
+            &[]
+        )
+        .status
+            == 200),
+        "new policy not applied:\n{}",
+        stack.stderr()
+    );
+    assert_eq!(
+        stack.service_pid("authz"),
+        Some(authz),
+        "applied without a restart"
+    );
+
+    // A broken file: refused, with its line; what is in force stays.
+    std::fs::write(
+        &stack.config,
+        widened.replace("priority: 100", "priority: high"),
+    )
+    .expect("write");
+    signal(
+        std::fs::read_to_string(stack.state().join("run/up.pid"))
+            .expect("pidfile")
+            .trim()
+            .parse()
+            .expect("pid"),
+        "HUP",
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || stack
+            .stderr()
+            .contains("config-rejected")),
+        "{}",
+        stack.stderr()
+    );
+    assert!(stack.stderr().contains("line "), "{}", stack.stderr());
+    assert_eq!(curl(&["-x", &proxy, &to_b], &[]).status, 200);
+    assert_eq!(
+        curl(&["-x", &proxy, &format!("http://{}/", a.addr)], &[]).status,
+        200
+    );
+}

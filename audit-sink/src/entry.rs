@@ -94,8 +94,10 @@ pub fn record_from_entry(e: &HttpAccessLogEntry) -> AuditRecord {
         reason = "quota-exceeded".into();
         policy_id = text(rl, "policy_id");
     } else if flags.is_some_and(|f| f.rate_limit_service_error) {
+        // As in the reply body: an outage, not a policy's decision.
         decision = "deny".into();
         reason = "ratelimit-unavailable".into();
+        policy_id = String::new();
     } else if decision.is_empty() {
         // No verdict from authz: Envoy answered on its own (authz down or
         // timed out, or the request never reached the filters).

@@ -618,6 +618,11 @@ impl TryFrom<String> for HostPattern {
         if let Ok(net) = s.parse::<IpNet>() {
             return Ok(HostPattern::Net(net.trunc()));
         }
+        if s.contains('/') {
+            return Err(format!(
+                "host pattern {s:?} is not a valid CIDR (address/prefix length)"
+            ));
+        }
         if let Some(rest) = s.strip_prefix("*.") {
             let name = crate::destination::normalise_name(rest)
                 .map_err(|e| format!("host pattern {s:?}: {e}"))?;
@@ -741,6 +746,35 @@ impl Document {
     /// Parse and validate YAML text. Every problem found is returned, each
     /// with its path, line (when known) and reason.
     pub fn from_yaml(text: &str) -> Result<Document, ConfigErrors> {
+        let whole = |reason: String, line: Option<usize>| {
+            ConfigErrors(vec![ConfigError {
+                path: String::new(),
+                line,
+                reason,
+            }])
+        };
+        if text.len() > MAX_DOCUMENT_BYTES {
+            return Err(whole(
+                format!("the document is larger than {MAX_DOCUMENT_BYTES} bytes"),
+                None,
+            ));
+        }
+        if let Some(line) = too_deep(text) {
+            return Err(whole(
+                format!("nesting deeper than {MAX_NESTING} levels"),
+                Some(line),
+            ));
+        }
+        if text
+            .lines()
+            .all(|l| matches!(l.trim(), "" | "---" | "...") || l.trim_start().starts_with('#'))
+        {
+            return Err(whole(
+                "the document is empty; it needs at least agents and policies (see DESIGN.md §12)"
+                    .into(),
+                None,
+            ));
+        }
         let de = serde_yaml_ng::Deserializer::from_str(text);
         let doc: Document = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
@@ -811,6 +845,21 @@ impl Document {
                 format!("{rl:?} is not `memory`, redis://host:port or redis-cluster://h1:p1,h2:p2"),
             );
         }
+        if self.gateway.admin_listen == self.gateway.proxy_listen {
+            push(
+                "gateway.admin_listen".into(),
+                Some("admin_listen"),
+                "must differ from gateway.proxy_listen".into(),
+            );
+        }
+        if self.audit != AuditSettings::default() {
+            push(
+                "audit".into(),
+                Some("audit:"),
+                "min_free_mb / on_full other than the defaults (256, deny) are not available yet"
+                    .into(),
+            );
+        }
         if self.gateway.proxy_listen.port() == 0 {
             push(
                 "gateway.proxy_listen".into(),
@@ -822,7 +871,13 @@ impl Document {
             ("stores.control_plane", &self.stores.control_plane),
             ("stores.audit_query", &self.stores.audit_query),
         ] {
-            if v != "sqlite" && !v.starts_with("postgres://") && !v.starts_with("postgresql://") {
+            if v.starts_with("postgres://") || v.starts_with("postgresql://") {
+                push(
+                    path.into(),
+                    Some(path.rsplit('.').next().unwrap_or(path)),
+                    "PostgreSQL is not available yet; use `sqlite`".into(),
+                );
+            } else if v != "sqlite" {
                 push(
                     path.into(),
                     Some(path.rsplit('.').next().unwrap_or(path)),
@@ -893,6 +948,29 @@ impl PolicyDocument {
                 ),
                 _ => {}
             }
+            if a.agent_id.as_str().contains(':') {
+                push(
+                    format!("{path}.agent_id"),
+                    needle.clone(),
+                    "':' cannot be used in an agent_id: it separates id and key in proxy credentials"
+                        .into(),
+                );
+            }
+            if a.auth_type == AuthType::SourceIp {
+                push(
+                    format!("{path}.auth_type"),
+                    needle.clone(),
+                    "source_ip identities (transparent mode) are not available yet".into(),
+                );
+            }
+            if matches!(a.profile, Some(p) if p != Profile::Custom) {
+                push(
+                    format!("{path}.profile"),
+                    needle.clone(),
+                    "profiles other than `custom` (the agent's policies only) are not available yet; write the rules as policies"
+                        .into(),
+                );
+            }
             if a.auth_type != AuthType::ApiKey && a.api_key_sha256.is_some() {
                 push(
                     format!("{path}.api_key_sha256"),
@@ -927,6 +1005,13 @@ impl PolicyDocument {
                     format!("{path}.policy_id"),
                     needle.clone(),
                     "\"default-deny\" is reserved for the implicit final rule".into(),
+                );
+            }
+            if p.match_.method.as_ref().is_some_and(|m| m.is_empty()) {
+                push(
+                    format!("{path}.match.method"),
+                    needle.clone(),
+                    "an empty list matches nothing; leave method out to match any".into(),
                 );
             }
             if p.match_.destination.hosts.is_empty() {
@@ -986,6 +1071,39 @@ impl PolicyDocument {
         }
         errs
     }
+}
+
+/// Documents larger than this are refused before parsing.
+const MAX_DOCUMENT_BYTES: usize = 16 * 1024 * 1024;
+/// Flow-style nesting deeper than this is refused before parsing: the YAML
+/// parser's cost grows with the square of the depth, and no real config
+/// nests more than a few levels.
+const MAX_NESTING: usize = 64;
+
+/// The line where `[`/`{` nesting (outside quotes and comments) first
+/// exceeds [`MAX_NESTING`].
+fn too_deep(text: &str) -> Option<usize> {
+    let mut depth = 0usize;
+    for (n, line) in text.lines().enumerate() {
+        let mut quote: Option<char> = None;
+        for c in line.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '#') => break,
+                (None, '[' | '{') => {
+                    depth += 1;
+                    if depth > MAX_NESTING {
+                        return Some(n + 1);
+                    }
+                }
+                (None, ']' | '}') => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+    None
 }
 
 /// Split "agents[0].api_key_sha256: reason" into path and reason.
@@ -1115,6 +1233,43 @@ quotas:
         let err = Document::from_yaml(&text).expect_err("missing hash");
         assert_eq!(err.0[0].path, "agents[0].api_key_sha256");
         assert_eq!(err.0[0].line, Some(2 + 1));
+    }
+
+    #[test]
+    fn refusals_by_name() {
+        for (bad, want) in [
+            ("", "empty"),
+            ("# only a comment\n---\n", "empty"),
+            ("agents:\n  - {agent_id: \"x:y\", auth_type: jwt}\n", "':' cannot"),
+            ("agents:\n  - {agent_id: x, auth_type: jwt, profile: none}\n", "profiles other than"),
+            ("agents:\n  - {agent_id: x, auth_type: source_ip, source_cidrs: [10.0.0.0/8]}\n", "source_ip"),
+            ("stores: {audit_query: \"postgres://u@h/db\"}\nagents: []\n", "PostgreSQL"),
+            ("audit: {on_full: allow}\nagents: []\n", "not available yet"),
+            ("gateway: {admin_listen: \"127.0.0.1:10000\"}\nagents: []\n", "must differ"),
+            ("policies:\n  - {policy_id: p, priority: 1, match: {destination: {hosts: [\"10.0.0.0/33\"]}}, action: allow}\n", "not a valid CIDR"),
+            ("policies:\n  - {policy_id: p, priority: 1, match: {destination: {hosts: [\"*\"]}, method: []}, action: allow}\n", "empty list"),
+        ] {
+            let err = Document::from_yaml(bad).expect_err(bad);
+            assert!(err.to_string().contains(want), "{bad:?}: {err}");
+        }
+        assert!(Document::from_yaml(
+            "agents:\n  - {agent_id: x, auth_type: jwt, profile: custom}\n"
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_fast() {
+        let deep = format!("agents: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+        let err = Document::from_yaml(&deep).expect_err("deep");
+        assert!(err.to_string().contains("nesting deeper"), "{err}");
+        // Brackets inside quotes and comments do not count.
+        let ok = format!("# {}\nagents: []\npolicies:\n  - {{policy_id: p, priority: 1, match: {{destination: {{hosts: [\"*\"]}}, path_prefix: \"/{}\"}}, action: allow}}\n", "[".repeat(100), "[".repeat(100));
+        assert!(
+            Document::from_yaml(&ok).is_ok(),
+            "{:?}",
+            Document::from_yaml(&ok)
+        );
     }
 
     #[test]

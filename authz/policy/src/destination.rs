@@ -35,6 +35,11 @@ impl fmt::Display for Host {
 pub struct Destination {
     pub host: Host,
     pub port: u16,
+    /// False for an IPv4 literal spelled other than as a dotted quad
+    /// (`127.1`, `2130706433`, `0x7f.1`, a trailing dot): such a string is
+    /// an address to HTTP clients but a name to Envoy's resolver, so it is
+    /// never forwarded.
+    pub canonical: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -83,9 +88,15 @@ impl Destination {
             None => default_port,
             Some(p) => parse_port(p)?,
         };
+        let parsed = Destination::parse_host(host)?;
+        let canonical = match &parsed {
+            Host::Ip(IpAddr::V4(v4)) if !host.starts_with('[') => host == v4.to_string(),
+            _ => true,
+        };
         Ok(Destination {
-            host: Destination::parse_host(host)?,
+            host: parsed,
             port,
+            canonical,
         })
     }
 
@@ -392,6 +403,18 @@ mod tests {
             host("_acme.example.com"),
             Ok(Host::Name("_acme.example.com".into()))
         );
+    }
+
+    #[test]
+    fn only_dotted_quads_are_canonical() {
+        let c = |a: &str| Destination::parse_authority(a, 80).map(|d| d.canonical);
+        assert_eq!(c("127.0.0.1:80"), Ok(true));
+        assert_eq!(c("example.com"), Ok(true));
+        assert_eq!(c("[::1]:80"), Ok(true));
+        assert_eq!(c("[::ffff:127.0.0.1]:80"), Ok(true));
+        for a in ["127.1", "2130706433", "0x7f.1", "127.0.0.1.", "1.0x7f"] {
+            assert_eq!(c(a), Ok(false), "{a}");
+        }
     }
 
     #[test]

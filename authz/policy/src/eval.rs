@@ -161,6 +161,16 @@ impl PolicySet {
             Host::Ip(ip) => guarded_range(ip).filter(|_| !self.private_exempt(ip)),
             Host::Name(_) => None,
         };
+        if !req.destination.canonical {
+            // An address in a form Envoy would resolve as a name: never
+            // forwarded. Named for what it encodes when that is guarded.
+            let reason = if guard.is_some() {
+                Reason::PrivateDestination
+            } else {
+                Reason::MalformedDestination
+            };
+            return Decision::deny(DEFAULT_DENY, reason);
+        }
         let first = |set: &[Policy]| set.iter().find(|p| matches(p, req, guard)).cloned();
         let shadow = first(&self.shadow).map(|p| ShadowDecision {
             allow: p.action == Action::Allow,
@@ -420,16 +430,25 @@ policies:
                 "{private}"
             );
         }
-        // A narrow CIDR inside the range lifts it, in any encoding.
+        // A narrow CIDR inside the range lifts it.
         let t = who("tester", "");
-        for form in [
-            "127.0.0.1:8080",
-            "127.1:8080",
-            "0x7f000001:8080",
-            "[::ffff:127.0.0.1]:8080",
-        ] {
+        for form in ["127.0.0.1:8080", "[::ffff:127.0.0.1]:8080"] {
             assert!(eval(&s, &t, form, "GET", "/").allow, "{form}");
         }
+        // Other spellings are addresses to clients but names to Envoy's
+        // resolver: never forwarded, even where the address is allowed.
+        for form in ["127.1:8080", "0x7f000001:8080", "127.0.0.1.:8080"] {
+            let d = eval(&s, &t, form, "GET", "/");
+            assert_eq!(
+                (d.allow, d.reason),
+                (false, Reason::PrivateDestination),
+                "{form}"
+            );
+        }
+        assert_eq!(
+            eval(&s, &wide, "1.0x7f", "GET", "/").reason,
+            Reason::MalformedDestination
+        );
         assert!(!eval(&s, &t, "127.0.0.2", "GET", "/").allow);
         // IPv6 forms embedding loopback are judged by the IPv4 inside: an
         // IPv6 CIDR over the embedding block does not open them.
