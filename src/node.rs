@@ -57,6 +57,28 @@ pub fn state_dir(
     }
 }
 
+/// The audit directory: `stores.audit_dir`, else `state_dir/audit`.
+pub fn audit_dir(doc: &Document, state_dir: &Path) -> PathBuf {
+    doc.stores
+        .audit_dir
+        .clone()
+        .unwrap_or_else(|| state_dir.join("audit"))
+}
+
+/// The spool directory: `stores.audit_spool_dir`, else `state_dir/spool`.
+/// It holds Envoy's access-log file and the sink's checkpoint in it.
+pub fn spool_dir(doc: &Document, state_dir: &Path) -> PathBuf {
+    doc.stores
+        .audit_spool_dir
+        .clone()
+        .unwrap_or_else(|| state_dir.join("spool"))
+}
+
+/// The access-log file Envoy writes and the sink follows.
+pub fn access_log_file(doc: &Document, state_dir: &Path) -> PathBuf {
+    spool_dir(doc, state_dir).join("envoy-access.log")
+}
+
 /// Create a directory (and parents) that only its owner may read.
 pub fn private_dir(p: &Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};

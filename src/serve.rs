@@ -94,19 +94,22 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
     UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
 }
 
-/// Run `$run(service, incoming, shutdown)` on whichever listener `$listen` is.
+/// Bind `$listen` (TCP or Unix), then evaluate `$body` (a future) with
+/// `$inc` bound to the listener's stream and `$sd` to the shutdown signal.
 macro_rules! serve_on {
-    ($listen:expr, $run:path, $svc:expr) => {
+    ($listen:expr, |$inc:ident, $sd:ident| $body:expr) => {
         match $listen {
             Listen::Tcp(addr) => {
                 let l = TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("cannot listen on {addr}"))?;
-                $run($svc, TcpListenerStream::new(l), shutdown_signal()).await?
+                let ($inc, $sd) = (TcpListenerStream::new(l), shutdown_signal());
+                $body.await?
             }
             Listen::Unix(path) => {
                 let l = bind_unix(&path)?;
-                $run($svc, UnixListenerStream::new(l), shutdown_signal()).await?
+                let ($inc, $sd) = (UnixListenerStream::new(l), shutdown_signal());
+                $body.await?
             }
         }
     };
@@ -131,7 +134,7 @@ pub async fn serve(
             let svc = clawgress_authz::AuthzService::new(&authz_config(&doc));
             let s = svc.clone();
             let _reloader = on_hangup(config, move |doc| s.reload(&authz_config(doc)))?;
-            serve_on!(listen, clawgress_authz::run, svc);
+            serve_on!(listen, |inc, sd| clawgress_authz::run(svc, inc, sd));
         }
         Service::Ratelimit => {
             let store = clawgress_ratelimit::open_store(&doc.stores.ratelimit)
@@ -146,20 +149,30 @@ pub async fn serve(
                 .fail_open(fail_open);
             let s = svc.clone();
             let _reloader = on_hangup(config, move |doc| s.reload(&doc.policy()))?;
-            serve_on!(listen, clawgress_ratelimit::run, svc);
+            serve_on!(listen, |inc, sd| clawgress_ratelimit::run(svc, inc, sd));
         }
         Service::Audit => {
-            let dir = match &doc.stores.audit_dir {
-                Some(d) => d.clone(),
-                None => node::state_dir(state_dir, Some(&doc), &|k| std::env::var(k).ok())?
-                    .join("audit"),
-            };
+            let state = node::state_dir(state_dir, Some(&doc), &|k| std::env::var(k).ok())?;
+            let dir = node::audit_dir(&doc, &state);
             let writer = clawgress_audit_sink::JsonlWriter::open(&dir)
                 .with_context(|| format!("cannot open audit log in {}", dir.display()))?;
-            tracing::info!(audit_dir = %dir.display(), "audit log open");
+            let input = match doc.gateway.audit_input {
+                clawgress_policy::config::AuditInput::Grpc => clawgress_audit_sink::Input::Grpc,
+                clawgress_policy::config::AuditInput::File => {
+                    let spool = node::spool_dir(&doc, &state);
+                    node::private_dir(&spool)?;
+                    clawgress_audit_sink::Input::File {
+                        log: node::access_log_file(&doc, &state),
+                        checkpoint: spool.join("checkpoint"),
+                    }
+                }
+            };
+            tracing::info!(audit_dir = %dir.display(), input = ?input, "audit log open");
             // Nothing to reload here, but SIGHUP must not stop the sink.
             let _reloader = on_hangup(config, |_| {})?;
-            serve_on!(listen, clawgress_audit_sink::run, writer);
+            serve_on!(listen, |inc, sd| clawgress_audit_sink::run(
+                writer, input, inc, sd
+            ));
         }
     }
     tracing::info!(service = ?service, "stopped");

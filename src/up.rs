@@ -80,6 +80,13 @@ pub async fn up(args: UpArgs) -> Result<()> {
         audit_socket: run.join("audit.sock"),
         ratelimit_fail_open: doc.stores.ratelimit_failure_mode
             == clawgress_policy::config::FailureMode::Allow,
+        access_log: match doc.gateway.audit_input {
+            clawgress_policy::config::AuditInput::File => {
+                node::private_dir(&node::spool_dir(&doc, &state))?;
+                clawgress_envoy::AccessLog::File(node::access_log_file(&doc, &state))
+            }
+            clawgress_policy::config::AuditInput::Grpc => clawgress_envoy::AccessLog::Grpc,
+        },
     };
     let envoy_yaml = run.join("envoy.yaml");
     node::write_private(&envoy_yaml, boot.render()?.as_bytes())?;
@@ -114,6 +121,10 @@ pub async fn up(args: UpArgs) -> Result<()> {
                 "warn".into(),
                 "--log-path".into(),
                 state.join("envoy.log").display().to_string(),
+                // The access-log file is the audit spool: flush it often so
+                // records show up promptly (Envoy's default is 10 s).
+                "--file-flush-interval-msec".into(),
+                "200".into(),
             ],
         },
     ]
@@ -161,6 +172,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
     banner(
         proxy,
         &state,
+        &node::audit_dir(&doc, &state),
         &config_path,
         args.config.is_none(),
         demo_key.as_deref(),
@@ -451,16 +463,20 @@ fn python_scripts_dir() -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
-fn banner(proxy: SocketAddr, state: &Path, config: &Path, embedded: bool, key: Option<&str>) {
+fn banner(
+    proxy: SocketAddr,
+    state: &Path,
+    audit: &Path,
+    config: &Path,
+    embedded: bool,
+    key: Option<&str>,
+) {
     let url = format!("http://{proxy}");
     println!("clawgress is up.");
     println!("  proxy:     {url}   (HTTP_PROXY / HTTPS_PROXY)");
     println!("  config:    {}", config.display());
     println!("  state dir: {}", state.display());
-    println!(
-        "  audit log: {}",
-        state.join("audit").join("audit.jsonl").display()
-    );
+    println!("  audit log: {}", audit.join("audit.jsonl").display());
     match (embedded, key) {
         (true, Some(k)) => {
             println!();

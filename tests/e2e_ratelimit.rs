@@ -31,9 +31,16 @@ fn over_quota_gets_429_with_retry_after_and_body() {
         .and_then(|v| v.parse().ok())
         .expect("Retry-After");
     assert!((1..=60).contains(&retry), "{r:?}");
-    assert!(r.header("x-ratelimit-limit").is_some_and(|v| v.starts_with('3')), "{r:?}");
+    assert!(
+        r.header("x-ratelimit-limit")
+            .is_some_and(|v| v.starts_with('3')),
+        "{r:?}"
+    );
     assert_eq!(r.header("x-ratelimit-remaining"), Some("0"), "{r:?}");
-    let reset: u64 = r.header("x-ratelimit-reset").and_then(|v| v.parse().ok()).expect("reset");
+    let reset: u64 = r
+        .header("x-ratelimit-reset")
+        .and_then(|v| v.parse().ok())
+        .expect("reset");
     assert!((1..=60).contains(&reset), "{r:?}");
     // Admitted responses carry the headers too, counting down.
     let first = &replies[0];

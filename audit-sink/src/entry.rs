@@ -16,14 +16,29 @@ use envoy_types::pb::google::protobuf::{value::Kind, Struct};
 pub const AUTHZ_NS: &str = "envoy.filters.http.ext_authz";
 pub const RATELIMIT_NS: &str = "envoy.filters.http.ratelimit";
 
-fn text(s: Option<&Struct>, key: &str) -> String {
-    match s
-        .and_then(|s| s.fields.get(key))
-        .and_then(|v| v.kind.as_ref())
-    {
-        Some(Kind::StringValue(v)) => v.clone(),
-        _ => String::new(),
-    }
+/// What the sink needs from one access-log entry, whichever way it came
+/// (gRPC stream or JSON file line). All semantics live in [`Entry::record`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Entry {
+    /// RFC 3339 UTC with milliseconds.
+    pub timestamp: String,
+    pub request_id: String,
+    pub method: String,
+    pub scheme: String,
+    pub authority: String,
+    pub path: String,
+    pub response_code: u16,
+    pub rate_limited: bool,
+    pub rate_limit_service_error: bool,
+    pub authz_error: bool,
+    pub latency_ms: u64,
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    pub source_address: String,
+    /// authz's dynamic metadata (string values).
+    pub authz: std::collections::HashMap<String, String>,
+    /// the rate-limit filter's dynamic metadata (string values).
+    pub ratelimit: std::collections::HashMap<String, String>,
 }
 
 /// Split an authority into host and port; `default_port` when it has none.
@@ -51,114 +66,227 @@ fn rfc3339_millis(seconds: i64, nanos: i32) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-pub fn record_from_entry(e: &HttpAccessLogEntry) -> AuditRecord {
-    let common = e.common_properties.as_ref();
-    let req = e.request.as_ref();
-    let resp = e.response.as_ref();
-    let md = common.and_then(|c| c.metadata.as_ref());
-    let authz = md.and_then(|m| m.filter_metadata.get(AUTHZ_NS));
-    let rl = md.and_then(|m| m.filter_metadata.get(RATELIMIT_NS));
-    let flags = common.and_then(|c| c.response_flags.as_ref());
-
-    let method = req
-        .and_then(|r| RequestMethod::try_from(r.request_method).ok())
-        .filter(|m| *m != RequestMethod::MethodUnspecified)
-        .map(|m| m.as_str_name().to_string())
-        .unwrap_or_default();
-    let connect = method == "CONNECT";
-    let default_port = match req.map(|r| r.scheme.as_str()) {
-        _ if connect => 443,
-        Some("https") => 443,
-        _ => 80,
-    };
-    let (destination_host, destination_port) = host_port(
-        req.map(|r| r.authority.as_str()).unwrap_or(""),
-        default_port,
-    );
-    // The query string can carry secrets; the audit keeps the path only.
-    let path = req
-        .map(|r| r.path.split(['?', '#']).next().unwrap_or("").to_string())
-        .unwrap_or_default();
-
-    let response_code = resp
-        .and_then(|r| r.response_code.as_ref())
-        .map(|c| c.value as u16)
-        .unwrap_or(0);
-
-    let mut decision = text(authz, "decision");
-    let mut reason = text(authz, "reason");
-    let mut policy_id = text(authz, "policy_id");
-    let quota_applied = text(rl, "quota_applied");
-    if flags.is_some_and(|f| f.rate_limited) {
-        decision = "deny".into();
-        reason = "quota-exceeded".into();
-        policy_id = text(rl, "policy_id");
-    } else if flags.is_some_and(|f| f.rate_limit_service_error) {
-        // As in the reply body: an outage, not a policy's decision.
-        decision = "deny".into();
-        reason = "ratelimit-unavailable".into();
-        policy_id = String::new();
-    } else if decision.is_empty() {
-        // No verdict from authz: Envoy answered on its own (authz down or
-        // timed out, or the request never reached the filters).
-        decision = "deny".into();
-        if flags.is_some_and(|f| f.unauthorized_details.is_some()) || response_code == 503 {
-            reason = "authz-unavailable".into();
+impl Entry {
+    /// The audit record for this entry.
+    pub fn record(&self) -> AuditRecord {
+        let get = |m: &std::collections::HashMap<String, String>, k: &str| {
+            m.get(k).cloned().unwrap_or_default()
+        };
+        let connect = self.method == "CONNECT";
+        let default_port = if connect || self.scheme == "https" {
+            443
+        } else {
+            80
+        };
+        let (destination_host, destination_port) = host_port(&self.authority, default_port);
+        let mut decision = get(&self.authz, "decision");
+        let mut reason = get(&self.authz, "reason");
+        let mut policy_id = get(&self.authz, "policy_id");
+        if self.rate_limited {
+            decision = "deny".into();
+            reason = "quota-exceeded".into();
+            policy_id = get(&self.ratelimit, "policy_id");
+        } else if self.rate_limit_service_error {
+            // As in the reply body: an outage, not a policy's decision.
+            decision = "deny".into();
+            reason = "ratelimit-unavailable".into();
+            policy_id = String::new();
+        } else if decision.is_empty() {
+            // No verdict from authz: Envoy answered on its own (authz down or
+            // timed out, or the request never reached the filters).
+            decision = "deny".into();
+            if self.authz_error || self.response_code == 503 {
+                reason = "authz-unavailable".into();
+            } else if reason.is_empty() {
+                reason = "bad-request".into();
+            }
+        }
+        AuditRecord {
+            kind: RecordKind::Request,
+            seq: 0,
+            timestamp: self.timestamp.clone(),
+            request_id: self.request_id.clone(),
+            agent_id: get(&self.authz, "agent_id"),
+            team_id: get(&self.authz, "team_id"),
+            project_id: get(&self.authz, "project_id"),
+            environment: get(&self.authz, "environment"),
+            destination_host,
+            destination_port,
+            http_method: self.method.clone(),
+            // The query string can carry secrets; the audit keeps the path only.
+            path: self.path.split(['?', '#']).next().unwrap_or("").to_string(),
+            decision,
+            reason,
+            policy_id,
+            bundle_revision: get(&self.authz, "bundle_revision"),
+            quota_applied: get(&self.ratelimit, "quota_applied"),
+            response_code: self.response_code,
+            latency_ms: self.latency_ms,
+            bytes_out: self.bytes_out,
+            bytes_in: self.bytes_in,
+            source_address: self.source_address.clone(),
+            shadow_decision: get(&self.authz, "shadow_decision"),
+            shadow_policy_id: get(&self.authz, "shadow_policy_id"),
         }
     }
 
-    let source_address = common
-        .and_then(|c| c.downstream_remote_address.as_ref())
-        .and_then(|a| a.address.as_ref())
-        .map(|a| match a {
-            address::Address::SocketAddress(s) => s.address.clone(),
-            address::Address::Pipe(p) => p.path.clone(),
-            _ => String::new(),
-        })
-        .unwrap_or_default();
-
-    let latency_ms = common
-        .and_then(|c| {
-            c.duration
-                .as_ref()
-                .or(c.time_to_last_downstream_tx_byte.as_ref())
-        })
-        .map(|d| (d.seconds.max(0) as u64) * 1000 + (d.nanos.max(0) as u64) / 1_000_000)
-        .unwrap_or(0);
-
-    AuditRecord {
-        kind: RecordKind::Request,
-        seq: 0,
-        timestamp: common
-            .and_then(|c| c.start_time.as_ref())
-            .map(|t| rfc3339_millis(t.seconds, t.nanos))
-            .unwrap_or_default(),
-        request_id: req.map(|r| r.request_id.clone()).unwrap_or_default(),
-        agent_id: text(authz, "agent_id"),
-        team_id: text(authz, "team_id"),
-        project_id: text(authz, "project_id"),
-        environment: text(authz, "environment"),
-        destination_host,
-        destination_port,
-        http_method: method,
-        path,
-        decision,
-        reason,
-        policy_id,
-        bundle_revision: text(authz, "bundle_revision"),
-        quota_applied,
-        response_code,
-        latency_ms,
-        bytes_out: req
-            .map(|r| r.request_headers_bytes + r.request_body_bytes)
-            .unwrap_or(0),
-        bytes_in: resp
-            .map(|r| r.response_headers_bytes + r.response_body_bytes)
-            .unwrap_or(0),
-        source_address,
-        shadow_decision: text(authz, "shadow_decision"),
-        shadow_policy_id: text(authz, "shadow_policy_id"),
+    /// From Envoy's gRPC access-log entry.
+    pub fn from_proto(e: &HttpAccessLogEntry) -> Entry {
+        let common = e.common_properties.as_ref();
+        let req = e.request.as_ref();
+        let resp = e.response.as_ref();
+        let md = common.and_then(|c| c.metadata.as_ref());
+        let strings = |ns: &str| -> std::collections::HashMap<String, String> {
+            md.and_then(|m| m.filter_metadata.get(ns))
+                .map(|s: &Struct| {
+                    s.fields
+                        .iter()
+                        .filter_map(|(k, v)| match &v.kind {
+                            Some(Kind::StringValue(x)) => Some((k.clone(), x.clone())),
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let flags = common.and_then(|c| c.response_flags.as_ref());
+        Entry {
+            timestamp: common
+                .and_then(|c| c.start_time.as_ref())
+                .map(|t| rfc3339_millis(t.seconds, t.nanos))
+                .unwrap_or_default(),
+            request_id: req.map(|r| r.request_id.clone()).unwrap_or_default(),
+            method: req
+                .and_then(|r| RequestMethod::try_from(r.request_method).ok())
+                .filter(|m| *m != RequestMethod::MethodUnspecified)
+                .map(|m| m.as_str_name().to_string())
+                .unwrap_or_default(),
+            scheme: req.map(|r| r.scheme.clone()).unwrap_or_default(),
+            authority: req.map(|r| r.authority.clone()).unwrap_or_default(),
+            path: req.map(|r| r.path.clone()).unwrap_or_default(),
+            response_code: resp
+                .and_then(|r| r.response_code.as_ref())
+                .map(|c| c.value as u16)
+                .unwrap_or(0),
+            rate_limited: flags.is_some_and(|f| f.rate_limited),
+            rate_limit_service_error: flags.is_some_and(|f| f.rate_limit_service_error),
+            authz_error: flags.is_some_and(|f| f.unauthorized_details.is_some())
+                && resp.is_some_and(|r| r.response_code_details == "ext_authz_error"),
+            latency_ms: common
+                .and_then(|c| {
+                    c.duration
+                        .as_ref()
+                        .or(c.time_to_last_downstream_tx_byte.as_ref())
+                })
+                .map(|d| (d.seconds.max(0) as u64) * 1000 + (d.nanos.max(0) as u64) / 1_000_000)
+                .unwrap_or(0),
+            bytes_out: req
+                .map(|r| r.request_headers_bytes + r.request_body_bytes)
+                .unwrap_or(0),
+            bytes_in: resp
+                .map(|r| r.response_headers_bytes + r.response_body_bytes)
+                .unwrap_or(0),
+            source_address: common
+                .and_then(|c| c.downstream_remote_address.as_ref())
+                .and_then(|a| a.address.as_ref())
+                .map(|a| match a {
+                    address::Address::SocketAddress(s) => s.address.clone(),
+                    address::Address::Pipe(p) => p.path.clone(),
+                    _ => String::new(),
+                })
+                .unwrap_or_default(),
+            authz: strings(AUTHZ_NS),
+            ratelimit: strings(RATELIMIT_NS),
+        }
     }
+
+    /// From one line of Envoy's JSON access-log file (the format rendered
+    /// into the bootstrap, see `envoy/bootstrap.yaml.tmpl`).
+    pub fn from_json_line(line: &str) -> Result<Entry, serde_json::Error> {
+        #[derive(serde::Deserialize)]
+        struct Line {
+            #[serde(default)]
+            timestamp: Option<String>,
+            #[serde(default)]
+            request_id: Option<String>,
+            #[serde(default)]
+            method: Option<String>,
+            #[serde(default)]
+            scheme: Option<String>,
+            #[serde(default)]
+            authority: Option<String>,
+            #[serde(default)]
+            path: Option<String>,
+            #[serde(default, deserialize_with = "lenient_u64")]
+            response_code: Option<u64>,
+            #[serde(default)]
+            response_flags: Option<String>,
+            #[serde(default)]
+            code_details: Option<String>,
+            #[serde(default, deserialize_with = "lenient_u64")]
+            duration_ms: Option<u64>,
+            #[serde(default, deserialize_with = "lenient_u64")]
+            request_header_bytes: Option<u64>,
+            #[serde(default, deserialize_with = "lenient_u64")]
+            bytes_received: Option<u64>,
+            #[serde(default, deserialize_with = "lenient_u64")]
+            response_header_bytes: Option<u64>,
+            #[serde(default, deserialize_with = "lenient_u64")]
+            bytes_sent: Option<u64>,
+            #[serde(default)]
+            source_address: Option<String>,
+            #[serde(default)]
+            authz: Option<serde_json::Value>,
+            #[serde(default)]
+            ratelimit: Option<serde_json::Value>,
+        }
+        let l: Line = serde_json::from_str(line)?;
+        let flags = l.response_flags.unwrap_or_default();
+        let has = |f: &str| flags.split(',').any(|x| x == f);
+        let strings = |v: Option<serde_json::Value>| -> std::collections::HashMap<String, String> {
+            match v {
+                Some(serde_json::Value::Object(m)) => m
+                    .into_iter()
+                    .filter_map(|(k, v)| v.as_str().map(|s| (k, s.to_string())))
+                    .collect(),
+                _ => Default::default(),
+            }
+        };
+        let code_details = l.code_details.unwrap_or_default();
+        Ok(Entry {
+            timestamp: l.timestamp.unwrap_or_default(),
+            request_id: l.request_id.unwrap_or_default(),
+            method: l.method.unwrap_or_default(),
+            scheme: l.scheme.unwrap_or_default(),
+            authority: l.authority.unwrap_or_default(),
+            path: l.path.unwrap_or_default(),
+            response_code: l.response_code.map(|c| c as u16).unwrap_or(0),
+            rate_limited: has("RL"),
+            rate_limit_service_error: has("RLSE"),
+            authz_error: has("UAEX") && code_details == "ext_authz_error",
+            latency_ms: l.duration_ms.unwrap_or(0),
+            bytes_out: l.request_header_bytes.unwrap_or(0) + l.bytes_received.unwrap_or(0),
+            bytes_in: l.response_header_bytes.unwrap_or(0) + l.bytes_sent.unwrap_or(0),
+            source_address: l.source_address.unwrap_or_default(),
+            authz: strings(l.authz),
+            ratelimit: strings(l.ratelimit),
+        })
+    }
+}
+
+/// A number Envoy may render as a JSON number, a string, or `null`/"-".
+fn lenient_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    use serde::Deserialize;
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::String(s) => s.parse().ok(),
+        _ => None,
+    })
+}
+
+/// Envoy's gRPC entry straight to a record.
+pub fn record_from_entry(e: &HttpAccessLogEntry) -> AuditRecord {
+    Entry::from_proto(e).record()
 }
 
 #[cfg(test)]

@@ -9,10 +9,15 @@
 //! Depends on `clawgress-audit-log` only; never on another service.
 
 mod entry;
+mod tail;
 mod writer;
 
 use std::future::Future;
 use std::path::PathBuf;
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use clawgress_audit_log::AuditRecord;
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::{
@@ -26,8 +31,27 @@ use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::Connected;
 
-pub use entry::record_from_entry;
+pub use entry::{record_from_entry, Entry};
+pub use tail::{Checkpoint, Position};
 pub use writer::{JsonlWriter, RecordWriter, WriterError};
+
+/// What flows to the writer thread.
+#[derive(Debug)]
+pub enum Msg {
+    Record(Box<AuditRecord>),
+    /// Save this input position once every record before it is on disk.
+    Checkpoint(Checkpoint),
+}
+
+/// Where access-log entries come from (`gateway.audit_input`).
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// Envoy's gRPC access-log stream only.
+    Grpc,
+    /// Envoy's JSON access-log file (the spool), followed from the offset
+    /// saved in `checkpoint`. The gRPC service is still served.
+    File { log: PathBuf, checkpoint: PathBuf },
+}
 
 /// Where records go.
 #[derive(Debug, Clone)]
@@ -53,7 +77,7 @@ const QUEUE: usize = 16 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct AuditService {
-    tx: mpsc::Sender<AuditRecord>,
+    tx: mpsc::Sender<Msg>,
 }
 
 #[tonic::async_trait]
@@ -69,8 +93,8 @@ impl AccessLogService for AuditService {
                 continue;
             };
             for entry in &logs.log_entry {
-                let record = record_from_entry(entry);
-                if self.tx.send(record).await.is_err() {
+                let record = Box::new(record_from_entry(entry));
+                if self.tx.send(Msg::Record(record)).await.is_err() {
                     return Err(tonic::Status::unavailable("audit writer stopped"));
                 }
             }
@@ -79,10 +103,15 @@ impl AccessLogService for AuditService {
     }
 }
 
-/// Serve the access-log stream on `incoming` until `shutdown`, writing with
-/// `writer`. On shutdown every record already received is written before
-/// this returns.
-pub async fn run<W, I, IO, IE, F>(writer: W, incoming: I, shutdown: F) -> Result<(), Error>
+/// Serve the access-log stream on `incoming` (and follow the access-log
+/// file, with [`Input::File`]) until `shutdown`, writing with `writer`. On
+/// shutdown every record already received is written before this returns.
+pub async fn run<W, I, IO, IE, F>(
+    writer: W,
+    input: Input,
+    incoming: I,
+    shutdown: F,
+) -> Result<(), Error>
 where
     W: RecordWriter + 'static,
     I: Stream<Item = Result<IO, IE>> + Send + 'static,
@@ -101,6 +130,19 @@ where
             r
         })
         .map_err(|e| Error::Writer(WriterError::Io(e)))?;
+    let stop_tail = Arc::new(AtomicBool::new(false));
+    let tail_thread = match input {
+        Input::Grpc => None,
+        Input::File { log, checkpoint } => {
+            let (tx, stop) = (tx.clone(), stop_tail.clone());
+            Some(
+                std::thread::Builder::new()
+                    .name("audit-tail".into())
+                    .spawn(move || tail::follow(log, checkpoint, tx, stop))
+                    .map_err(|e| Error::Writer(WriterError::Io(e)))?,
+            )
+        }
+    };
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .add_service(AccessLogServiceServer::new(AuditService { tx }))
@@ -125,13 +167,23 @@ where
         }
     };
     drop(server);
-    // Every sender is gone with the server: the writer drains what is
-    // queued and stops.
+    stop_tail.store(true, Ordering::Relaxed);
+    let tailed = match tail_thread {
+        Some(t) => tokio::task::spawn_blocking(move || t.join())
+            .await
+            .map_err(|_| Error::WriterPanicked)?
+            .map_err(|_| Error::WriterPanicked)?
+            .map_err(|e| Error::Writer(WriterError::Io(e))),
+        None => Ok(()),
+    };
+    // Every sender is gone with the server and the tail: the writer drains
+    // what is queued and stops.
     let written = tokio::task::spawn_blocking(move || writer_thread.join())
         .await
         .map_err(|_| Error::WriterPanicked)?
         .map_err(|_| Error::WriterPanicked)?;
     written?;
+    tailed?;
     served?;
     Ok(())
 }
@@ -139,26 +191,83 @@ where
 /// How long open access-log streams may take to finish at shutdown.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Write records in batches: block for one, take what else is queued, write
-/// and sync them together.
-fn write_loop<W: RecordWriter>(
-    mut writer: W,
-    mut rx: mpsc::Receiver<AuditRecord>,
-) -> Result<(), WriterError> {
-    let mut batch = Vec::new();
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < 1024 {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
+/// Request ids recently written, to drop an entry seen twice (a resend, or
+/// file lines re-read after a crash between append and checkpoint).
+struct Recent {
+    set: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl Recent {
+    const CAP: usize = 200_000;
+
+    fn new(seed: Vec<String>) -> Recent {
+        let mut r = Recent {
+            set: HashSet::new(),
+            order: VecDeque::new(),
+        };
+        for id in seed {
+            r.insert(id);
+        }
+        r
+    }
+
+    /// False if `id` was seen. Empty ids (requests Envoy refused before
+    /// giving them one) are never duplicates.
+    fn insert(&mut self, id: String) -> bool {
+        if id.is_empty() {
+            return true;
+        }
+        if !self.set.insert(id.clone()) {
+            return false;
+        }
+        self.order.push_back(id);
+        if self.order.len() > Self::CAP {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
             }
         }
-        if let Err(e) = writer.append(&mut batch) {
-            tracing::error!(alert = "audit-write-failed", error = %e, lost = batch.len(), "audit append failed");
-            return Err(e);
+        true
+    }
+}
+
+/// Write records in batches: block for one message, take what else is
+/// queued, append and sync the records together, then save any checkpoint
+/// that came after them.
+fn write_loop<W: RecordWriter>(
+    mut writer: W,
+    mut rx: mpsc::Receiver<Msg>,
+) -> Result<(), WriterError> {
+    let mut recent = Recent::new(writer.recent_request_ids());
+    let mut batch = Vec::new();
+    let mut checkpoint: Option<Checkpoint> = None;
+    while let Some(first) = rx.blocking_recv() {
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Record(r) => {
+                    if recent.insert(r.request_id.clone()) {
+                        batch.push(*r);
+                    } else {
+                        tracing::debug!(request_id = r.request_id, "duplicate entry dropped");
+                    }
+                }
+                Msg::Checkpoint(c) => checkpoint = Some(c),
+            }
+            if batch.len() < 1024 {
+                next = rx.try_recv().ok();
+            }
         }
-        batch.clear();
+        if !batch.is_empty() {
+            if let Err(e) = writer.append(&mut batch) {
+                tracing::error!(alert = "audit-write-failed", error = %e, pending = batch.len(), "audit append failed");
+                return Err(e);
+            }
+            batch.clear();
+        }
+        if let Some(c) = checkpoint.take() {
+            c.save()?;
+        }
     }
     Ok(())
 }
@@ -216,6 +325,7 @@ mod tests {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(run(
             w,
+            Input::Grpc,
             tokio_stream::wrappers::TcpListenerStream::new(l),
             async {
                 let _ = stop_rx.await;

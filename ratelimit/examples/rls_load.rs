@@ -28,12 +28,16 @@ async fn main() {
 
     let mut y = String::from("quotas:\n");
     for i in 0..1000 {
-        y.push_str(&format!("  - {{agent_id: a{i}, rps_limit: 1000000, rpm_limit: 100000000}}\n"));
+        y.push_str(&format!(
+            "  - {{agent_id: a{i}, rps_limit: 1000000, rpm_limit: 100000000}}\n"
+        ));
     }
     let doc = Document::from_yaml(&y).expect("valid").policy();
     let store = open_store(&store_spec).expect("store");
     let svc = RatelimitService::new(&doc, store);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(run(
         svc,
@@ -43,7 +47,11 @@ async fn main() {
     // A few HTTP/2 connections, shared by the clients, as Envoy does.
     let mut conns = Vec::new();
     for _ in 0..4 {
-        conns.push(RateLimitServiceClient::connect(url.clone()).await.expect("connect"));
+        conns.push(
+            RateLimitServiceClient::connect(url.clone())
+                .await
+                .expect("connect"),
+        );
     }
     let deadline = Instant::now() + Duration::from_secs(secs);
     let hist = Arc::new(std::sync::Mutex::new(

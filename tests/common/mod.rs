@@ -44,11 +44,17 @@ impl Stack {
     /// Start `up` with `body` (agents/policies/quotas YAML) plus a gateway
     /// section on a free port. Returns once `up` printed that it is up.
     pub fn start(body: &str) -> Stack {
+        Self::start_with_gateway("", body)
+    }
+
+    /// As [`Stack::start`], with extra `gateway:` lines (each indented two
+    /// spaces, e.g. `"  audit_input: grpc\n"`).
+    pub fn start_with_gateway(gateway: &str, body: &str) -> Stack {
         let dir = tempfile::tempdir().expect("tempdir");
         let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let config = dir.path().join("clawgress.yaml");
         let yaml = format!(
-            "gateway:\n  proxy_listen: {proxy}\n  state_dir: {}\n{body}",
+            "gateway:\n  proxy_listen: {proxy}\n  state_dir: {}\n{gateway}{body}",
             dir.path().join("state").display()
         );
         std::fs::write(&config, yaml).expect("write config");
@@ -286,6 +292,36 @@ pub fn curl(args: &[&str], env: &[(&str, &str)]) -> Reply {
         body: std::fs::read_to_string(&body).unwrap_or_default(),
         curl_exit: out.status.code().unwrap_or(-1),
     }
+}
+
+/// One plain-HTTP GET through the proxy on a raw socket (no process spawn,
+/// for load); returns the status code, 0 on failure.
+pub fn raw_get(proxy: SocketAddr, url: &str, agent: &str, key: &str) -> u16 {
+    use base64::Engine;
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(proxy) else {
+        return 0;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let host = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or("");
+    let cred = base64::engine::general_purpose::STANDARD.encode(format!("{agent}:{key}"));
+    let req = format!(
+        "GET {url} HTTP/1.1\r\nHost: {host}\r\nProxy-Authorization: Basic {cred}\r\nConnection: close\r\n\r\n"
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return 0;
+    }
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let text = String::from_utf8_lossy(&resp);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Request heads an upstream saw: (lower-cased header name, value) lists.

@@ -133,13 +133,16 @@ pub enum QuotaCheck {
     Rls,
 }
 
-/// How the audit sink receives Envoy's access log (§11). Only `grpc` is wired
-/// so far; `file` is refused by [`Document::validate`].
+/// How the audit sink receives Envoy's access log (§11): `file` (Envoy
+/// writes a local JSON access-log file, the spool, which the sink follows;
+/// nothing is lost while the sink is down) or `grpc` (Envoy's access-log
+/// stream, for a sink on another host; entries Envoy buffers while the sink
+/// is away can be lost).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuditInput {
-    File,
     #[default]
+    File,
     Grpc,
 }
 
@@ -829,14 +832,6 @@ impl Document {
                 "`authz` (quotas checked inside Check) is not available yet; use `rls`".into(),
             );
         }
-        if self.gateway.audit_input == AuditInput::File {
-            push(
-                "gateway.audit_input".into(),
-                Some("audit_input"),
-                "`file` (sink tails Envoy's access-log file) is not available yet; use `grpc`"
-                    .into(),
-            );
-        }
         let rl = &self.stores.ratelimit;
         if rl != "memory" && !rl.starts_with("redis://") && !rl.starts_with("redis-cluster://") {
             push(
@@ -1290,7 +1285,6 @@ quotas:
     fn unfinished_features_are_refused_not_ignored() {
         for extra in [
             "gateway: {quota_check: authz}\n",
-            "gateway: {audit_input: file}\n",
             "jwt: {issuers: [{issuer: x}]}\n",
         ] {
             let text = format!("{extra}{GOOD}");
