@@ -82,9 +82,31 @@ pub trait CounterStore: Send + Sync {
 /// In-process counters for one node (the `clawgress up` default).
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    // (agent, window) -> (window start, count). One lock: the critical
-    // section is a few map operations, shorter than any contention it causes.
-    counters: Mutex<HashMap<(String, Window), (u64, u32)>>,
+    // scope -> per window: (window, window start, count). Looked up by &str,
+    // so a request allocates nothing once its scope has been seen. One lock:
+    // the critical section is a few map operations, shorter than any
+    // contention it causes.
+    counters: Mutex<HashMap<String, Vec<(Window, u64, u32)>>>,
+}
+
+impl MemoryStore {
+    fn lock(
+        &self,
+    ) -> Result<std::sync::MutexGuard<'_, HashMap<String, Vec<(Window, u64, u32)>>>, StoreError>
+    {
+        self.counters
+            .lock()
+            .map_err(|_| StoreError("memory store lock poisoned".into()))
+    }
+}
+
+/// The current count of `w` in `slots` for the window starting at `start`.
+fn current(slots: &[(Window, u64, u32)], w: Window, start: u64) -> u32 {
+    slots
+        .iter()
+        .find(|(sw, s, _)| *sw == w && *s == start)
+        .map(|(_, _, c)| *c)
+        .unwrap_or(0)
 }
 
 #[async_trait::async_trait]
@@ -96,28 +118,28 @@ impl CounterStore for MemoryStore {
         hits: u32,
         now_ms: u64,
     ) -> Result<Vec<WindowStatus>, StoreError> {
-        let mut map = self
-            .counters
-            .lock()
-            .map_err(|_| StoreError("memory store lock poisoned".into()))?;
-        let current = |map: &HashMap<(String, Window), (u64, u32)>, l: &Limit| {
-            let start = window_start(l.window, now_ms);
-            match map.get(&(scope.to_string(), l.window)) {
-                Some(&(s, c)) if s == start => (start, c),
-                _ => (start, 0),
-            }
-        };
+        let mut map = self.lock()?;
+        if !map.contains_key(scope) {
+            map.insert(scope.to_string(), Vec::with_capacity(limits.len()));
+        }
+        let slots = map
+            .get_mut(scope)
+            .ok_or_else(|| StoreError("memory store lost a scope".into()))?;
         let fits = limits.iter().all(|l| {
-            let (_, c) = current(&map, l);
+            let c = current(slots, l.window, window_start(l.window, now_ms));
             u64::from(c) + u64::from(hits) <= u64::from(l.max)
         });
         let mut out = Vec::with_capacity(limits.len());
         for l in limits {
-            let (start, mut count) = current(&map, l);
+            let start = window_start(l.window, now_ms);
+            let mut count = current(slots, l.window, start);
             let over = u64::from(count) + u64::from(hits) > u64::from(l.max);
             if fits {
                 count = count.saturating_add(hits);
-                map.insert((scope.to_string(), l.window), (start, count));
+                match slots.iter_mut().find(|(w, _, _)| *w == l.window) {
+                    Some(slot) => *slot = (l.window, start, count),
+                    None => slots.push((l.window, start, count)),
+                }
             }
             out.push(WindowStatus {
                 limit: *l,
@@ -137,15 +159,14 @@ impl CounterStore for MemoryStore {
         hits: u32,
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        let mut map = self
-            .counters
-            .lock()
-            .map_err(|_| StoreError("memory store lock poisoned".into()))?;
-        for l in limits {
-            let start = window_start(l.window, now_ms);
-            if let Some((s, c)) = map.get_mut(&(scope.to_string(), l.window)) {
-                if *s == start {
-                    *c = c.saturating_sub(hits);
+        let mut map = self.lock()?;
+        if let Some(slots) = map.get_mut(scope) {
+            for l in limits {
+                let start = window_start(l.window, now_ms);
+                for (w, s, c) in slots.iter_mut() {
+                    if *w == l.window && *s == start {
+                        *c = c.saturating_sub(hits);
+                    }
                 }
             }
         }
