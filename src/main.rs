@@ -1,6 +1,7 @@
 //! The `clawgress` binary: parses the command line, sets up logging, and
 //! hands off to the part that does the work. Nothing else lives here.
 
+mod metrics;
 mod node;
 mod serve;
 mod sys;
@@ -57,6 +58,11 @@ enum Command {
         /// host:port or unix:/path/to.sock
         #[arg(long, value_name = "ADDR")]
         listen: serve::Listen,
+        /// Serve Prometheus metrics (and /healthz) here: host:port or
+        /// unix:/path. `up` gives each child a socket and serves them all at
+        /// gateway.admin_listen.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<serve::Listen>,
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
@@ -87,20 +93,29 @@ enum KeyCommand {
     },
 }
 
-fn init_tracing() {
+/// Logs to stderr, filtered by `CLAWGRESS_LOG` (default `info`); every
+/// event with an `alert` field also counts in `clawgress_alerts_total`.
+fn init_tracing(alerts: metrics::Alerts) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_env("CLAWGRESS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .with(metrics::AlertLayer { alerts })
         .init();
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    let (registry, alerts) = metrics::registry_with_alerts();
+    init_tracing(alerts);
     let result = match cli.command {
         Command::Up {
             check_config: Some(file),
@@ -121,19 +136,30 @@ fn main() -> ExitCode {
             envoy,
             ..
         } => runtime(false).and_then(|rt| {
-            rt.block_on(up::up(up::UpArgs {
-                config,
-                state_dir,
-                envoy,
-            }))
+            rt.block_on(up::up(
+                up::UpArgs {
+                    config,
+                    state_dir,
+                    envoy,
+                },
+                registry,
+            ))
         }),
         Command::Serve {
             service,
             config,
             listen,
+            metrics_listen,
             state_dir,
         } => runtime(true).and_then(|rt| {
-            rt.block_on(serve::serve(service, &config, state_dir.as_deref(), listen))
+            rt.block_on(serve::serve(
+                service,
+                &config,
+                state_dir.as_deref(),
+                listen,
+                metrics_listen,
+                registry,
+            ))
         }),
         Command::Reload { config, state_dir } => (|| {
             let doc = config.as_deref().map(node::load).transpose()?;

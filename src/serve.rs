@@ -8,7 +8,11 @@ use anyhow::{Context, Result};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 
-use crate::node;
+use std::sync::Arc;
+
+use prometheus_client::registry::Registry;
+
+use crate::{metrics, node};
 
 /// Where a service listens: `host:port` or `unix:/path`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +59,13 @@ pub async fn shutdown_signal() {
         // Without signal handlers the process is stopped by the default
         // action, which is still a stop.
         _ => std::future::pending::<()>().await,
+    }
+}
+
+async fn expose(listen: Option<Listen>, registry: Registry) -> Result<()> {
+    match listen {
+        Some(l) => http_on(l, metrics_handler(Arc::new(registry))).await,
+        None => Ok(()),
     }
 }
 
@@ -115,11 +126,50 @@ macro_rules! serve_on {
     };
 }
 
+/// Serve `handler` on `listen` (TCP or Unix) until the process ends.
+pub async fn http_on(listen: Listen, handler: metrics::Handler) -> Result<()> {
+    match listen {
+        Listen::Tcp(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            tokio::spawn(async move {
+                while let Ok((s, _)) = l.accept().await {
+                    tokio::spawn(metrics::answer(s, handler.clone()));
+                }
+            });
+        }
+        Listen::Unix(path) => {
+            let l = bind_unix(&path)?;
+            tokio::spawn(async move {
+                while let Ok((s, _)) = l.accept().await {
+                    tokio::spawn(metrics::answer(s, handler.clone()));
+                }
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `/metrics` from `registry`, `/healthz` always 200.
+fn metrics_handler(registry: Arc<Registry>) -> metrics::Handler {
+    Arc::new(move |path: &str| {
+        let reply = match path {
+            "/metrics" => (200, metrics::OPENMETRICS, metrics::encode(&registry)),
+            "/healthz" => (200, "text/plain", "ok\n".to_string()),
+            _ => (404, "text/plain", "not found\n".to_string()),
+        };
+        Box::pin(async move { reply })
+    })
+}
+
 pub async fn serve(
     service: Service,
     config: &Path,
     state_dir: Option<&Path>,
     listen: Listen,
+    metrics_listen: Option<Listen>,
+    mut registry: Registry,
 ) -> Result<()> {
     let doc = node::load(config)?;
     let revision = node::revision_of(&doc);
@@ -132,6 +182,8 @@ pub async fn serve(
                 revision: node::revision_of(doc),
             };
             let svc = clawgress_authz::AuthzService::new(&authz_config(&doc));
+            svc.register_metrics(&mut registry);
+            expose(metrics_listen, registry).await?;
             let s = svc.clone();
             let _reloader = on_hangup(config, move |doc| s.reload(&authz_config(doc)))?;
             serve_on!(listen, |inc, sd| clawgress_authz::run(svc, inc, sd));
@@ -147,6 +199,8 @@ pub async fn serve(
             }
             let svc = clawgress_ratelimit::RatelimitService::new(&doc.policy(), store)
                 .fail_open(fail_open);
+            svc.register_metrics(&mut registry);
+            expose(metrics_listen, registry).await?;
             let s = svc.clone();
             let _reloader = on_hangup(config, move |doc| s.reload(&doc.policy()))?;
             serve_on!(listen, |inc, sd| clawgress_ratelimit::run(svc, inc, sd));
@@ -168,10 +222,17 @@ pub async fn serve(
                 }
             };
             tracing::info!(audit_dir = %dir.display(), input = ?input, "audit log open");
+            let audit_metrics = clawgress_audit_sink::AuditMetrics::default();
+            audit_metrics.register(&mut registry);
+            expose(metrics_listen, registry).await?;
             // Nothing to reload here, but SIGHUP must not stop the sink.
             let _reloader = on_hangup(config, |_| {})?;
             serve_on!(listen, |inc, sd| clawgress_audit_sink::run(
-                writer, input, inc, sd
+                writer,
+                input,
+                audit_metrics,
+                inc,
+                sd
             ));
         }
     }

@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
-use crate::{node, serve, sys};
+use crate::{metrics, node, serve, sys};
 
 #[derive(Debug, Clone, Default)]
 pub struct UpArgs {
@@ -46,7 +46,7 @@ enum Event {
     Restart(usize),
 }
 
-pub async fn up(args: UpArgs) -> Result<()> {
+pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -> Result<()> {
     let env = |k: &str| std::env::var(k).ok();
     let (config_path, doc, demo_key) = match &args.config {
         Some(p) => (absolute(p)?, node::load(p)?, None),
@@ -70,6 +70,10 @@ pub async fn up(args: UpArgs) -> Result<()> {
     // A clear error now beats an Envoy crash loop later.
     std::net::TcpListener::bind(proxy)
         .with_context(|| format!("gateway.proxy_listen {proxy} is not free"))?;
+    let admin_addr = doc.gateway.admin_listen;
+    let admin_listener = tokio::net::TcpListener::bind(admin_addr)
+        .await
+        .with_context(|| format!("gateway.admin_listen {admin_addr} is not free"))?;
 
     let envoy = locate_envoy(args.envoy.as_deref())?;
     let boot = clawgress_envoy::Bootstrap {
@@ -104,6 +108,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
             state.display().to_string(),
             "--listen".into(),
             format!("unix:{}", sock.display()),
+            "--metrics-listen".into(),
+            format!("unix:{}", metrics_socket(&run, name).display()),
         ],
     };
     let mut slots: Vec<Slot> = [
@@ -171,11 +177,18 @@ pub async fn up(args: UpArgs) -> Result<()> {
     }
     banner(
         proxy,
+        admin_addr,
         &state,
         &node::audit_dir(&doc, &state),
         &config_path,
         args.config.is_none(),
         demo_key.as_deref(),
+    );
+    serve_admin(
+        admin_listener,
+        run.clone(),
+        boot.admin_socket.clone(),
+        registry,
     );
     let pidfile = run.join("up.pid");
     node::write_private(&pidfile, format!("{}\n", std::process::id()).as_bytes())?;
@@ -295,6 +308,67 @@ pub fn signal_reload(state_dir: &Path) -> Result<()> {
     sys::signal(pid, sys::Sig::Hup);
     println!("reload requested from clawgress up (pid {pid}); its log says whether the config was accepted");
     Ok(())
+}
+
+const SERVICES: [&str; 3] = ["authz", "ratelimit", "audit"];
+
+fn metrics_socket(run: &Path, name: &str) -> PathBuf {
+    run.join(format!("{name}-metrics.sock"))
+}
+
+/// `admin_listen`: `/metrics` (this process's and every child's, merged),
+/// `/healthz` (200 while `up` runs) and `/readyz` (200 when Envoy and every
+/// service answer). No token: loopback scrapers and probes, revealing nothing
+/// else (§10). The admin API will join these here.
+fn serve_admin(
+    listener: tokio::net::TcpListener,
+    run: PathBuf,
+    envoy_admin: PathBuf,
+    registry: prometheus_client::registry::Registry,
+) {
+    let registry = std::sync::Arc::new(registry);
+    let handler: metrics::Handler = std::sync::Arc::new(move |path: &str| {
+        let (path, run, envoy_admin, registry) = (
+            path.to_string(),
+            run.clone(),
+            envoy_admin.clone(),
+            registry.clone(),
+        );
+        Box::pin(async move {
+            match path.as_str() {
+                "/metrics" => {
+                    let mut parts = vec![("up", metrics::encode(&registry))];
+                    for name in SERVICES {
+                        if let Some(text) = metrics::scrape_unix(&metrics_socket(&run, name)).await
+                        {
+                            parts.push((name, text));
+                        }
+                    }
+                    (200, metrics::OPENMETRICS, metrics::merge(&parts))
+                }
+                "/healthz" => (200, "text/plain", "ok\n".to_string()),
+                "/readyz" => {
+                    let mut ready = envoy_ready(&envoy_admin).await;
+                    for name in SERVICES {
+                        ready &= metrics::scrape_unix(&metrics_socket(&run, name))
+                            .await
+                            .is_some();
+                    }
+                    if ready {
+                        (200, "text/plain", "ready\n".to_string())
+                    } else {
+                        (503, "text/plain", "not ready\n".to_string())
+                    }
+                }
+                _ => (404, "text/plain", "not found\n".to_string()),
+            }
+        })
+    });
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(metrics::answer(s, handler.clone()));
+        }
+    });
 }
 
 /// 100 ms after the first exit, doubling per exit in the window, at most 5 s.
@@ -465,6 +539,7 @@ fn python_scripts_dir() -> Option<String> {
 
 fn banner(
     proxy: SocketAddr,
+    admin: SocketAddr,
     state: &Path,
     audit: &Path,
     config: &Path,
@@ -474,6 +549,7 @@ fn banner(
     let url = format!("http://{proxy}");
     println!("clawgress is up.");
     println!("  proxy:     {url}   (HTTP_PROXY / HTTPS_PROXY)");
+    println!("  metrics:   http://{admin}/metrics   (/healthz, /readyz)");
     println!("  config:    {}", config.display());
     println!("  state dir: {}", state.display());
     println!("  audit log: {}", audit.join("audit.jsonl").display());

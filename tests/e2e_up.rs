@@ -204,3 +204,54 @@ fn reload_applies_a_valid_file_and_refuses_a_bad_one() {
         200
     );
 }
+
+#[test]
+fn admin_listen_serves_merged_metrics_health_and_readiness() {
+    let up = Upstream::http();
+    let stack = Stack::start(&config_allowing(
+        &[up.addr.port()],
+        "quotas:\n  - {agent_id: bot, rps_limit: 1000, rpm_limit: 1, mode: alert_only}\n",
+    ));
+    let proxy = stack.proxy_url(AGENT, KEY);
+    let target = format!("http://{}/", up.addr);
+    for _ in 0..3 {
+        assert_eq!(curl(&["-x", &proxy, &target], &[]).status, 200);
+    }
+    assert_eq!(
+        curl(&["-x", &proxy, "http://example.org/"], &[]).status,
+        403
+    );
+    let admin = format!("http://{}", stack.admin);
+    assert_eq!(curl(&[&format!("{admin}/healthz")], &[]).status, 200);
+    assert_eq!(curl(&[&format!("{admin}/readyz")], &[]).status, 200);
+    assert_eq!(curl(&[&format!("{admin}/nope")], &[]).status, 404);
+    stack.wait_audit(4);
+    let m = curl(&[&format!("{admin}/metrics")], &[]);
+    assert_eq!(m.status, 200);
+    let text = m.body;
+    for want in [
+        r#"clawgress_decisions_total{service="authz",decision="allow",reason="policy-allow"} 3"#,
+        r#"clawgress_decisions_total{service="authz",decision="deny",reason="default-deny"} 1"#,
+        r#"clawgress_ratelimit_total{service="ratelimit",mode="alert_only",result="ok"} 1"#,
+        r#"clawgress_ratelimit_total{service="ratelimit",mode="alert_only",result="over_limit"} 2"#,
+        r#"clawgress_alerts_total{service="ratelimit",kind="quota-alert-only"} 1"#,
+        r#"clawgress_audit_records_total{service="audit"} 4"#,
+        "clawgress_check_duration_seconds_bucket",
+        "clawgress_bundle_revision{service=\"authz\",revision=\"sha256:",
+        "# EOF",
+    ] {
+        assert!(text.contains(want), "missing {want}:\n{text}");
+    }
+    assert_eq!(
+        text.matches("# TYPE clawgress_alerts counter").count(),
+        1,
+        "{text}"
+    );
+    // No agent, key, path or request id in any label.
+    for secret in ["bot", KEY, "example.org"] {
+        assert!(
+            !text.contains(secret),
+            "{secret} leaked into metrics:\n{text}"
+        );
+    }
+}

@@ -27,6 +27,8 @@ use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::
 use envoy_types::pb::envoy::service::accesslog::v3::{
     StreamAccessLogsMessage, StreamAccessLogsResponse,
 };
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::Connected;
@@ -41,6 +43,37 @@ pub enum Msg {
     Record(Box<AuditRecord>),
     /// Save this input position once every record before it is on disk.
     Checkpoint(Checkpoint),
+}
+
+/// The sink's metrics (DESIGN.md §10). Cheap to clone; clones share values.
+#[derive(Debug, Clone, Default)]
+pub struct AuditMetrics {
+    /// `clawgress_audit_records_total`
+    pub records: Counter,
+    /// `clawgress_audit_spool_bytes`: access-log bytes not yet ingested.
+    pub spool_bytes: Gauge,
+    /// `clawgress_audit_lag_seconds`: age of the newest record when written.
+    pub lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+impl AuditMetrics {
+    pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
+        reg.register(
+            "clawgress_audit_records",
+            "Audit records written",
+            self.records.clone(),
+        );
+        reg.register(
+            "clawgress_audit_spool_bytes",
+            "Bytes of Envoy's access-log spool not yet ingested",
+            self.spool_bytes.clone(),
+        );
+        reg.register(
+            "clawgress_audit_lag_seconds",
+            "Age of the newest audit record when it was written",
+            self.lag_seconds.clone(),
+        );
+    }
 }
 
 /// Where access-log entries come from (`gateway.audit_input`).
@@ -109,6 +142,7 @@ impl AccessLogService for AuditService {
 pub async fn run<W, I, IO, IE, F>(
     writer: W,
     input: Input,
+    metrics: AuditMetrics,
     incoming: I,
     shutdown: F,
 ) -> Result<(), Error>
@@ -122,10 +156,11 @@ where
 {
     let (tx, rx) = mpsc::channel(QUEUE);
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+    let m = metrics.clone();
     let writer_thread = std::thread::Builder::new()
         .name("audit-writer".into())
         .spawn(move || {
-            let r = write_loop(writer, rx);
+            let r = write_loop(writer, rx, &m);
             let _ = stopped_tx.send(());
             r
         })
@@ -135,10 +170,11 @@ where
         Input::Grpc => None,
         Input::File { log, checkpoint } => {
             let (tx, stop) = (tx.clone(), stop_tail.clone());
+            let spool = metrics.spool_bytes.clone();
             Some(
                 std::thread::Builder::new()
                     .name("audit-tail".into())
-                    .spawn(move || tail::follow(log, checkpoint, tx, stop))
+                    .spawn(move || tail::follow(log, checkpoint, tx, stop, spool))
                     .map_err(|e| Error::Writer(WriterError::Io(e)))?,
             )
         }
@@ -237,6 +273,7 @@ impl Recent {
 fn write_loop<W: RecordWriter>(
     mut writer: W,
     mut rx: mpsc::Receiver<Msg>,
+    metrics: &AuditMetrics,
 ) -> Result<(), WriterError> {
     let mut recent = Recent::new(writer.recent_request_ids());
     let mut batch = Vec::new();
@@ -262,6 +299,16 @@ fn write_loop<W: RecordWriter>(
             if let Err(e) = writer.append(&mut batch) {
                 tracing::error!(alert = "audit-write-failed", error = %e, pending = batch.len(), "audit append failed");
                 return Err(e);
+            }
+            metrics.records.inc_by(batch.len() as u64);
+            if let Some(t) = batch
+                .last()
+                .and_then(|r| humantime::parse_rfc3339(&r.timestamp).ok())
+            {
+                let age = std::time::SystemTime::now()
+                    .duration_since(t)
+                    .unwrap_or_default();
+                metrics.lag_seconds.set(age.as_secs_f64());
             }
             batch.clear();
         }
@@ -326,6 +373,7 @@ mod tests {
         let task = tokio::spawn(run(
             w,
             Input::Grpc,
+            AuditMetrics::default(),
             tokio_stream::wrappers::TcpListenerStream::new(l),
             async {
                 let _ = stop_rx.await;

@@ -77,6 +77,7 @@ pub fn follow(
     checkpoint: PathBuf,
     tx: mpsc::Sender<Msg>,
     stop: Arc<AtomicBool>,
+    spool_bytes: prometheus_client::metrics::gauge::Gauge,
 ) -> std::io::Result<()> {
     let mut pos = Checkpoint::load(&checkpoint);
     let mut buf = vec![0u8; CHUNK];
@@ -104,6 +105,7 @@ pub fn follow(
             carry.clear();
         }
         let backlog = meta.len() - pos.offset - carry.len() as u64;
+        spool_bytes.set(i64::try_from(meta.len() - pos.offset).unwrap_or(i64::MAX));
         if backlog > CHUNK as u64 && !reported_gap {
             tracing::warn!(
                 alert = "audit-backlog",

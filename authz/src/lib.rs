@@ -23,6 +23,11 @@ use envoy_types::ext_authz::v3::pb::{
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
 use envoy_types::pb::google::rpc;
 use ipnet::IpNet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
 use tokio_stream::Stream;
 use tonic::transport::server::Connected;
 
@@ -58,23 +63,89 @@ impl State {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct DecisionLabels {
+    decision: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct RevisionLabels {
+    revision: String,
+}
+
+/// authz's metrics (DESIGN.md §10). No label carries an agent, key, path or
+/// request id.
+#[derive(Debug, Clone)]
+struct Metrics {
+    decisions: Family<DecisionLabels, Counter>,
+    check_duration: Histogram,
+    revision: Family<RevisionLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            decisions: Family::default(),
+            // 1 µs .. ~8 ms.
+            check_duration: Histogram::new(exponential_buckets(1e-6, 2.0, 14)),
+            revision: Family::default(),
+        }
+    }
+}
+
 /// The `Authorization` service. Cheap to clone; clones share state.
 #[derive(Debug, Clone)]
 pub struct AuthzService {
     state: Arc<ArcSwap<State>>,
+    metrics: Metrics,
 }
 
 impl AuthzService {
     pub fn new(config: &Config) -> AuthzService {
-        AuthzService {
+        let svc = AuthzService {
             state: Arc::new(ArcSwap::from_pointee(State::new(config))),
-        }
+            metrics: Metrics::default(),
+        };
+        svc.set_revision(&config.revision);
+        svc
     }
 
     /// Swap in a new policy document atomically; requests in flight finish
     /// under the old one.
     pub fn reload(&self, config: &Config) {
         self.state.store(Arc::new(State::new(config)));
+        self.set_revision(&config.revision);
+    }
+
+    fn set_revision(&self, revision: &str) {
+        self.metrics.revision.clear();
+        self.metrics
+            .revision
+            .get_or_create(&RevisionLabels {
+                revision: revision.to_string(),
+            })
+            .set(1);
+    }
+
+    /// Register authz's metrics: `clawgress_decisions_total{decision,reason}`,
+    /// `clawgress_check_duration_seconds`, `clawgress_bundle_revision{revision}`.
+    pub fn register_metrics(&self, reg: &mut Registry) {
+        reg.register(
+            "clawgress_decisions",
+            "Check decisions by decision and reason",
+            self.metrics.decisions.clone(),
+        );
+        reg.register(
+            "clawgress_check_duration_seconds",
+            "Time to decide one Check",
+            self.metrics.check_duration.clone(),
+        );
+        reg.register(
+            "clawgress_bundle_revision",
+            "The policy revision in force (value 1)",
+            self.metrics.revision.clone(),
+        );
     }
 
     /// The decision for one request, free of proto types.
@@ -310,8 +381,23 @@ impl Authorization for AuthzService {
         request: tonic::Request<CheckRequest>,
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
         let req = request.into_inner();
+        let started = std::time::Instant::now();
         let f = facts(&req);
         let verdict = self.decide(&f);
+        self.metrics
+            .check_duration
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .decisions
+            .get_or_create(&DecisionLabels {
+                decision: if verdict.decision.allow {
+                    "allow"
+                } else {
+                    "deny"
+                },
+                reason: verdict.decision.reason.code(),
+            })
+            .inc();
         tracing::debug!(
             request_id = f.request_id,
             agent_id = verdict

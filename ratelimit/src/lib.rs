@@ -29,6 +29,8 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
 };
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use envoy_types::pb::google::protobuf::{value::Kind, Duration, Struct, Value};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio_stream::Stream;
 use tonic::transport::server::Connected;
 
@@ -139,9 +141,18 @@ pub struct Outcome {
     pub alerts: Vec<String>,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct RatelimitLabels {
+    mode: &'static str,
+    result: &'static str,
+}
+
 /// The `RateLimitService`. Cheap to clone; clones share state.
 #[derive(Clone)]
 pub struct RatelimitService {
+    /// `clawgress_ratelimit_total{mode,result}`: every quota applied to every
+    /// request, result `ok`, `over_limit` or `error`.
+    counted: Family<RatelimitLabels, Counter>,
     quotas: Arc<ArcSwap<HashMap<String, ScopeQuota>>>,
     store: Arc<dyn CounterStore>,
     /// Scope → the minute it last raised `quota-alert-only`.
@@ -153,11 +164,30 @@ pub struct RatelimitService {
 impl RatelimitService {
     pub fn new(doc: &PolicyDocument, store: Arc<dyn CounterStore>) -> RatelimitService {
         RatelimitService {
+            counted: Family::default(),
             quotas: Arc::new(ArcSwap::from_pointee(quotas_by_scope(doc))),
             store,
             alerted: Arc::default(),
             fail_open: false,
         }
+    }
+
+    /// Register `clawgress_ratelimit_total{mode,result}`.
+    pub fn register_metrics(&self, reg: &mut prometheus_client::registry::Registry) {
+        reg.register(
+            "clawgress_ratelimit",
+            "Quota checks by mode (hard_stop, alert_only) and result (ok, over_limit, error)",
+            self.counted.clone(),
+        );
+    }
+
+    fn count(&self, mode: QuotaMode, result: &'static str) {
+        self.counted
+            .get_or_create(&RatelimitLabels {
+                mode: mode.as_str(),
+                result,
+            })
+            .inc();
     }
 
     /// Admit requests (with an alert each time) when the store fails,
@@ -200,6 +230,7 @@ impl RatelimitService {
             let statuses = match self.store.acquire(&scope, &q.limits, hits, now_ms).await {
                 Ok(s) => s,
                 Err(e) => {
+                    self.count(q.mode, "error");
                     self.undo(&counted, hits, now_ms).await;
                     return Err(e);
                 }
@@ -212,6 +243,7 @@ impl RatelimitService {
             }) {
                 o.status = tightest.cloned();
             }
+            self.count(q.mode, if over.is_empty() { "ok" } else { "over_limit" });
             if over.is_empty() {
                 applied.push(format!("{scope}={mode}"));
                 counted.push((scope, q));

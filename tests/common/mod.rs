@@ -35,6 +35,8 @@ pub fn key_hash(key: &str) -> String {
 pub struct Stack {
     pub dir: tempfile::TempDir,
     pub proxy: SocketAddr,
+    /// `gateway.admin_listen`: /metrics, /healthz, /readyz.
+    pub admin: SocketAddr,
     pub config: PathBuf,
     child: Option<Child>,
     pub stderr_log: PathBuf,
@@ -52,9 +54,10 @@ impl Stack {
     pub fn start_with_gateway(gateway: &str, body: &str) -> Stack {
         let dir = tempfile::tempdir().expect("tempdir");
         let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let config = dir.path().join("clawgress.yaml");
         let yaml = format!(
-            "gateway:\n  proxy_listen: {proxy}\n  state_dir: {}\n{gateway}{body}",
+            "gateway:\n  proxy_listen: {proxy}\n  admin_listen: {admin}\n  state_dir: {}\n{gateway}{body}",
             dir.path().join("state").display()
         );
         std::fs::write(&config, yaml).expect("write config");
@@ -71,6 +74,7 @@ impl Stack {
         let mut stack = Stack {
             dir,
             proxy,
+            admin,
             config,
             child: Some(child),
             stderr_log,
