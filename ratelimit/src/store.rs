@@ -79,6 +79,10 @@ pub trait CounterStore: Send + Sync {
     ) -> Result<(), StoreError>;
 }
 
+/// A scope's windows: (window, window start, count).
+type Slots = Vec<(Window, u64, u32)>;
+type Counters = HashMap<String, Slots>;
+
 /// In-process counters for one node (the `clawgress up` default).
 #[derive(Debug, Default)]
 pub struct MemoryStore {
@@ -86,14 +90,11 @@ pub struct MemoryStore {
     // so a request allocates nothing once its scope has been seen. One lock:
     // the critical section is a few map operations, shorter than any
     // contention it causes.
-    counters: Mutex<HashMap<String, Vec<(Window, u64, u32)>>>,
+    counters: Mutex<Counters>,
 }
 
 impl MemoryStore {
-    fn lock(
-        &self,
-    ) -> Result<std::sync::MutexGuard<'_, HashMap<String, Vec<(Window, u64, u32)>>>, StoreError>
-    {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Counters>, StoreError> {
         self.counters
             .lock()
             .map_err(|_| StoreError("memory store lock poisoned".into()))
