@@ -16,14 +16,35 @@ const DEFAULT_CONFIG: &str = include_str!("default-config.yaml");
 pub fn load(path: &Path) -> Result<Document> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config {}", path.display()))?;
-    Document::from_yaml(&text).map_err(|errs| {
+    let mut doc = Document::from_yaml(&text).map_err(|errs| {
         let lines: Vec<String> = errs
             .0
             .iter()
             .map(|e| format!("{}: {e}", path.display()))
             .collect();
         anyhow::anyhow!("invalid config:\n{}", lines.join("\n"))
-    })
+    })?;
+    // Key files named relative to the config file are found next to it.
+    let base = path.parent().unwrap_or(Path::new("."));
+    for iss in &mut doc.jwt.issuers {
+        for f in [&mut iss.jwks_file, &mut iss.hs256_secret_file]
+            .into_iter()
+            .flatten()
+        {
+            if f.is_relative() {
+                *f = base.join(&*f);
+            }
+        }
+    }
+    // Key files are part of the config: a bad one is refused now, not at
+    // the first request.
+    jwt_verifier(&doc).map_err(|e| anyhow::anyhow!("invalid config:\n{}: {e}", path.display()))?;
+    Ok(doc)
+}
+
+/// The issuers' keys of `doc`, loaded from their files.
+pub fn jwt_verifier(doc: &Document) -> Result<clawgress_authz::jwt::JwtVerifier, String> {
+    clawgress_authz::jwt::JwtVerifier::load(&doc.jwt.issuers)
 }
 
 /// The revision name decisions are reported under: a digest of the policy

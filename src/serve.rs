@@ -176,16 +176,24 @@ pub async fn serve(
     tracing::info!(service = ?service, listen = ?listen, revision, "starting");
     match service {
         Service::Authz => {
-            let authz_config = |doc: &clawgress_policy::Document| clawgress_authz::Config {
-                policy: doc.policy(),
-                private_allowed: doc.gateway.private_destinations_allowed.clone(),
-                revision: node::revision_of(doc),
+            let authz_config = |doc: &clawgress_policy::Document| -> Result<_, String> {
+                Ok(clawgress_authz::Config {
+                    policy: doc.policy(),
+                    private_allowed: doc.gateway.private_destinations_allowed.clone(),
+                    revision: node::revision_of(doc),
+                    jwt: Arc::new(node::jwt_verifier(doc)?),
+                })
             };
-            let svc = clawgress_authz::AuthzService::new(&authz_config(&doc));
+            let svc = clawgress_authz::AuthzService::new(
+                &authz_config(&doc).map_err(|e| anyhow::anyhow!(e))?,
+            );
             svc.register_metrics(&mut registry);
             expose(metrics_listen, registry).await?;
             let s = svc.clone();
-            let _reloader = on_hangup(config, move |doc| s.reload(&authz_config(doc)))?;
+            let _reloader = on_hangup(config, move |doc| match authz_config(doc) {
+                Ok(c) => s.reload(&c),
+                Err(e) => tracing::error!(alert = "config-rejected", error = %e, "reload refused"),
+            })?;
             serve_on!(listen, |inc, sd| clawgress_authz::run(svc, inc, sd));
         }
         Service::Ratelimit => {

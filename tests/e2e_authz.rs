@@ -278,3 +278,114 @@ fn envoy_own_answers_are_readable_json_too() {
     }
     assert!(r.header("x-clawgress-policy").is_some());
 }
+
+#[test]
+fn bearer_jwts_through_envoy() {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let up = Upstream::http();
+    let secret = "e2e-hs256-secret-0123456789abcdef-xyz";
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("hs256.secret"), secret).expect("write");
+    let body = format!(
+        r#"jwt:
+  issuers:
+    - issuer: https://idp.test
+      audiences: [clawgress]
+      hs256_secret_file: {secret_file}
+agents:
+  - {{agent_id: {AGENT}, auth_type: api_key, api_key_sha256: "{hash}"}}
+  - {{agent_id: benched, auth_type: jwt, status: disabled}}
+policies:
+  - policy_id: ml-team
+    priority: 10
+    match:
+      identity: {{team_id: ml}}
+      destination: {{hosts: ["127.0.0.1/32"], ports: [{port}]}}
+    action: allow
+"#,
+        secret_file = dir.path().join("hs256.secret").display(),
+        hash = key_hash(KEY),
+        port = up.addr.port()
+    );
+    let stack = Stack::start(&body);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let mint = |claims: serde_json::Value, key: &[u8]| {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(key),
+        )
+        .expect("encode")
+    };
+    let claims = |agent: &str, exp: u64| {
+        serde_json::json!({"iss": "https://idp.test", "aud": "clawgress", "exp": exp,
+                           "agent_id": agent, "team_id": "ml", "project_id": "p1"})
+    };
+    let target = format!("http://{}/", up.addr);
+    let proxy = format!("http://{}", stack.proxy);
+    let bearer = |t: &str| format!("Proxy-Authorization: Bearer {t}");
+
+    let ok = mint(claims("trainer-1", now + 300), secret.as_bytes());
+    let r = curl(
+        &["-x", &proxy, "--proxy-header", &bearer(&ok), &target],
+        &[],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(up.requests()[0]
+        .iter()
+        .all(|(k, _)| k != "proxy-authorization"));
+
+    for (token, status, reason) in [
+        (
+            mint(
+                claims("trainer-1", now + 300),
+                b"forged-secret-forged-secret-forged!!",
+            ),
+            403,
+            "token-bad-signature",
+        ),
+        (
+            mint(claims("trainer-1", now - 3600), secret.as_bytes()),
+            403,
+            "token-expired",
+        ),
+        (
+            mint(claims("benched", now + 300), secret.as_bytes()),
+            403,
+            "agent-disabled",
+        ),
+        (
+            mint(claims(AGENT, now + 300), secret.as_bytes()),
+            403,
+            "invalid-credentials",
+        ),
+        ("not.a.jwt".to_string(), 407, "token-malformed"),
+        (format!("{ok}{}", "x".repeat(9000)), 403, "token-too-large"),
+    ] {
+        let r = curl(
+            &["-x", &proxy, "--proxy-header", &bearer(&token), &target],
+            &[],
+        );
+        assert_eq!(
+            (r.status, r.json()["reason"].as_str()),
+            (status, Some(reason)),
+            "{r:?}"
+        );
+        assert!(
+            !r.body.contains(&token[..token.len().min(20)]),
+            "the token is never echoed"
+        );
+    }
+    assert_eq!(up.requests().len(), 1);
+    let recs = stack.wait_audit(7);
+    let allowed = recs
+        .iter()
+        .find(|r| r["decision"] == "allow")
+        .expect("allowed record");
+    assert_eq!(allowed["agent_id"], "trainer-1");
+    assert_eq!(allowed["team_id"], "ml");
+    assert_eq!(allowed["policy_id"], "ml-team");
+}

@@ -45,6 +45,24 @@ fn check_config_names_field_line_and_reason() {
         "nothing was started"
     );
 
+    // Key files are part of the config: a missing one is named up front.
+    std::fs::write(
+        &bad,
+        "jwt:\n  issuers:\n    - {issuer: https://idp.test, jwks_file: nowhere.json}\nagents: []\n",
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_clawgress"))
+        .args(["up", "--check-config"])
+        .arg(&bad)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nowhere.json") && err.contains("https://idp.test"),
+        "{err}"
+    );
+
     let good = dir.path().join("good.yaml");
     std::fs::write(&good, config_allowing(&[8080], "")).expect("write");
     let out = Command::new(env!("CARGO_BIN_EXE_clawgress"))

@@ -8,6 +8,8 @@
 //! decides, and [`response`] turns the verdict into a `CheckResponse` once.
 //! Depends on `clawgress-policy` only; never on another service.
 
+pub mod jwt;
+
 use std::future::Future;
 use std::sync::Arc;
 
@@ -39,6 +41,8 @@ pub struct Config {
     pub policy: PolicyDocument,
     pub private_allowed: Vec<IpNet>,
     pub revision: String,
+    /// The issuers' keys, loaded by [`jwt::JwtVerifier::load`].
+    pub jwt: Arc<jwt::JwtVerifier>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +56,7 @@ pub enum Error {
 struct State {
     agents: AgentDirectory,
     policies: PolicySet,
+    jwt: Arc<jwt::JwtVerifier>,
 }
 
 impl State {
@@ -59,6 +64,36 @@ impl State {
         State {
             agents: AgentDirectory::new(&c.policy),
             policies: PolicySet::new(&c.policy, &c.private_allowed, &c.revision),
+            jwt: c.jwt.clone(),
+        }
+    }
+
+    /// A bearer token's identity: verified claims, then the agent's listing
+    /// (if any) for its status. A listed agent that authenticates otherwise
+    /// cannot be impersonated by a token.
+    fn bearer(&self, token: &str) -> Result<Identity, (Reason, Option<Identity>)> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let c = self
+            .jwt
+            .verify(token, now)
+            .map_err(|f| (Reason::Token(f), None))?;
+        let identity = Identity {
+            agent_id: c.agent_id,
+            team_id: c.team_id,
+            project_id: c.project_id,
+            environment: c.environment,
+            auth_type: clawgress_policy::config::AuthType::Jwt,
+        };
+        match self.agents.listing(&identity.agent_id) {
+            None => Ok(identity),
+            Some((clawgress_policy::config::AuthType::Jwt, false)) => Ok(identity),
+            Some((clawgress_policy::config::AuthType::Jwt, true)) => {
+                Err((Reason::AgentDisabled, Some(identity)))
+            }
+            Some(_) => Err((Reason::InvalidCredentials, None)),
         }
     }
 }
@@ -152,16 +187,28 @@ impl AuthzService {
     pub fn decide(&self, f: &Facts<'_>) -> Verdict {
         let state = self.state.load();
         let revision = state.policies.revision().to_string();
-        let identity = match state.agents.authenticate(f.proxy_authorization) {
-            Ok(id) => id,
-            Err(e) => {
-                let (reason, identity) = match e {
+        let bearer = f
+            .proxy_authorization
+            .map(str::trim)
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim());
+        let authenticated = match bearer {
+            Some(token) if !state.jwt.is_empty() => state.bearer(token),
+            _ => state
+                .agents
+                .authenticate(f.proxy_authorization)
+                .map_err(|e| match e {
                     AuthError::Missing => (Reason::MissingCredentials, None),
                     AuthError::Malformed => (Reason::MalformedCredentials, None),
                     AuthError::Invalid => (Reason::InvalidCredentials, None),
                     AuthError::JwtNotConfigured => (Reason::JwtNotConfigured, None),
                     AuthError::Disabled(id) => (Reason::AgentDisabled, Some(id)),
-                };
+                }),
+        };
+        let identity = match authenticated {
+            Ok(id) => id,
+            Err((reason, identity)) => {
                 return Verdict {
                     identity,
                     decision: Decision::deny("", reason),
@@ -460,6 +507,7 @@ policies:
             policy: doc.policy(),
             private_allowed: vec![],
             revision: "rev-1".into(),
+            jwt: Arc::default(),
         })
     }
 

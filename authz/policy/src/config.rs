@@ -977,12 +977,44 @@ impl PolicyDocument {
                 );
             }
         }
-        if !self.jwt.issuers.is_empty() {
-            push(
-                "jwt.issuers".into(),
-                Some("issuers".into()),
-                "JWT identities are not available yet; use api_key agents".into(),
-            );
+        let mut issuers = std::collections::HashSet::new();
+        for (i, iss) in self.jwt.issuers.iter().enumerate() {
+            let path = format!("jwt.issuers[{i}]");
+            let needle = Some(format!("issuer: {}", iss.issuer));
+            if iss.issuer.is_empty() {
+                push(
+                    format!("{path}.issuer"),
+                    needle.clone(),
+                    "must not be empty".into(),
+                );
+            }
+            if !issuers.insert(iss.issuer.as_str()) {
+                push(
+                    format!("{path}.issuer"),
+                    needle.clone(),
+                    format!("duplicate issuer {:?}", iss.issuer),
+                );
+            }
+            if iss.jwks_url.is_some() {
+                push(
+                    format!("{path}.jwks_url"),
+                    needle.clone(),
+                    "jwks_url is not available yet; use jwks_file".into(),
+                );
+            } else if iss.jwks_file.is_none() && iss.hs256_secret_file.is_none() {
+                push(
+                    path.clone(),
+                    needle.clone(),
+                    "needs jwks_file or hs256_secret_file".into(),
+                );
+            }
+            if iss.clock_skew_s > 600 {
+                push(
+                    format!("{path}.clock_skew_s"),
+                    needle.clone(),
+                    "at most 600 seconds".into(),
+                );
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for (i, p) in self.policies.iter().enumerate() {
@@ -1286,6 +1318,7 @@ quotas:
         for extra in [
             "gateway: {quota_check: authz}\n",
             "jwt: {issuers: [{issuer: x}]}\n",
+            "jwt: {issuers: [{issuer: x, jwks_url: \"https://idp/jwks\"}]}\n",
         ] {
             let text = format!("{extra}{GOOD}");
             assert!(Document::from_yaml(&text).is_err(), "{extra}");

@@ -16,9 +16,52 @@ use crate::identity::Identity;
 /// The `policy_id` of the implicit final rule.
 pub const DEFAULT_DENY: &str = "default-deny";
 
+/// Why a bearer token was refused: each names the check that failed, never
+/// the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenFailure {
+    TooLarge,
+    Malformed,
+    UnknownIssuer,
+    AlgorithmNotAllowed,
+    UnknownKey,
+    BadSignature,
+    Expired,
+    MissingExp,
+    NotYetValid,
+    IssuedInFuture,
+    WrongAudience,
+    BadType,
+    CriticalHeader,
+    MissingAgentClaim,
+}
+
+impl TokenFailure {
+    pub fn code(self) -> &'static str {
+        match self {
+            TokenFailure::TooLarge => "token-too-large",
+            TokenFailure::Malformed => "token-malformed",
+            TokenFailure::UnknownIssuer => "token-unknown-issuer",
+            TokenFailure::AlgorithmNotAllowed => "token-algorithm-not-allowed",
+            TokenFailure::UnknownKey => "token-unknown-key",
+            TokenFailure::BadSignature => "token-bad-signature",
+            TokenFailure::Expired => "token-expired",
+            TokenFailure::MissingExp => "token-missing-exp",
+            TokenFailure::NotYetValid => "token-not-yet-valid",
+            TokenFailure::IssuedInFuture => "token-issued-in-future",
+            TokenFailure::WrongAudience => "token-wrong-audience",
+            TokenFailure::BadType => "token-bad-type",
+            TokenFailure::CriticalHeader => "token-critical-header",
+            TokenFailure::MissingAgentClaim => "token-missing-agent-claim",
+        }
+    }
+}
+
 /// Stable machine codes an agent can act on (§3 `reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
+    /// A bearer token failed a check.
+    Token(TokenFailure),
     PolicyAllow,
     PolicyDeny,
     DefaultDeny,
@@ -36,6 +79,7 @@ pub enum Reason {
 impl Reason {
     pub fn code(self) -> &'static str {
         match self {
+            Reason::Token(f) => f.code(),
             Reason::PolicyAllow => "policy-allow",
             Reason::PolicyDeny => "policy-deny",
             Reason::DefaultDeny => "default-deny",
@@ -56,6 +100,10 @@ impl Reason {
     pub fn hint(self) -> &'static str {
         match self {
             Reason::PolicyAllow => "",
+            Reason::Token(TokenFailure::TooLarge) => "The token is larger than 8 KiB; ask the issuer for a smaller token.",
+            Reason::Token(TokenFailure::Malformed) => "The bearer token could not be parsed as a JWT; send Proxy-Authorization: Bearer <JWT>.",
+            Reason::Token(TokenFailure::Expired | TokenFailure::NotYetValid | TokenFailure::IssuedInFuture) => "The token is not valid at this time; get a fresh token from the issuer (and check the agent's clock).",
+            Reason::Token(_) => "The token was not accepted; get a token from an issuer the gateway operator has configured.",
             Reason::PolicyDeny => "A policy denies this destination for this agent; ask the gateway operator to change that policy if the access is needed.",
             Reason::DefaultDeny => "No policy allows this destination for this agent; ask the gateway operator to add an allow policy for it.",
             Reason::PrivateDestination => "Private, loopback, link-local and metadata addresses are blocked; only the operator can allow a specific private range.",
@@ -74,7 +122,9 @@ impl Reason {
     pub fn http_status(self) -> u16 {
         match self {
             Reason::PolicyAllow => 200,
-            Reason::MissingCredentials | Reason::MalformedCredentials => 407,
+            Reason::MissingCredentials
+            | Reason::MalformedCredentials
+            | Reason::Token(TokenFailure::Malformed) => 407,
             Reason::QuotaExceeded => 429,
             _ => 403,
         }

@@ -83,6 +83,13 @@ impl AgentDirectory {
         AgentDirectory { by_id }
     }
 
+    /// A listed agent's auth type and whether it is disabled.
+    pub fn listing(&self, agent_id: &str) -> Option<(AuthType, bool)> {
+        self.by_id
+            .get(agent_id)
+            .map(|e| (e.identity.auth_type, e.disabled))
+    }
+
     pub fn len(&self) -> usize {
         self.by_id.len()
     }

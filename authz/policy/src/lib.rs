@@ -15,6 +15,6 @@ pub mod path;
 
 pub use config::{ConfigError, Document, PolicyDocument};
 pub use destination::{Destination, DestinationError};
-pub use eval::{Decision, PolicySet, Reason, RequestFacts};
+pub use eval::{Decision, PolicySet, Reason, RequestFacts, TokenFailure};
 pub use identity::{AgentDirectory, AuthError, Identity};
 pub use path::{normalise_path, PathError};
