@@ -1,6 +1,7 @@
 //! The `clawgress` binary: parses the command line, sets up logging, and
 //! hands off to the part that does the work. Nothing else lives here.
 
+mod audit;
 mod metrics;
 mod node;
 mod serve;
@@ -76,10 +77,58 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// This node's audit log: verify its hash chain and signed checkpoints,
+    /// or query it.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// API keys for agents.
     Key {
         #[command(subcommand)]
         command: KeyCommand,
+    },
+}
+
+/// Where to find this node's files: the same `--config` as `up`, or the
+/// state directory itself.
+#[derive(clap::Args)]
+struct NodeArgs {
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain and every signed checkpoint; name the first
+    /// record that was altered, inserted, removed or cut off. Exit 0 when
+    /// intact, 1 when not.
+    Verify {
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Print audit records, newest first.
+    Query {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        agent: Option<String>,
+        /// allow or deny
+        #[arg(long)]
+        decision: Option<String>,
+        /// Destination host.
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long)]
+        request_id: Option<String>,
     },
 }
 
@@ -167,6 +216,38 @@ fn main() -> ExitCode {
             let dir = node::state_dir(state_dir.as_deref(), doc.as_ref(), &env)?;
             up::signal_reload(&dir)
         })(),
+        Command::Audit {
+            command: AuditCommand::Verify { node },
+        } => match audit::paths(node.config.as_deref(), node.state_dir.as_deref())
+            .and_then(|p| audit::verify(&p, node.json))
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => Err(e),
+        },
+        Command::Audit {
+            command:
+                AuditCommand::Query {
+                    node,
+                    limit,
+                    agent,
+                    decision,
+                    host,
+                    request_id,
+                },
+        } => audit::paths(node.config.as_deref(), node.state_dir.as_deref()).and_then(|p| {
+            audit::query(
+                &p,
+                &audit::Query {
+                    limit,
+                    agent,
+                    decision,
+                    host,
+                    request_id,
+                },
+                node.json,
+            )
+        }),
         Command::Key {
             command: KeyCommand::New { agent },
         } => {

@@ -86,6 +86,11 @@ pub fn audit_dir(doc: &Document, state_dir: &Path) -> PathBuf {
         .unwrap_or_else(|| state_dir.join("audit"))
 }
 
+/// Keys this node holds (the audit signing key): `state_dir/keys`.
+pub fn keys_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("keys")
+}
+
 /// The spool directory: `stores.audit_spool_dir`, else `state_dir/spool`.
 /// It holds Envoy's access-log file and the sink's checkpoint in it.
 pub fn spool_dir(doc: &Document, state_dir: &Path) -> PathBuf {

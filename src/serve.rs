@@ -216,7 +216,9 @@ pub async fn serve(
         Service::Audit => {
             let state = node::state_dir(state_dir, Some(&doc), &|k| std::env::var(k).ok())?;
             let dir = node::audit_dir(&doc, &state);
-            let writer = clawgress_audit_sink::JsonlWriter::open(&dir)
+            let key = clawgress_audit_sink::AuditKey::load_or_create(&node::keys_dir(&state))
+                .context("audit signing key")?;
+            let writer = clawgress_audit_sink::JsonlWriter::open(&dir, Some(key))
                 .with_context(|| format!("cannot open audit log in {}", dir.display()))?;
             let input = match doc.gateway.audit_input {
                 clawgress_policy::config::AuditInput::Grpc => clawgress_audit_sink::Input::Grpc,

@@ -109,6 +109,17 @@ fn n_requests_make_exactly_n_records(input: &str) {
     assert_eq!(anon["reason"], "missing-credentials");
     let seqs: Vec<u64> = recs.iter().filter_map(|r| r["seq"].as_u64()).collect();
     assert_eq!(seqs, (1..=n as u64).collect::<Vec<_>>());
+    // The chain and checkpoints survived the kill.
+    let mut stack = stack;
+    stack.stop();
+    let (code, out) = clawgress(&[
+        "audit",
+        "verify",
+        "--config",
+        &stack.config.display().to_string(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("ok: {n} records")), "{out}");
 }
 
 #[test]
@@ -156,4 +167,113 @@ fn sink_killed_under_load_loses_nothing_and_duplicates_nothing() {
     assert_eq!(ids.len(), n, "one record per request id");
     let seqs: Vec<u64> = recs.iter().filter_map(|r| r["seq"].as_u64()).collect();
     assert_eq!(seqs, (1..=n as u64).collect::<Vec<_>>());
+}
+
+fn clawgress(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clawgress"))
+        .args(args)
+        .output()
+        .expect("run clawgress");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn audit_verify_names_tampering_and_query_reads_newest_first() {
+    let up = Upstream::http();
+    let mut stack = Stack::start(&config_allowing(&[up.addr.port()], ""));
+    let proxy = stack.proxy_url(AGENT, KEY);
+    for i in 0..6 {
+        assert_eq!(
+            curl(&["-x", &proxy, &format!("http://{}/r{i}", up.addr)], &[]).status,
+            200
+        );
+    }
+    assert_eq!(
+        curl(&["-x", &proxy, "http://example.org/"], &[]).status,
+        403
+    );
+    assert_eq!(stack.wait_audit(7).len(), 7);
+    // Stopping seals the log with a signed checkpoint.
+    stack.stop();
+    let cfg = stack.config.display().to_string();
+    let (code, out) = clawgress(&["audit", "verify", "--config", &cfg]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok: 7 records"), "{out}");
+
+    let (code, out) = clawgress(&["audit", "query", "--config", &cfg, "--limit", "2", "--json"]);
+    assert_eq!(code, 0, "{out}");
+    let rows: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(rows.as_array().map(|a| a.len()), Some(2));
+    assert_eq!(rows[0]["seq"], 7, "newest first");
+    assert_eq!(rows[0]["decision"], "deny");
+    let (_, out) = clawgress(&[
+        "audit",
+        "query",
+        "--config",
+        &cfg,
+        "--decision",
+        "allow",
+        "--json",
+    ]);
+    let rows: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(rows.as_array().map(|a| a.len()), Some(6));
+
+    let log = stack.state().join("audit").join("audit.jsonl");
+    let original = std::fs::read_to_string(&log).expect("log");
+    let lines: Vec<&str> = original.lines().collect();
+
+    // Altered: record 3 says it went somewhere else.
+    let altered = original.replacen(lines[2], &lines[2].replace("/r2", "/innocent"), 1);
+    std::fs::write(&log, &altered).expect("write");
+    let (code, out) = clawgress(&["audit", "verify", "--config", &cfg, "--json"]);
+    assert_eq!(code, 1, "{out}");
+    let r: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        (r["problem"]["kind"].as_str(), r["problem"]["seq"].as_u64()),
+        (Some("altered"), Some(3)),
+        "{out}"
+    );
+
+    // Removed: record 4 deleted.
+    let removed: String = lines
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3)
+        .map(|(_, l)| format!("{l}\n"))
+        .collect();
+    std::fs::write(&log, &removed).expect("write");
+    let (code, out) = clawgress(&["audit", "verify", "--config", &cfg, "--json"]);
+    let r: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        (
+            code,
+            r["problem"]["kind"].as_str(),
+            r["problem"]["seq"].as_u64()
+        ),
+        (1, Some("removed"), Some(4)),
+        "{out}"
+    );
+
+    // Cut off: the last two records gone.
+    let cut: String = lines[..5].iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&log, &cut).expect("write");
+    let (code, out) = clawgress(&["audit", "verify", "--config", &cfg]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("cut off") && out.contains("seq 6"), "{out}");
+
+    // A forged checkpoint (not signed by this node's key) is refused too.
+    std::fs::write(&log, &original).expect("write");
+    let cps = stack.state().join("audit").join("checkpoints.jsonl");
+    let text = std::fs::read_to_string(&cps).expect("checkpoints");
+    std::fs::write(&cps, text.replacen("\\n7\\n", "\\n8\\n", 1)).expect("write");
+    let (code, out) = clawgress(&["audit", "verify", "--config", &cfg]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("BadCheckpoint"), "{out}");
 }

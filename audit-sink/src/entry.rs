@@ -127,6 +127,8 @@ impl Entry {
             source_address: self.source_address.clone(),
             shadow_decision: get(&self.authz, "shadow_decision"),
             shadow_policy_id: get(&self.authz, "shadow_policy_id"),
+            // Set by the writer, which knows the predecessor.
+            prev_hash: String::new(),
         }
     }
 

@@ -35,7 +35,9 @@ use tonic::transport::server::Connected;
 
 pub use entry::{record_from_entry, Entry};
 pub use tail::{Checkpoint, Position};
-pub use writer::{JsonlWriter, RecordWriter, WriterError};
+pub use writer::{
+    read_checkpoints, AuditKey, JsonlWriter, RecordWriter, WriterError, KEY_NAME, ORIGIN,
+};
 
 /// What flows to the writer thread.
 #[derive(Debug)]
@@ -43,7 +45,14 @@ pub enum Msg {
     Record(Box<AuditRecord>),
     /// Save this input position once every record before it is on disk.
     Checkpoint(Checkpoint),
+    /// Time passed: seal what is unsealed (a signed log checkpoint).
+    Tick,
 }
+
+/// Seal the log every this many records ...
+const SEAL_EVERY: u64 = 1000;
+/// ... and at least this often while records arrive.
+const SEAL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The sink's metrics (DESIGN.md §10). Cheap to clone; clones share values.
 #[derive(Debug, Clone, Default)]
@@ -179,6 +188,18 @@ where
             )
         }
     };
+    let ticker = {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(SEAL_INTERVAL);
+            loop {
+                every.tick().await;
+                if tx.send(Msg::Tick).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .add_service(AccessLogServiceServer::new(AuditService { tx }))
@@ -203,6 +224,8 @@ where
         }
     };
     drop(server);
+    ticker.abort();
+    let _ = ticker.await;
     stop_tail.store(true, Ordering::Relaxed);
     let tailed = match tail_thread {
         Some(t) => tokio::task::spawn_blocking(move || t.join())
@@ -278,6 +301,7 @@ fn write_loop<W: RecordWriter>(
     let mut recent = Recent::new(writer.recent_request_ids());
     let mut batch = Vec::new();
     let mut checkpoint: Option<Checkpoint> = None;
+    let mut tick = false;
     while let Some(first) = rx.blocking_recv() {
         let mut next = Some(first);
         while let Some(msg) = next.take() {
@@ -290,6 +314,7 @@ fn write_loop<W: RecordWriter>(
                     }
                 }
                 Msg::Checkpoint(c) => checkpoint = Some(c),
+                Msg::Tick => tick = true,
             }
             if batch.len() < 1024 {
                 next = rx.try_recv().ok();
@@ -315,7 +340,13 @@ fn write_loop<W: RecordWriter>(
         if let Some(c) = checkpoint.take() {
             c.save()?;
         }
+        if writer.unsealed() >= SEAL_EVERY || (tick && writer.unsealed() > 0) {
+            writer.checkpoint()?;
+        }
+        tick = false;
     }
+    // Seal at close: every record written is covered by a checkpoint.
+    writer.checkpoint()?;
     Ok(())
 }
 

@@ -3,8 +3,11 @@
 //! store and Grafana use.
 //!
 //! Pure data and its serialised form; no I/O, no dependency on any service
-//! crate. Chaining, checkpoints and verification join this crate with the
-//! audit issue; the record shape here is the one they will cover.
+//! crate. [`chain`] holds the hash chain, Merkle tree and signed
+//! checkpoints; [`verify`] checks a whole log against them.
+
+pub mod chain;
+pub mod verify;
 
 use serde::{Deserialize, Serialize};
 
@@ -60,6 +63,9 @@ pub struct AuditRecord {
     pub shadow_decision: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub shadow_policy_id: String,
+    /// SHA-256 (hex) of the previous record's line as written; the first
+    /// record has [`chain::GENESIS`]. Set by the writer.
+    pub prev_hash: String,
 }
 
 impl AuditRecord {
