@@ -86,6 +86,12 @@ pub fn audit_dir(doc: &Document, state_dir: &Path) -> PathBuf {
         .unwrap_or_else(|| state_dir.join("audit"))
 }
 
+/// The mark the audit sink sets while its storage is full, and authz
+/// watches (§10).
+pub fn audit_blocked_mark(state_dir: &Path) -> PathBuf {
+    state_dir.join("audit.blocked")
+}
+
 /// Keys this node holds (the audit signing key): `state_dir/keys`.
 pub fn keys_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("keys")

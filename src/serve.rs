@@ -44,21 +44,24 @@ pub enum Service {
     Audit,
 }
 
-/// Resolves when SIGTERM or SIGINT arrives.
-pub async fn shutdown_signal() {
+/// Resolves when SIGTERM or SIGINT arrives. The handlers are installed by
+/// this call, not when the future is first polled, so a signal that comes
+/// before serving starts is not lost to the default action.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! {
-                _ = t.recv() => {}
-                _ = i.recv() => {}
+    async move {
+        match (term, int) {
+            (Ok(mut t), Ok(mut i)) => {
+                tokio::select! {
+                    _ = t.recv() => {}
+                    _ = i.recv() => {}
+                }
             }
+            // Without handlers the default action still stops the process.
+            _ => std::future::pending::<()>().await,
         }
-        // Without signal handlers the process is stopped by the default
-        // action, which is still a stop.
-        _ => std::future::pending::<()>().await,
     }
 }
 
@@ -187,6 +190,8 @@ pub async fn serve(
             let svc = clawgress_authz::AuthzService::new(
                 &authz_config(&doc).map_err(|e| anyhow::anyhow!(e))?,
             );
+            let state = node::state_dir(state_dir, Some(&doc), &|k| std::env::var(k).ok())?;
+            let _watch = svc.watch_audit_block(node::audit_blocked_mark(&state));
             svc.register_metrics(&mut registry);
             expose(metrics_listen, registry).await?;
             let s = svc.clone();
@@ -231,7 +236,17 @@ pub async fn serve(
                     }
                 }
             };
-            tracing::info!(audit_dir = %dir.display(), input = ?input, "audit log open");
+            // The spool is watched too when it is used (file input).
+            let mut watched = vec![dir.clone()];
+            if let clawgress_audit_sink::Input::File { log, .. } = &input {
+                watched.extend(log.parent().map(Path::to_path_buf));
+            }
+            let guard = clawgress_audit_sink::DiskGuard::new(
+                watched,
+                doc.audit.min_free_mb,
+                node::audit_blocked_mark(&state),
+            );
+            tracing::info!(audit_dir = %dir.display(), input = ?input, min_free_mb = doc.audit.min_free_mb, "audit log open");
             let audit_metrics = clawgress_audit_sink::AuditMetrics::default();
             audit_metrics.register(&mut registry);
             expose(metrics_listen, registry).await?;
@@ -241,6 +256,7 @@ pub async fn serve(
                 writer,
                 input,
                 audit_metrics,
+                Some(guard),
                 inc,
                 sd
             ));

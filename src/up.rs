@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
-use crate::{metrics, node, serve, sys};
+use crate::{metrics, node, sys};
 
 #[derive(Debug, Clone, Default)]
 pub struct UpArgs {
@@ -47,6 +47,12 @@ enum Event {
 }
 
 pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Handlers first: a SIGTERM or SIGHUP that arrives while starting must
+    // not take the default action (which would kill `up` on the spot).
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let env = |k: &str| std::env::var(k).ok();
     let (config_path, doc, demo_key) = match &args.config {
         Some(p) => (absolute(p)?, node::load(p)?, None),
@@ -145,9 +151,6 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
     let envoy_index = slots.len() - 1;
 
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut stop = std::pin::pin!(serve::shutdown_signal());
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("cannot handle SIGHUP")?;
     let mut doc = doc;
 
     // Services first, each ready before Envoy starts sending them requests.
@@ -195,8 +198,12 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
 
     let outcome = loop {
         tokio::select! {
-            _ = &mut stop => {
-                tracing::info!("stopping: Envoy first, then the services");
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: stopping Envoy first, then the services");
+                break Ok(());
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT: stopping Envoy first, then the services");
                 break Ok(());
             }
             _ = hup.recv() => {

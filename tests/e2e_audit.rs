@@ -277,3 +277,51 @@ fn audit_verify_names_tampering_and_query_reads_newest_first() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("BadCheckpoint"), "{out}");
 }
+
+#[test]
+fn full_audit_storage_refuses_new_requests_with_503() {
+    let up = Upstream::http();
+    // More free space required than any disk has: storage counts as full.
+    let stack = Stack::start(&format!(
+        "audit:\n  min_free_mb: 1000000000\n{}",
+        config_allowing(&[up.addr.port()], "")
+    ));
+    let proxy = stack.proxy_url(AGENT, KEY);
+    let target = format!("http://{}/", up.addr);
+    assert!(
+        eventually(std::time::Duration::from_secs(10), || stack
+            .state()
+            .join("audit.blocked")
+            .exists()),
+        "{}",
+        stack.stderr()
+    );
+    assert!(
+        eventually(std::time::Duration::from_secs(5), || curl(
+            &["-x", &proxy, &target],
+            &[]
+        )
+        .status
+            == 503),
+        "requests still flow"
+    );
+    // authz polls the mark every 200 ms; from the first refusal on, nothing
+    // that could not be recorded goes out.
+    let before = up.requests().len();
+    for _ in 0..3 {
+        let r = curl(&["-x", &proxy, &target], &[]);
+        assert_eq!(r.status, 503, "{r:?}");
+        assert_eq!(r.json()["reason"], "audit-unavailable");
+        assert!(r.header("x-clawgress-policy").is_some());
+    }
+    assert_eq!(
+        up.requests().len(),
+        before,
+        "a request went out while the audit was full"
+    );
+    assert!(
+        stack.stderr().contains("audit-disk-full"),
+        "{}",
+        stack.stderr()
+    );
+}

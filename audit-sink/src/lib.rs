@@ -8,6 +8,7 @@
 //! gRPC runtime and records keep one order.
 //! Depends on `clawgress-audit-log` only; never on another service.
 
+mod disk;
 mod entry;
 mod tail;
 mod writer;
@@ -33,6 +34,7 @@ use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::Connected;
 
+pub use disk::{free_bytes, DiskGuard};
 pub use entry::{record_from_entry, Entry};
 pub use tail::{Checkpoint, Position};
 pub use writer::{
@@ -152,6 +154,7 @@ pub async fn run<W, I, IO, IE, F>(
     writer: W,
     input: Input,
     metrics: AuditMetrics,
+    guard: Option<DiskGuard>,
     incoming: I,
     shutdown: F,
 ) -> Result<(), Error>
@@ -169,7 +172,7 @@ where
     let writer_thread = std::thread::Builder::new()
         .name("audit-writer".into())
         .spawn(move || {
-            let r = write_loop(writer, rx, &m);
+            let r = write_loop(writer, rx, &m, guard);
             let _ = stopped_tx.send(());
             r
         })
@@ -297,11 +300,15 @@ fn write_loop<W: RecordWriter>(
     mut writer: W,
     mut rx: mpsc::Receiver<Msg>,
     metrics: &AuditMetrics,
+    mut guard: Option<DiskGuard>,
 ) -> Result<(), WriterError> {
     let mut recent = Recent::new(writer.recent_request_ids());
     let mut batch = Vec::new();
     let mut checkpoint: Option<Checkpoint> = None;
     let mut tick = false;
+    if let Some(g) = guard.as_mut() {
+        g.check();
+    }
     while let Some(first) = rx.blocking_recv() {
         let mut next = Some(first);
         while let Some(msg) = next.take() {
@@ -320,10 +327,22 @@ fn write_loop<W: RecordWriter>(
                 next = rx.try_recv().ok();
             }
         }
+        if tick {
+            if let Some(g) = guard.as_mut() {
+                g.check();
+            }
+        }
         if !batch.is_empty() {
-            if let Err(e) = writer.append(&mut batch) {
-                tracing::error!(alert = "audit-write-failed", error = %e, pending = batch.len(), "audit append failed");
-                return Err(e);
+            if !append_when_room(&mut writer, &mut batch, guard.as_mut(), &rx)? {
+                // Stopped while storage was full: what is held here was not
+                // written; with the file input it is still in the spool and
+                // its checkpoint was not advanced, so it is read again.
+                tracing::error!(
+                    alert = "audit-write-deferred",
+                    pending = batch.len(),
+                    "stopping with audit storage full; pending records left in the spool"
+                );
+                return Ok(());
             }
             metrics.records.inc_by(batch.len() as u64);
             if let Some(t) = batch
@@ -348,6 +367,40 @@ fn write_loop<W: RecordWriter>(
     // Seal at close: every record written is covered by a checkpoint.
     writer.checkpoint()?;
     Ok(())
+}
+
+/// How often a sink held up by full storage looks again.
+const FULL_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Append `batch`, waiting while storage is short (or a write ran out of
+/// space) instead of failing: nothing is dropped. False if every sender went
+/// away while waiting.
+fn append_when_room<W: RecordWriter>(
+    writer: &mut W,
+    batch: &mut [AuditRecord],
+    mut guard: Option<&mut DiskGuard>,
+    rx: &mpsc::Receiver<Msg>,
+) -> Result<bool, WriterError> {
+    loop {
+        let room = guard.as_deref_mut().is_none_or(|g| g.check());
+        if room {
+            match writer.append(batch) {
+                Ok(()) => return Ok(true),
+                Err(WriterError::Io(e)) if disk::is_no_space(&e) => match guard.as_deref_mut() {
+                    Some(g) => g.block("a write ran out of space"),
+                    None => return Err(WriterError::Io(e)),
+                },
+                Err(e) => {
+                    tracing::error!(alert = "audit-write-failed", error = %e, pending = batch.len(), "audit append failed");
+                    return Err(e);
+                }
+            }
+        }
+        if rx.is_closed() {
+            return Ok(false);
+        }
+        std::thread::sleep(FULL_RETRY);
+    }
 }
 
 #[cfg(test)]
@@ -396,6 +449,17 @@ mod tests {
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<Result<(), Error>>,
     ) {
+        start_guarded(w, None).await
+    }
+
+    async fn start_guarded(
+        w: Memory,
+        guard: Option<DiskGuard>,
+    ) -> (
+        String,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<(), Error>>,
+    ) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -405,6 +469,7 @@ mod tests {
             w,
             Input::Grpc,
             AuditMetrics::default(),
+            guard,
             tokio_stream::wrappers::TcpListenerStream::new(l),
             async {
                 let _ = stop_rx.await;
@@ -432,6 +497,43 @@ mod tests {
                 .map(|r| r.request_id.clone())
                 .collect();
         assert_eq!(ids, ["a", "b", "c"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn full_storage_blocks_then_drains_without_loss() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mark = dir.path().join("audit.blocked");
+        let free = Arc::new(AtomicU64::new(0));
+        let f = free.clone();
+        let guard = DiskGuard::new(vec![dir.path().to_path_buf()], 256, mark.clone())
+            .with_probe(move |_| Ok(f.load(Ordering::SeqCst)));
+        let w = Memory::default();
+        let (url, stop, task) = start_guarded(w.clone(), Some(guard)).await;
+        let mut client = AccessLogServiceClient::connect(url).await.expect("connect");
+        client
+            .stream_access_logs(tokio_stream::iter(vec![message(&["a", "b"])]))
+            .await
+            .expect("stream");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(mark.exists(), "blocked while short of space");
+        assert!(
+            w.0.lock().expect("lock").is_empty(),
+            "nothing written while full"
+        );
+        free.store(1 << 40, Ordering::SeqCst);
+        let mut drained = false;
+        for _ in 0..50 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            if w.0.lock().expect("lock").len() == 2 {
+                drained = true;
+                break;
+            }
+        }
+        assert!(drained, "the held records were written once space returned");
+        assert!(!mark.exists(), "the mark is gone");
+        let _ = stop.send(());
+        task.await.expect("join").expect("run ok");
     }
 
     #[tokio::test]

@@ -116,6 +116,9 @@ pub struct JsonlWriter {
     sealed: u64,
     key: Option<AuditKey>,
     recent: Vec<String>,
+    /// A write failed part-way: the next one starts on a fresh line, so the
+    /// partial line stays a torn record (kept, skipped by readers).
+    needs_newline: bool,
 }
 
 impl std::fmt::Debug for JsonlWriter {
@@ -171,6 +174,7 @@ impl JsonlWriter {
             sealed,
             key,
             recent: scan.recent,
+            needs_newline: false,
         })
     }
 }
@@ -273,6 +277,9 @@ impl RecordWriter for JsonlWriter {
 
     fn append(&mut self, batch: &mut [AuditRecord]) -> Result<(), WriterError> {
         let mut buf = String::new();
+        if self.needs_newline {
+            buf.push('\n');
+        }
         let (mut seq, mut prev, mut tree) =
             (self.next_seq, self.last_hash.clone(), self.tree.clone());
         for r in batch.iter_mut() {
@@ -285,8 +292,15 @@ impl RecordWriter for JsonlWriter {
             buf.push_str(&line);
             buf.push('\n');
         }
-        self.file.write_all(buf.as_bytes())?;
-        self.file.sync_data()?;
+        if let Err(e) = self
+            .file
+            .write_all(buf.as_bytes())
+            .and_then(|()| self.file.sync_data())
+        {
+            self.needs_newline = true;
+            return Err(e.into());
+        }
+        self.needs_newline = false;
         // Only once the batch is on disk does the chain move on.
         (self.next_seq, self.last_hash, self.tree) = (seq, prev, tree);
         Ok(())

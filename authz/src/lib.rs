@@ -134,6 +134,8 @@ impl Default for Metrics {
 pub struct AuthzService {
     state: Arc<ArcSwap<State>>,
     metrics: Metrics,
+    /// `state_dir/audit.blocked` exists: the sink cannot record (§10).
+    audit_blocked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AuthzService {
@@ -141,6 +143,7 @@ impl AuthzService {
         let svc = AuthzService {
             state: Arc::new(ArcSwap::from_pointee(State::new(config))),
             metrics: Metrics::default(),
+            audit_blocked: Arc::default(),
         };
         svc.set_revision(&config.revision);
         svc
@@ -151,6 +154,32 @@ impl AuthzService {
     pub fn reload(&self, config: &Config) {
         self.state.store(Arc::new(State::new(config)));
         self.set_revision(&config.revision);
+    }
+
+    /// Refuse new requests (503 `audit-unavailable`) while `mark` exists:
+    /// the audit sink creates it when its storage is full (`on_full: deny`).
+    /// Polled off the request path, every 200 ms.
+    pub fn watch_audit_block(&self, mark: std::path::PathBuf) -> tokio::task::JoinHandle<()> {
+        let flag = self.audit_blocked.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_millis(200));
+            loop {
+                every.tick().await;
+                let now = tokio::fs::try_exists(&mark).await.unwrap_or(false);
+                let was = flag.swap(now, std::sync::atomic::Ordering::Relaxed);
+                if now != was {
+                    tracing::warn!(
+                        blocked = now,
+                        "audit storage {}",
+                        if now {
+                            "full: refusing new requests"
+                        } else {
+                            "has room again"
+                        }
+                    );
+                }
+            }
+        })
     }
 
     fn set_revision(&self, revision: &str) {
@@ -187,6 +216,16 @@ impl AuthzService {
     pub fn decide(&self, f: &Facts<'_>) -> Verdict {
         let state = self.state.load();
         let revision = state.policies.revision().to_string();
+        if self
+            .audit_blocked
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Verdict {
+                identity: None,
+                decision: Decision::deny("", Reason::AuditUnavailable),
+                revision,
+            };
+        }
         let bearer = f
             .proxy_authorization
             .map(str::trim)

@@ -847,11 +847,11 @@ impl Document {
                 "must differ from gateway.proxy_listen".into(),
             );
         }
-        if self.audit != AuditSettings::default() {
+        if self.audit.on_full == OnFull::Allow {
             push(
-                "audit".into(),
-                Some("audit:"),
-                "min_free_mb / on_full other than the defaults (256, deny) are not available yet"
+                "audit.on_full".into(),
+                Some("on_full"),
+                "`allow` (traffic flows, a signed gap record counts what was lost) is not available yet; use `deny`"
                     .into(),
             );
         }
@@ -1272,6 +1272,7 @@ quotas:
             ("agents:\n  - {agent_id: x, auth_type: source_ip, source_cidrs: [10.0.0.0/8]}\n", "source_ip"),
             ("stores: {audit_query: \"postgres://u@h/db\"}\nagents: []\n", "PostgreSQL"),
             ("audit: {on_full: allow}\nagents: []\n", "not available yet"),
+            ("audit: {min_free_mb: -1}\nagents: []\n", "min_free_mb"),
             ("gateway: {admin_listen: \"127.0.0.1:10000\"}\nagents: []\n", "must differ"),
             ("policies:\n  - {policy_id: p, priority: 1, match: {destination: {hosts: [\"10.0.0.0/33\"]}}, action: allow}\n", "not a valid CIDR"),
             ("policies:\n  - {policy_id: p, priority: 1, match: {destination: {hosts: [\"*\"]}, method: []}, action: allow}\n", "empty list"),

@@ -74,6 +74,8 @@ pub enum Reason {
     JwtNotConfigured,
     AgentDisabled,
     QuotaExceeded,
+    /// The audit sink cannot record (storage full): nothing is let through.
+    AuditUnavailable,
 }
 
 impl Reason {
@@ -92,6 +94,7 @@ impl Reason {
             Reason::JwtNotConfigured => "jwt-not-configured",
             Reason::AgentDisabled => "agent-disabled",
             Reason::QuotaExceeded => "quota-exceeded",
+            Reason::AuditUnavailable => "audit-unavailable",
         }
     }
 
@@ -115,6 +118,7 @@ impl Reason {
             Reason::JwtNotConfigured => "This gateway accepts no bearer tokens; ask the operator for an API key or to configure a JWT issuer.",
             Reason::AgentDisabled => "This agent is disabled; ask the gateway operator to re-enable it.",
             Reason::QuotaExceeded => "This agent is over its request quota; wait for the Retry-After period or ask the operator to raise the quota.",
+            Reason::AuditUnavailable => "The gateway cannot record requests right now (audit storage is full); retry later, the operator has been alerted.",
         }
     }
 
@@ -126,6 +130,7 @@ impl Reason {
             | Reason::MalformedCredentials
             | Reason::Token(TokenFailure::Malformed) => 407,
             Reason::QuotaExceeded => 429,
+            Reason::AuditUnavailable => 503,
             _ => 403,
         }
     }
