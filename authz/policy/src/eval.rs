@@ -5,6 +5,7 @@
 //! are sorted once in that order when the set is built, so evaluation is the
 //! first match. Nothing matching is a deny named `default-deny`.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -179,9 +180,71 @@ impl Decision {
 #[derive(Debug, Default)]
 pub struct PolicySet {
     enforced: Vec<Policy>,
+    enforced_index: Index,
     shadow: Vec<Policy>,
+    shadow_index: Index,
     private_allowed: Vec<IpNet>,
     revision: String,
+}
+
+/// Which policies can match a host, so that Check looks at a handful of
+/// candidates instead of every policy. Values are positions in the
+/// precedence-sorted policy list, so the first candidate that fully matches
+/// is the winner, exactly as a scan in order would find it.
+#[derive(Debug, Default)]
+struct Index {
+    exact: HashMap<String, Vec<u32>>,
+    /// Keyed by the suffix with its leading dot (`.pythonhosted.org`).
+    suffix: HashMap<String, Vec<u32>>,
+    /// `*`: any name, any public address.
+    any: Vec<u32>,
+    nets: Vec<(IpNet, u32)>,
+}
+
+impl Index {
+    fn build(policies: &[Policy]) -> Index {
+        let mut idx = Index::default();
+        for (i, p) in policies.iter().enumerate() {
+            let i = i as u32;
+            for h in &p.match_.destination.hosts {
+                match h {
+                    HostPattern::Exact(n) => idx.exact.entry(n.clone()).or_default().push(i),
+                    HostPattern::Suffix(s) => idx.suffix.entry(s.clone()).or_default().push(i),
+                    HostPattern::Any => idx.any.push(i),
+                    HostPattern::Net(n) => idx.nets.push((*n, i)),
+                }
+            }
+        }
+        idx
+    }
+
+    /// Candidate positions for `host`, ascending, without duplicates.
+    fn candidates(&self, host: &Host) -> Vec<u32> {
+        let mut out: Vec<u32> = Vec::new();
+        match host {
+            Host::Name(n) => {
+                if let Some(v) = self.exact.get(n) {
+                    out.extend_from_slice(v);
+                }
+                // Every proper suffix starting at a dot: "a.b.c" → ".b.c", ".c".
+                for (pos, _) in n.match_indices('.') {
+                    if let Some(v) = self.suffix.get(&n[pos..]) {
+                        out.extend_from_slice(v);
+                    }
+                }
+            }
+            Host::Ip(ip) => out.extend(
+                self.nets
+                    .iter()
+                    .filter(|(net, _)| net.contains(ip))
+                    .map(|(_, i)| *i),
+            ),
+        }
+        out.extend_from_slice(&self.any);
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
 }
 
 impl PolicySet {
@@ -190,10 +253,12 @@ impl PolicySet {
         enabled.sort_by(|a, b| {
             (a.priority, a.action, &a.policy_id).cmp(&(b.priority, b.action, &b.policy_id))
         });
-        let (shadow, enforced) = enabled
+        let (shadow, enforced): (Vec<Policy>, Vec<Policy>) = enabled
             .into_iter()
             .partition(|p| p.mode == PolicyMode::Shadow);
         PolicySet {
+            enforced_index: Index::build(&enforced),
+            shadow_index: Index::build(&shadow),
             enforced,
             shadow,
             private_allowed: private_allowed.to_vec(),
@@ -226,12 +291,19 @@ impl PolicySet {
             };
             return Decision::deny(DEFAULT_DENY, reason);
         }
-        let first = |set: &[Policy]| set.iter().find(|p| matches(p, req, guard)).cloned();
-        let shadow = first(&self.shadow).map(|p| ShadowDecision {
+        let host = &req.destination.host;
+        let first = |set: &[Policy], idx: &Index| {
+            idx.candidates(host)
+                .into_iter()
+                .filter_map(|i| set.get(i as usize))
+                .find(|p| matches(p, req, guard))
+                .cloned()
+        };
+        let shadow = first(&self.shadow, &self.shadow_index).map(|p| ShadowDecision {
             allow: p.action == Action::Allow,
             policy_id: p.policy_id.to_string(),
         });
-        let mut decision = match first(&self.enforced) {
+        let mut decision = match first(&self.enforced, &self.enforced_index) {
             Some(p) if p.action == Action::Allow => Decision {
                 allow: true,
                 policy_id: p.policy_id.to_string(),
@@ -539,6 +611,94 @@ policies:
         let s = PolicySet::new(&doc, &["10.0.0.0/8".parse().expect("net")], "r1");
         assert!(eval(&s, &wide, "10.1.2.3", "GET", "/").allow);
         assert!(!eval(&s, &wide, "192.168.1.1", "GET", "/").allow);
+    }
+
+    /// The decision of a plain scan in precedence order, for comparison.
+    fn linear(s: &PolicySet, req: &RequestFacts<'_>) -> Option<String> {
+        let guard = match req.destination.host {
+            Host::Ip(ip) => guarded_range(ip).filter(|_| !s.private_exempt(ip)),
+            Host::Name(_) => None,
+        };
+        s.enforced
+            .iter()
+            .find(|p| matches(p, req, guard))
+            .map(|p| p.policy_id.to_string())
+    }
+
+    #[test]
+    fn the_index_decides_exactly_like_a_scan_and_order_of_listing_is_irrelevant() {
+        let mut y = String::from("policies:\n");
+        let hosts = [
+            "a.example.com",
+            "*.example.com",
+            "*.b.example.com",
+            "*",
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "8.8.8.0/24",
+            "0.0.0.0/0",
+            "x.y.z",
+            "*.y.z",
+            "127.0.0.1/32",
+        ];
+        for i in 0..60u32 {
+            let h1 = hosts[(i as usize * 7) % hosts.len()];
+            let h2 = hosts[(i as usize * 3 + 1) % hosts.len()];
+            let action = if i % 4 == 0 { "deny" } else { "allow" };
+            let team = if i % 5 == 0 { "\"*\"" } else { "[t1, t2]" };
+            y.push_str(&format!(
+                "  - {{policy_id: p{i:02}, priority: {}, match: {{identity: {{team_id: {team}}}, destination: {{hosts: [\"{h1}\", \"{h2}\"]}}}}, action: {action}}}\n",
+                (i * 37) % 11
+            ));
+        }
+        let doc = Document::from_yaml(&y).expect("valid").policy();
+        let mut shuffled = doc.clone();
+        shuffled.policies.reverse();
+        shuffled.policies.rotate_left(17);
+        let a = PolicySet::new(&doc, &[], "r");
+        let b = PolicySet::new(&shuffled, &[], "r");
+        let targets = [
+            "a.example.com",
+            "q.b.example.com",
+            "example.com",
+            "x.y.z",
+            "deep.x.y.z",
+            "10.1.2.3",
+            "10.9.9.9",
+            "8.8.8.8",
+            "1.1.1.1",
+            "127.0.0.1",
+            "[::1]",
+            "other.org",
+        ];
+        for team in ["t1", "t3"] {
+            let id = who("any", team);
+            for t in targets {
+                let dest = Destination::parse_authority(t, 443).expect("authority");
+                let req = RequestFacts {
+                    identity: &id,
+                    destination: &dest,
+                    method: "GET",
+                    path: "/",
+                    connect: false,
+                };
+                let da = a.evaluate(&req);
+                let want = linear(&a, &req);
+                assert_eq!(
+                    da.allow
+                        .then(|| da.policy_id.clone())
+                        .or(Some(da.policy_id.clone()))
+                        .filter(|p| p != DEFAULT_DENY),
+                    want,
+                    "{team} {t}"
+                );
+                assert_eq!(
+                    da,
+                    b.evaluate(&req),
+                    "listing order changed the decision for {team} {t}"
+                );
+            }
+        }
     }
 
     #[test]
