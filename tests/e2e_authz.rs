@@ -389,3 +389,49 @@ policies:
     assert_eq!(allowed["team_id"], "ml");
     assert_eq!(allowed["policy_id"], "ml-team");
 }
+
+#[test]
+fn profiles_and_shadow_policies_through_envoy() {
+    let up = Upstream::http();
+    let port = up.addr.port();
+    let body = format!(
+        r#"agents:
+  - {{agent_id: {AGENT}, team_id: infra, auth_type: api_key, api_key_sha256: "{hash}"}}
+  - {{agent_id: locked, auth_type: api_key, profile: none, api_key_sha256: "{hash}"}}
+policies:
+  - policy_id: allow-local
+    priority: 100
+    match:
+      destination: {{hosts: ["127.0.0.1/32"], ports: [{port}]}}
+    action: allow
+  - policy_id: trial-deny
+    priority: 1
+    mode: shadow
+    match:
+      identity: {{agent_id: {AGENT}}}
+      destination: {{hosts: ["127.0.0.1/32"]}}
+    action: deny
+"#,
+        hash = key_hash(KEY)
+    );
+    let stack = Stack::start(&body);
+    let target = format!("http://{}/", up.addr);
+    // The shadow deny is recorded but changes nothing.
+    let r = curl(&["-x", &stack.proxy_url(AGENT, KEY), &target], &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    // profile: none overrides every allow.
+    let r = curl(&["-x", &stack.proxy_url("locked", KEY), &target], &[]);
+    assert_eq!(
+        (r.status, r.json()["policy_id"].as_str()),
+        (403, Some("profile:none")),
+        "{r:?}"
+    );
+    let recs = stack.wait_audit(2);
+    let allowed = recs
+        .iter()
+        .find(|r| r["decision"] == "allow")
+        .expect("allowed");
+    assert_eq!(allowed["policy_id"], "allow-local");
+    assert_eq!(allowed["shadow_decision"], "deny");
+    assert_eq!(allowed["shadow_policy_id"], "trial-deny");
+}

@@ -336,6 +336,11 @@ impl Name {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// For ids this crate generates itself (valid by construction).
+    pub(crate) fn generated(s: &str) -> Name {
+        Name(s.to_string())
+    }
 }
 
 impl fmt::Display for Name {
@@ -674,6 +679,11 @@ impl Method {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// For methods this crate names itself (upper-case tokens).
+    pub(crate) fn generated(s: &str) -> Method {
+        Method(s.to_ascii_uppercase())
+    }
 }
 
 impl<'de> Deserialize<'de> for Method {
@@ -958,14 +968,6 @@ impl PolicyDocument {
                     "source_ip identities (transparent mode) are not available yet".into(),
                 );
             }
-            if matches!(a.profile, Some(p) if p != Profile::Custom) {
-                push(
-                    format!("{path}.profile"),
-                    needle.clone(),
-                    "profiles other than `custom` (the agent's policies only) are not available yet; write the rules as policies"
-                        .into(),
-                );
-            }
             if a.auth_type != AuthType::ApiKey && a.api_key_sha256.is_some() {
                 push(
                     format!("{path}.api_key_sha256"),
@@ -1025,6 +1027,13 @@ impl PolicyDocument {
                     format!("{path}.policy_id"),
                     needle.clone(),
                     format!("duplicate policy_id {:?}", p.policy_id.as_str()),
+                );
+            }
+            if p.policy_id.as_str().starts_with(crate::profiles::PREFIX) {
+                push(
+                    format!("{path}.policy_id"),
+                    needle.clone(),
+                    "ids starting with \"profile:\" are reserved for profiles".into(),
                 );
             }
             if p.policy_id.as_str() == crate::eval::DEFAULT_DENY {
@@ -1268,7 +1277,7 @@ quotas:
             ("", "empty"),
             ("# only a comment\n---\n", "empty"),
             ("agents:\n  - {agent_id: \"x:y\", auth_type: jwt}\n", "':' cannot"),
-            ("agents:\n  - {agent_id: x, auth_type: jwt, profile: none}\n", "profiles other than"),
+            ("policies:\n  - {policy_id: \"profile:x\", priority: 1, match: {destination: {hosts: [\"*\"]}}, action: allow}\n", "reserved for profiles"),
             ("agents:\n  - {agent_id: x, auth_type: source_ip, source_cidrs: [10.0.0.0/8]}\n", "source_ip"),
             ("stores: {audit_query: \"postgres://u@h/db\"}\nagents: []\n", "PostgreSQL"),
             ("audit: {on_full: allow}\nagents: []\n", "not available yet"),

@@ -250,6 +250,7 @@ impl Index {
 impl PolicySet {
     pub fn new(doc: &PolicyDocument, private_allowed: &[IpNet], revision: &str) -> PolicySet {
         let mut enabled: Vec<Policy> = doc.policies.iter().filter(|p| p.enabled).cloned().collect();
+        enabled.extend(crate::profiles::policies(doc));
         enabled.sort_by(|a, b| {
             (a.priority, a.action, &a.policy_id).cmp(&(b.priority, b.action, &b.policy_id))
         });
@@ -348,6 +349,13 @@ fn matches(p: &Policy, req: &RequestFacts<'_>, guard: Option<IpNet>) -> bool {
     if !d.ports.is_empty() && !d.ports.iter().any(|p| p.0 == req.destination.port) {
         return false;
     }
+    // The guard keeps broad patterns from *granting* private destinations;
+    // a deny with `*` or `0.0.0.0/0` denies them like anything else.
+    let guard = if p.action == Action::Allow {
+        guard
+    } else {
+        None
+    };
     if !d
         .hosts
         .iter()

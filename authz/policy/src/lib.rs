@@ -12,6 +12,7 @@ pub mod destination;
 pub mod eval;
 pub mod identity;
 pub mod path;
+pub mod profiles;
 
 pub use config::{ConfigError, Document, PolicyDocument};
 pub use destination::{Destination, DestinationError};
