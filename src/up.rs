@@ -172,7 +172,7 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
     let admin = boot.admin_socket.clone();
     let ready = wait_ready("envoy", &mut rx, || envoy_ready(&admin)).await;
     if let Err(e) = ready {
-        stop_all(&mut slots, &mut rx).await;
+        stop_all(&mut slots, &mut rx, &admin).await;
         return Err(e.context(format!(
             "see {} for Envoy's own log",
             state.join("envoy.log").display()
@@ -247,7 +247,7 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
             }
         }
     };
-    stop_all(&mut slots, &mut rx).await;
+    stop_all(&mut slots, &mut rx, &boot.admin_socket).await;
     let _ = std::fs::remove_file(&pidfile);
     outcome
 }
@@ -472,12 +472,76 @@ async fn envoy_ready(admin: &Path) -> bool {
     buf.starts_with(b"HTTP/1.1 200")
 }
 
-/// Stop Envoy first (no new requests), then the services, each with a
-/// grace period before SIGKILL.
-async fn stop_all(slots: &mut [Slot], rx: &mut mpsc::UnboundedReceiver<Event>) {
+/// One HTTP request to Envoy's admin interface; the response body.
+async fn envoy_admin(admin: &Path, method: &str, path: &str) -> Option<String> {
+    let mut s = tokio::net::UnixStream::connect(admin).await.ok()?;
+    // Envoy's admin answers HTTP/1.0 with 426, and HTTP/1.1 chunked:
+    // callers look for their line inside the body.
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: envoy\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    if !text.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+}
+
+/// How long in-flight requests may take to finish when `up` stops.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// Drain Envoy: stop taking new connections, let open requests finish
+/// (bounded by [`DRAIN`]).
+async fn drain_envoy(admin: &Path) {
+    if envoy_admin(admin, "POST", "/drain_listeners?graceful&inboundonly")
+        .await
+        .is_none()
+    {
+        tracing::warn!("could not ask Envoy to drain; stopping it now");
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + DRAIN;
+    while tokio::time::Instant::now() < deadline {
+        let active = envoy_admin(
+            admin,
+            "GET",
+            "/stats?filter=^http\\.clawgress\\.downstream_rq_active$",
+        )
+        .await
+        .and_then(|body| {
+            body.lines()
+                .find_map(|l| l.strip_prefix("http.clawgress.downstream_rq_active:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+        tracing::debug!(active, "draining Envoy");
+        if active == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::warn!("Envoy still had requests in flight after the drain period");
+}
+
+/// Stop Envoy first (drained: no new requests, open ones finish), then the
+/// services, each with a grace period before SIGKILL.
+async fn stop_all(
+    slots: &mut [Slot],
+    rx: &mut mpsc::UnboundedReceiver<Event>,
+    envoy_admin_sock: &Path,
+) {
     let order: Vec<usize> = (0..slots.len()).rev().collect();
     for i in order {
         let Some(pid) = slots[i].pid else { continue };
+        if slots[i].spec.name == "envoy" {
+            drain_envoy(envoy_admin_sock).await;
+        }
         sys::signal(pid, sys::Sig::Term);
         let deadline = tokio::time::Instant::now() + STOP_GRACE;
         loop {

@@ -273,3 +273,24 @@ fn admin_listen_serves_merged_metrics_health_and_readiness() {
         );
     }
 }
+
+#[test]
+fn sigterm_drains_envoy_so_requests_in_flight_complete() {
+    let up = Upstream::http();
+    let mut stack = Stack::start(&config_allowing(&[up.addr.port()], ""));
+    let proxy = stack.proxy_url(AGENT, KEY);
+    let target = format!("http://{}/slow", up.addr);
+    let inflight = std::thread::spawn(move || curl(&["-x", &proxy, &target], &[]));
+    // Wait until the slow request has reached the upstream, then stop.
+    assert!(eventually(Duration::from_secs(5), || !up
+        .requests()
+        .is_empty()));
+    let status = stack.stop().expect("exited");
+    assert!(status.success(), "{status:?}");
+    let r = inflight.join().expect("curl thread");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "hello from upstream"),
+        "{r:?}"
+    );
+}

@@ -424,6 +424,10 @@ async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: 
     if let Ok(mut v) = seen.lock() {
         v.push(headers);
     }
+    if text.lines().next().is_some_and(|l| l.contains("/slow")) {
+        // For drain tests: an answer that takes a while (after it was seen).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
     let body = "hello from upstream";
     let resp = format!(
         "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
