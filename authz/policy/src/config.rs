@@ -899,10 +899,25 @@ impl Document {
 impl PolicyDocument {
     /// Parse a policy document from JSON (a bundle payload) and validate it.
     pub fn from_json(text: &str) -> Result<PolicyDocument, ConfigErrors> {
-        let doc: PolicyDocument = serde_json::from_str(text).map_err(|e| {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let doc: PolicyDocument = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let msg = inner.to_string();
+            let reason = match msg.rfind(" at line ") {
+                Some(i) => msg[..i].to_string(),
+                None => msg,
+            };
+            ConfigErrors(vec![ConfigError {
+                path: if path == "." { String::new() } else { path },
+                line: None,
+                reason,
+            }])
+        })?;
+        de.end().map_err(|e| {
             ConfigErrors(vec![ConfigError {
                 path: String::new(),
-                line: Some(e.line()),
+                line: None,
                 reason: e.to_string(),
             }])
         })?;

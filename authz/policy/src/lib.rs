@@ -7,6 +7,7 @@
 //! hand it text and request facts, it hands back typed values. Services
 //! (authz, ratelimit, admin) depend on it; it depends on none of them.
 
+pub mod bundle;
 pub mod config;
 pub mod destination;
 pub mod eval;
@@ -14,6 +15,7 @@ pub mod identity;
 pub mod path;
 pub mod profiles;
 
+pub use bundle::{Bundle, BundleError};
 pub use config::{ConfigError, Document, PolicyDocument};
 pub use destination::{Destination, DestinationError};
 pub use eval::{Decision, PolicySet, Reason, RequestFacts, TokenFailure};

@@ -1,0 +1,519 @@
+//! The REST API under `/api/v1/` (§7, §10). Every call needs
+//! `Authorization: Bearer <admin token>`: none or an unknown one is 401, a
+//! role too low for the call is 403. Errors are JSON `{error, errors?}` and
+//! never carry a secret.
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::control::{Control, ControlError};
+use crate::store::StoreError;
+use crate::{paths, token_hash, Role};
+
+type Ctl = Arc<Control>;
+
+/// An error answer.
+pub struct ApiError(StatusCode, Value);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.0, Json(self.1)).into_response();
+        if self.0 == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"clawgress\""),
+            );
+        }
+        r
+    }
+}
+
+fn api_err(status: StatusCode, msg: impl Into<String>) -> ApiError {
+    ApiError(status, json!({"error": msg.into()}))
+}
+
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> ApiError {
+        match e {
+            ControlError::Invalid(errs) => ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"error": "the document is invalid", "errors": errs}),
+            ),
+            ControlError::Path(p) => ApiError(
+                StatusCode::BAD_REQUEST,
+                json!({"error": p.to_string(), "errors": [{"path": p.path, "reason": p.reason}]}),
+            ),
+            ControlError::BadRequest(m) => api_err(StatusCode::BAD_REQUEST, m),
+            ControlError::Store(StoreError::Conflict { .. }) => {
+                api_err(StatusCode::CONFLICT, e.to_string())
+            }
+            ControlError::Store(StoreError::NoRevision(_)) => {
+                api_err(StatusCode::NOT_FOUND, e.to_string())
+            }
+            other => {
+                tracing::error!(error = %other, "admin API error");
+                api_err(StatusCode::INTERNAL_SERVER_ERROR, other.to_string())
+            }
+        }
+    }
+}
+
+/// The roles as numbers, for [`Auth`].
+pub const VIEWER: u8 = 0;
+pub const OPERATOR: u8 = 1;
+pub const ADMIN: u8 = 2;
+
+fn role_of(n: u8) -> Role {
+    match n {
+        0 => Role::Viewer,
+        1 => Role::Operator,
+        _ => Role::Admin,
+    }
+}
+
+/// The caller's name (from the bearer token), who has at least role `MIN`.
+/// Checked before the body is read, so a caller without the role learns
+/// nothing from how its body would have been judged.
+pub struct Auth<const MIN: u8>(pub String);
+
+impl<const MIN: u8> FromRequestParts<Ctl> for Auth<MIN> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, ctl: &Ctl) -> Result<Auth<MIN>, ApiError> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                api_err(
+                    StatusCode::UNAUTHORIZED,
+                    "an admin token is required (Authorization: Bearer …)",
+                )
+            })?;
+        let (name, role) = match ctl.store().token_role(&token_hash(token)).await {
+            Ok(Some(x)) => x,
+            Ok(None) => return Err(api_err(StatusCode::UNAUTHORIZED, "unknown admin token")),
+            Err(e) => return Err(ControlError::from(e).into()),
+        };
+        let need = role_of(MIN);
+        if role < need {
+            return Err(api_err(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "this call needs the {} role; the token has {}",
+                    need.as_str(),
+                    role.as_str()
+                ),
+            ));
+        }
+        Ok(Auth(name))
+    }
+}
+
+pub fn router(ctl: Ctl) -> Router {
+    Router::new()
+        .route("/api/v1/candidate", get(candidate).put(put_candidate))
+        .route("/api/v1/candidate/set", post(set))
+        .route("/api/v1/candidate/delete", post(delete))
+        .route("/api/v1/active", get(active))
+        .route("/api/v1/show", get(show))
+        .route("/api/v1/compare", get(compare))
+        .route("/api/v1/configure", post(configure))
+        .route("/api/v1/commit", post(commit))
+        .route("/api/v1/confirm", post(confirm))
+        .route("/api/v1/rollback", post(rollback))
+        .route("/api/v1/lockdown", post(lockdown))
+        .route("/api/v1/revisions", get(revisions))
+        .route("/api/v1/revisions/{id}", get(revision))
+        .route("/api/v1/import", post(import))
+        .route("/api/v1/events", get(events))
+        .route("/api/v1/rollout", get(rollout))
+        .route("/api/v1/agents", get(agents).post(add_agent))
+        .route("/api/v1/policies", get(policies))
+        .route("/api/v1/quotas", get(quotas))
+        .route("/api/v1/tokens", post(add_token))
+        .fallback(|| async { api_err(StatusCode::NOT_FOUND, "no such API route") })
+        .with_state(ctl)
+}
+
+type Answer = Result<Json<Value>, ApiError>;
+
+fn to_json<T: serde::Serialize>(v: T) -> Answer {
+    serde_json::to_value(v)
+        .map(Json)
+        .map_err(|e| api_err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+async fn candidate(State(ctl): State<Ctl>, _: Auth<VIEWER>) -> Answer {
+    to_json(ctl.candidate().await?)
+}
+
+/// `If-Match: <version>` is required: a whole-document write must say
+/// which version it replaces, so two operators cannot overwrite each other.
+async fn put_candidate(
+    State(ctl): State<Ctl>,
+    Auth::<OPERATOR>(actor): Auth<OPERATOR>,
+    headers: HeaderMap,
+    Json(doc): Json<Value>,
+) -> Answer {
+    let actor = actor.as_str();
+    let expected = headers
+        .get(header::IF_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().trim_matches('"').parse::<i64>().ok())
+        .ok_or_else(|| {
+            api_err(
+                StatusCode::PRECONDITION_REQUIRED,
+                "If-Match: <candidate version> is required",
+            )
+        })?;
+    if !doc.is_object() {
+        return Err(api_err(
+            StatusCode::BAD_REQUEST,
+            "the document must be a JSON object",
+        ));
+    }
+    to_json(
+        ctl.edit(actor, "replace candidate", Some(expected), move |d| {
+            *d = doc;
+            Ok(())
+        })
+        .await?,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetBody {
+    path: String,
+    value: Value,
+    #[serde(default)]
+    expected_version: Option<i64>,
+}
+
+async fn set(
+    State(ctl): State<Ctl>,
+    Auth::<OPERATOR>(actor): Auth<OPERATOR>,
+    Json(b): Json<SetBody>,
+) -> Answer {
+    let actor = actor.as_str();
+    let what = format!("set {}", b.path);
+    to_json(
+        ctl.edit(actor, &what, b.expected_version, |d| {
+            paths::set(d, &b.path, b.value).map_err(Into::into)
+        })
+        .await?,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteBody {
+    path: String,
+    #[serde(default)]
+    expected_version: Option<i64>,
+}
+
+async fn delete(
+    State(ctl): State<Ctl>,
+    Auth::<OPERATOR>(actor): Auth<OPERATOR>,
+    Json(b): Json<DeleteBody>,
+) -> Answer {
+    let actor = actor.as_str();
+    let what = format!("delete {}", b.path);
+    to_json(
+        ctl.edit(actor, &what, b.expected_version, |d| {
+            paths::delete(d, &b.path).map_err(Into::into)
+        })
+        .await?,
+    )
+}
+
+async fn active(State(ctl): State<Ctl>, _: Auth<VIEWER>) -> Answer {
+    to_json(ctl.active().await?)
+}
+
+#[derive(Deserialize)]
+struct ShowQuery {
+    #[serde(default)]
+    which: Option<String>,
+    #[serde(default)]
+    path: Option<String>,
+}
+
+/// `show [candidate|active] [path]`.
+async fn show(State(ctl): State<Ctl>, _: Auth<VIEWER>, Query(q): Query<ShowQuery>) -> Answer {
+    let doc = match q.which.as_deref().unwrap_or("active") {
+        "active" => ctl.active().await?.document,
+        "candidate" => ctl.candidate().await?.document,
+        other => {
+            return Err(api_err(
+                StatusCode::BAD_REQUEST,
+                format!("show what? {other:?} is neither candidate nor active"),
+            ))
+        }
+    };
+    match q.path.as_deref().filter(|p| !p.is_empty()) {
+        None => Ok(Json(doc)),
+        Some(p) => match paths::get(&doc, p).map_err(ControlError::from)? {
+            Some(v) => Ok(Json(v)),
+            None => Err(api_err(
+                StatusCode::NOT_FOUND,
+                format!("{p}: nothing there"),
+            )),
+        },
+    }
+}
+
+async fn compare(State(ctl): State<Ctl>, _: Auth<VIEWER>) -> Answer {
+    let a = ctl.active().await?;
+    let cand = ctl.candidate().await?;
+    to_json(json!({
+        "active_revision": a.revision,
+        "candidate_version": cand.version,
+        "diff": paths::diff(&a.document, &cand.document),
+    }))
+}
+
+async fn configure(State(ctl): State<Ctl>, Auth::<OPERATOR>(actor): Auth<OPERATOR>) -> Answer {
+    let actor = actor.as_str();
+    to_json(ctl.configure(actor).await?)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CommitBody {
+    #[serde(default)]
+    revision: Option<i64>,
+    /// `commit confirmed <minutes>`.
+    #[serde(default)]
+    confirmed_minutes: Option<f64>,
+}
+
+async fn commit(
+    State(ctl): State<Ctl>,
+    Auth::<OPERATOR>(actor): Auth<OPERATOR>,
+    body: Option<Json<CommitBody>>,
+) -> Answer {
+    let actor = actor.as_str();
+    let b = body.map(|Json(b)| b).unwrap_or_default();
+    let within = match b.confirmed_minutes {
+        None => None,
+        Some(m) if m.is_finite() && m > 0.0 && m <= 24.0 * 60.0 => {
+            Some(std::time::Duration::from_secs_f64(m * 60.0))
+        }
+        Some(m) => {
+            return Err(api_err(
+                StatusCode::BAD_REQUEST,
+                format!("confirmed_minutes must be in (0, 1440], not {m}"),
+            ))
+        }
+    };
+    to_json(ctl.commit(actor, b.revision, within).await?)
+}
+
+async fn confirm(State(ctl): State<Ctl>, Auth::<OPERATOR>(actor): Auth<OPERATOR>) -> Answer {
+    let actor = actor.as_str();
+    to_json(ctl.confirm(actor).await?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    revision: i64,
+}
+
+async fn rollback(
+    State(ctl): State<Ctl>,
+    Auth::<OPERATOR>(actor): Auth<OPERATOR>,
+    Json(b): Json<RollbackBody>,
+) -> Answer {
+    let actor = actor.as_str();
+    to_json(ctl.rollback(actor, b.revision).await?)
+}
+
+async fn lockdown(State(ctl): State<Ctl>, Auth::<OPERATOR>(actor): Auth<OPERATOR>) -> Answer {
+    let actor = actor.as_str();
+    to_json(ctl.lockdown(actor).await?)
+}
+
+#[derive(Deserialize)]
+struct Limit {
+    #[serde(default)]
+    limit: Option<i64>,
+}
+
+async fn revisions(State(ctl): State<Ctl>, _: Auth<VIEWER>, Query(q): Query<Limit>) -> Answer {
+    let active = ctl.active().await?.revision;
+    let list = ctl.revisions(q.limit.unwrap_or(100).clamp(1, 1000)).await?;
+    to_json(json!({"active": active, "revisions": list}))
+}
+
+async fn revision(State(ctl): State<Ctl>, _: Auth<VIEWER>, Path(id): Path<i64>) -> Answer {
+    let (r, doc) = ctl.revision_document(id).await?;
+    to_json(json!({"revision": r, "document": doc}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportBody {
+    /// Recorded as the actor (`file:/etc/clawgress.yaml`).
+    source: String,
+    document: Value,
+}
+
+async fn import(State(ctl): State<Ctl>, _: Auth<ADMIN>, Json(b): Json<ImportBody>) -> Answer {
+    let committed = ctl.import(&b.source, &b.document).await?;
+    to_json(json!({"committed": committed}))
+}
+
+async fn events(State(ctl): State<Ctl>, _: Auth<VIEWER>, Query(q): Query<Limit>) -> Answer {
+    let list = ctl
+        .store()
+        .events(q.limit.unwrap_or(100).clamp(1, 1000))
+        .await
+        .map_err(ControlError::from)?;
+    to_json(json!({"events": list}))
+}
+
+async fn rollout(State(ctl): State<Ctl>, _: Auth<VIEWER>) -> Answer {
+    let active = ctl.active().await?.revision;
+    to_json(json!({"active": active, "loaded": ctl.loaded()}))
+}
+
+async fn list_of(ctl: &Control, field: &str) -> Answer {
+    let doc = ctl.active().await?.document;
+    Ok(Json(doc.get(field).cloned().unwrap_or_else(|| json!([]))))
+}
+
+async fn agents(State(ctl): State<Ctl>, _: Auth<VIEWER>) -> Answer {
+    list_of(&ctl, "agents").await
+}
+
+async fn policies(State(ctl): State<Ctl>, _: Auth<VIEWER>) -> Answer {
+    list_of(&ctl, "policies").await
+}
+
+async fn quotas(State(ctl): State<Ctl>, _: Auth<VIEWER>) -> Answer {
+    list_of(&ctl, "quotas").await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewAgent {
+    agent_id: String,
+    #[serde(default)]
+    team_id: Option<String>,
+    #[serde(default)]
+    project_id: Option<String>,
+    #[serde(default)]
+    environment: Option<String>,
+    #[serde(default)]
+    profile: Option<String>,
+}
+
+/// Add an API-key agent to the candidate. The key is in this answer only;
+/// the store keeps its SHA-256.
+async fn add_agent(
+    State(ctl): State<Ctl>,
+    Auth::<OPERATOR>(actor): Auth<OPERATOR>,
+    Json(a): Json<NewAgent>,
+) -> Answer {
+    let actor = actor.as_str();
+    let key = {
+        let b: [u8; 32] = rand::random();
+        format!("cg_{}", hex::encode(b))
+    };
+    let mut entry = json!({
+        "agent_id": a.agent_id,
+        "auth_type": "api_key",
+        "api_key_sha256": token_hash(&key),
+        "status": "active",
+    });
+    for (k, v) in [
+        ("team_id", a.team_id),
+        ("project_id", a.project_id),
+        ("environment", a.environment),
+        ("profile", a.profile),
+    ] {
+        if let Some(v) = v {
+            entry[k] = Value::String(v);
+        }
+    }
+    let id = a.agent_id.clone();
+    let cand = ctl
+        .edit(actor, &format!("agent add {id}"), None, |d| {
+            if paths::get(d, &format!("agents.\"{id}\""))?.is_some() {
+                return Err(ControlError::BadRequest(format!(
+                    "agent {id} exists already"
+                )));
+            }
+            let list = d
+                .as_object_mut()
+                .ok_or_else(|| ControlError::BadRequest("the candidate is not a map".into()))?
+                .entry("agents")
+                .or_insert_with(|| json!([]));
+            list.as_array_mut()
+                .ok_or_else(|| ControlError::BadRequest("agents is not a list".into()))?
+                .push(entry);
+            Ok(())
+        })
+        .await?;
+    // A bad agent id is caught now, not at configure.
+    if let Err(ControlError::Invalid(errs)) = crate::control::validate(&cand.document) {
+        let _ = ctl
+            .edit(actor, &format!("agent add {id} undone"), None, |d| {
+                paths::delete(d, &format!("agents.\"{id}\"")).map_err(Into::into)
+            })
+            .await;
+        return Err(ControlError::Invalid(errs).into());
+    }
+    to_json(json!({
+        "agent_id": id,
+        "api_key": key,
+        "candidate_version": cand.version,
+        "note": "the key is shown once; configure and commit to activate the agent",
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    name: String,
+    role: String,
+}
+
+async fn add_token(
+    State(ctl): State<Ctl>,
+    Auth::<ADMIN>(actor): Auth<ADMIN>,
+    Json(t): Json<NewToken>,
+) -> Answer {
+    let role = Role::parse(&t.role).ok_or_else(|| {
+        api_err(
+            StatusCode::BAD_REQUEST,
+            format!("role {:?}: one of viewer, operator, admin", t.role),
+        )
+    })?;
+    let token = crate::new_token();
+    ctl.store()
+        .add_token(&token_hash(&token), &t.name, role, &crate::control::now())
+        .await
+        .map_err(ControlError::from)?;
+    tracing::info!(
+        actor,
+        name = t.name,
+        role = role.as_str(),
+        "admin token created"
+    );
+    to_json(json!({"name": t.name, "role": role, "token": token}))
+}
