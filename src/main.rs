@@ -2,6 +2,8 @@
 //! hands off to the part that does the work. Nothing else lives here.
 
 mod audit;
+mod bundles;
+mod cli;
 mod metrics;
 mod node;
 mod serve;
@@ -66,6 +68,14 @@ enum Command {
         metrics_listen: Option<serve::Listen>,
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
+        /// authz, ratelimit: enforce the signed bundles in DIR (watched;
+        /// the newest that verifies wins, the last good one is kept).
+        #[arg(long, value_name = "DIR")]
+        bundle_dir: Option<PathBuf>,
+        /// The control plane's public key bundles must be signed with
+        /// (default: STATE_DIR/keys/bundle.pub).
+        #[arg(long, value_name = "FILE")]
+        bundle_key: Option<PathBuf>,
     },
     /// Make the running `up` re-read its config file (same as SIGHUP): a
     /// valid file is applied without a restart, an invalid one changes
@@ -88,6 +98,8 @@ enum Command {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    #[command(flatten)]
+    Ctl(cli::CtlCommand),
 }
 
 /// Where to find this node's files: the same `--config` as `up`, or the
@@ -166,6 +178,15 @@ fn main() -> ExitCode {
     let (registry, alerts) = metrics::registry_with_alerts();
     init_tracing(alerts);
     let result = match cli.command {
+        Command::Ctl(c) => {
+            return match cli::dispatch(c) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(f) => {
+                    eprintln!("clawgress: {}", f.message);
+                    ExitCode::from(f.code)
+                }
+            };
+        }
         Command::Up {
             check_config: Some(file),
             ..
@@ -200,6 +221,8 @@ fn main() -> ExitCode {
             listen,
             metrics_listen,
             state_dir,
+            bundle_dir,
+            bundle_key,
         } => runtime(true).and_then(|rt| {
             rt.block_on(serve::serve(
                 service,
@@ -207,6 +230,10 @@ fn main() -> ExitCode {
                 state_dir.as_deref(),
                 listen,
                 metrics_listen,
+                serve::PolicySource {
+                    bundle_dir,
+                    bundle_key,
+                },
                 registry,
             ))
         }),

@@ -89,18 +89,40 @@ pub mod futures_like {
 /// Answer HTTP/1.1 GETs on one connection with `handler` (one request per
 /// connection; Prometheus and probes need no more).
 pub async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, handler: Handler) {
+    if let Some(buf) = read_head(&mut s).await {
+        respond(s, &buf, handler).await;
+    }
+}
+
+/// Read up to the end of the request head (what came after it too).
+pub async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> Option<Vec<u8>> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
         match s.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => return None,
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
         if buf.len() > 16 * 1024 {
-            return;
+            return None;
         }
     }
-    let head = String::from_utf8_lossy(&buf);
+    Some(buf)
+}
+
+/// The request path of a head read by [`read_head`].
+pub fn request_path(buf: &[u8]) -> String {
+    let head = String::from_utf8_lossy(buf);
+    head.lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Answer the request whose head is `buf` with `handler`.
+pub async fn respond<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, buf: &[u8], handler: Handler) {
+    let head = String::from_utf8_lossy(buf);
     let mut first = head.lines().next().unwrap_or("").split_whitespace();
     let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
     let (status, ctype, body) = if method == "GET" {

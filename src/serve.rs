@@ -36,12 +36,45 @@ impl std::str::FromStr for Listen {
     }
 }
 
-/// The three services `serve` runs.
+/// The services `serve` runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Service {
     Authz,
     Ratelimit,
     Audit,
+    Admin,
+}
+
+/// Where authz and ratelimit take their policy from.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySource {
+    /// Watch signed bundles in this directory (`state_dir/bundle`).
+    pub bundle_dir: Option<PathBuf>,
+    /// The pinned control-plane key (default `state_dir/keys/bundle.pub`).
+    pub bundle_key: Option<PathBuf>,
+}
+
+/// The policy to start from: the newest verified bundle when bundles are
+/// used, else the config file's own policy part.
+fn bundle_source(src: &PolicySource, state: &Path) -> Result<Option<crate::bundles::Source>> {
+    let Some(dir) = &src.bundle_dir else {
+        return Ok(None);
+    };
+    let key = src
+        .bundle_key
+        .clone()
+        .unwrap_or_else(|| node::keys_dir(state).join("bundle.pub"));
+    Ok(Some(crate::bundles::Source::new(dir.clone(), &key)?))
+}
+
+/// Tell the control plane which revision this service enforces now.
+fn report_loaded(dir: &Path, service: &str, revision: u64) {
+    if let Err(e) = node::write_private(
+        &dir.join(format!("loaded-{service}")),
+        format!("{revision}\n").as_bytes(),
+    ) {
+        tracing::warn!(error = %e, "cannot report the loaded revision");
+    }
 }
 
 /// Resolves when SIGTERM or SIGINT arrives. The handlers are installed by
@@ -172,33 +205,80 @@ pub async fn serve(
     state_dir: Option<&Path>,
     listen: Listen,
     metrics_listen: Option<Listen>,
+    policy_source: PolicySource,
     mut registry: Registry,
 ) -> Result<()> {
     let doc = node::load(config)?;
-    let revision = node::revision_of(&doc);
-    tracing::info!(service = ?service, listen = ?listen, revision, "starting");
+    let state = node::state_dir(state_dir, Some(&doc), &|k| std::env::var(k).ok())?;
+    let bundles = match service {
+        Service::Authz | Service::Ratelimit => bundle_source(&policy_source, &state)?,
+        _ => None,
+    };
+    let initial = bundles.as_ref().and_then(|b| b.initial());
+    if bundles.is_some() && initial.is_none() {
+        tracing::warn!(
+            "no verified bundle yet: enforcing the config file's policy until one arrives"
+        );
+    }
+    // The document in force: this node's settings with the bundle's policy.
+    let start_doc = match &initial {
+        Some(f) => doc.clone().with_policy(f.document.clone()),
+        None => doc.clone(),
+    };
+    let revision_name = |doc: &clawgress_policy::Document, rev: Option<u64>| match rev {
+        Some(r) => r.to_string(),
+        None => node::revision_of(doc),
+    };
+    let start_rev = initial.as_ref().map(|f| f.revision);
+    tracing::info!(service = ?service, listen = ?listen, revision = revision_name(&start_doc, start_rev), "starting");
+    let name = format!("{service:?}").to_lowercase();
+    if let (Some(b), Some(r)) = (&bundles, start_rev) {
+        report_loaded(&b.dir, &name, r);
+    }
     match service {
         Service::Authz => {
-            let authz_config = |doc: &clawgress_policy::Document| -> Result<_, String> {
-                Ok(clawgress_authz::Config {
-                    policy: doc.policy(),
-                    private_allowed: doc.gateway.private_destinations_allowed.clone(),
-                    revision: node::revision_of(doc),
-                    jwt: Arc::new(node::jwt_verifier(doc)?),
-                })
-            };
+            let authz_config =
+                move |doc: &clawgress_policy::Document, rev: Option<u64>| -> Result<_, String> {
+                    Ok(clawgress_authz::Config {
+                        policy: doc.policy(),
+                        private_allowed: doc.gateway.private_destinations_allowed.clone(),
+                        revision: revision_name(doc, rev),
+                        jwt: Arc::new(node::jwt_verifier(doc)?),
+                    })
+                };
             let svc = clawgress_authz::AuthzService::new(
-                &authz_config(&doc).map_err(|e| anyhow::anyhow!(e))?,
+                &authz_config(&start_doc, start_rev).map_err(|e| anyhow::anyhow!(e))?,
             );
-            let state = node::state_dir(state_dir, Some(&doc), &|k| std::env::var(k).ok())?;
             let _watch = svc.watch_audit_block(node::audit_blocked_mark(&state));
             svc.register_metrics(&mut registry);
             expose(metrics_listen, registry).await?;
             let s = svc.clone();
-            let _reloader = on_hangup(config, move |doc| match authz_config(doc) {
-                Ok(c) => s.reload(&c),
-                Err(e) => tracing::error!(alert = "config-rejected", error = %e, "reload refused"),
-            })?;
+            let _reloader = match bundles {
+                Some(b) => {
+                    let (dir, base) = (b.dir.clone(), doc.clone());
+                    let _hup = on_hangup(config, |_| {
+                        tracing::info!(
+                            "policy comes from signed bundles; SIGHUP changes nothing here"
+                        )
+                    })?;
+                    b.watch(start_rev, move |f| {
+                        let d = base.clone().with_policy(f.document.clone());
+                        match authz_config(&d, Some(f.revision)) {
+                            Ok(c) => {
+                                s.reload(&c);
+                                report_loaded(&dir, "authz", f.revision);
+                            }
+                            Err(e) => tracing::error!(alert = "bundle-rejected", error = %e, "bundle refused"),
+                        }
+                    })
+                }
+                None => on_hangup(config, move |doc| match authz_config(doc, None) {
+                    Ok(c) => s.reload(&c),
+                    Err(e) => {
+                        tracing::error!(alert = "config-rejected", error = %e, "reload refused")
+                    }
+                })?,
+            };
             serve_on!(listen, |inc, sd| clawgress_authz::run(svc, inc, sd));
         }
         Service::Ratelimit => {
@@ -210,16 +290,64 @@ pub async fn serve(
             if fail_open {
                 tracing::warn!("stores.ratelimit_failure_mode is allow: a counter-store outage lets requests through unlimited");
             }
-            let svc = clawgress_ratelimit::RatelimitService::new(&doc.policy(), store)
+            let svc = clawgress_ratelimit::RatelimitService::new(&start_doc.policy(), store)
                 .fail_open(fail_open);
             svc.register_metrics(&mut registry);
             expose(metrics_listen, registry).await?;
             let s = svc.clone();
-            let _reloader = on_hangup(config, move |doc| s.reload(&doc.policy()))?;
+            let _reloader = match bundles {
+                Some(b) => {
+                    let dir = b.dir.clone();
+                    let _hup = on_hangup(config, |_| {
+                        tracing::info!(
+                            "policy comes from signed bundles; SIGHUP changes nothing here"
+                        )
+                    })?;
+                    b.watch(start_rev, move |f| {
+                        s.reload(&f.document);
+                        report_loaded(&dir, "ratelimit", f.revision);
+                    })
+                }
+                None => on_hangup(config, move |doc| s.reload(&doc.policy()))?,
+            };
             serve_on!(listen, |inc, sd| clawgress_ratelimit::run(svc, inc, sd));
         }
+        Service::Admin => {
+            let ctl = admin_control(&doc, &state).await?;
+            import_config(&ctl, config, &doc, true).await;
+            let c = ctl.clone();
+            let cfg = config.to_path_buf();
+            let _reloader = {
+                use tokio::signal::unix::{signal, SignalKind};
+                let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        match node::load(&cfg) {
+                            Ok(d) => import_config(&c, &cfg, &d, false).await,
+                            Err(e) => {
+                                tracing::error!(alert = "config-rejected", error = %format!("{e:#}"), "reload refused; nothing changed")
+                            }
+                        }
+                    }
+                })
+            };
+            expose(metrics_listen, registry).await?;
+            let extra =
+                axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok\n" }));
+            match listen {
+                Listen::Tcp(addr) => {
+                    let l = TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("cannot listen on {addr}"))?;
+                    clawgress_admin::run(ctl, l, extra, shutdown_signal()).await?;
+                }
+                Listen::Unix(path) => {
+                    let l = bind_unix(&path)?;
+                    clawgress_admin::run(ctl, l, extra, shutdown_signal()).await?;
+                }
+            }
+        }
         Service::Audit => {
-            let state = node::state_dir(state_dir, Some(&doc), &|k| std::env::var(k).ok())?;
             let dir = node::audit_dir(&doc, &state);
             let key = clawgress_audit_sink::AuditKey::load_or_create(&node::keys_dir(&state))
                 .context("audit signing key")?;
@@ -264,6 +392,76 @@ pub async fn serve(
     }
     tracing::info!(service = ?service, "stopped");
     Ok(())
+}
+
+/// The control plane over this node's store (`stores.control_plane`).
+async fn admin_control(
+    doc: &clawgress_policy::Document,
+    state: &Path,
+) -> Result<Arc<clawgress_admin::Control>> {
+    let cp = doc.stores.control_plane.as_str();
+    if cp != "sqlite" {
+        anyhow::bail!("stores.control_plane: {cp:?} is not supported yet (only sqlite)");
+    }
+    node::private_dir(state)?;
+    let store = clawgress_admin::SqliteStore::open(&state.join("admin.db"))
+        .await
+        .with_context(|| format!("cannot open {}", state.join("admin.db").display()))?;
+    let key = clawgress_admin::bundle_key(&node::keys_dir(state))?;
+    if let Some(_token) =
+        clawgress_admin::bootstrap_token(&store, &state.join("admin.token")).await?
+    {
+        tracing::info!(file = %state.join("admin.token").display(), "bootstrap admin token created");
+    }
+    let bundle_dir = crate::bundles::bundle_dir(state);
+    node::private_dir(&bundle_dir)?;
+    Ok(Arc::new(clawgress_admin::Control::new(
+        clawgress_admin::Config {
+            store: Arc::new(store),
+            key,
+            bundle_dir,
+            rollout_wait: std::time::Duration::from_secs(3),
+        },
+    )))
+}
+
+/// Commit the config file's policy part as a new revision (actor
+/// `file:FILE`) when it changed. At start only if nothing is active yet or
+/// the file changed since it was last imported, so a restart does not undo
+/// what operators committed through the API.
+async fn import_config(
+    ctl: &clawgress_admin::Control,
+    file: &Path,
+    doc: &clawgress_policy::Document,
+    at_start: bool,
+) {
+    let actor = format!("file:{}", file.display());
+    let value = match serde_json::from_str(&doc.policy().to_canonical_json()) {
+        Ok(v) => v,
+        Err(_) => return,
+    };
+    if at_start {
+        match ctl.last_import(&actor).await {
+            Ok(Some(last)) if last == value => {
+                if let Err(e) = ctl.ensure_published().await {
+                    tracing::error!(error = %e, "cannot publish the active bundle");
+                }
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the store");
+                return;
+            }
+        }
+    }
+    match ctl.import(&actor, &value).await {
+        Ok(Some(c)) => tracing::info!(revision = c.revision, actor, "config file committed"),
+        Ok(None) => tracing::info!(actor, "config file's policy is unchanged"),
+        Err(e) => {
+            tracing::error!(alert = "config-rejected", error = %e, "config file not committed")
+        }
+    }
 }
 
 #[cfg(test)]

@@ -118,9 +118,26 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
             format!("unix:{}", metrics_socket(&run, name).display()),
         ],
     };
+    let admin_socket = run.join("admin.sock");
+    let bundle_dir = crate::bundles::bundle_dir(&state);
+    let with_bundles = |mut spec: Spec| {
+        spec.args.extend([
+            "--bundle-dir".into(),
+            bundle_dir.display().to_string(),
+            "--bundle-key".into(),
+            node::keys_dir(&state)
+                .join("bundle.pub")
+                .display()
+                .to_string(),
+        ]);
+        spec
+    };
+    let token_file = state.join("admin.token");
+    let token_existed = token_file.exists();
     let mut slots: Vec<Slot> = [
-        service("authz", &boot.authz_socket),
-        service("ratelimit", &boot.ratelimit_socket),
+        service("admin", &admin_socket),
+        with_bundles(service("authz", &boot.authz_socket)),
+        with_bundles(service("ratelimit", &boot.ratelimit_socket)),
         service("audit", &boot.audit_socket),
         Spec {
             name: "envoy",
@@ -153,8 +170,14 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut doc = doc;
 
-    // Services first, each ready before Envoy starts sending them requests.
-    for (i, slot) in slots.iter_mut().enumerate().take(envoy_index) {
+    // The control plane first: it publishes the bundle the others enforce.
+    start(&mut slots[0], 0, &tx)?;
+    wait_ready("admin", &mut rx, || async {
+        tokio::net::UnixStream::connect(&admin_socket).await.is_ok()
+    })
+    .await?;
+    // Then the services, each ready before Envoy sends them requests.
+    for (i, slot) in slots.iter_mut().enumerate().take(envoy_index).skip(1) {
         start(slot, i, &tx)?;
     }
     let sockets = [
@@ -163,7 +186,7 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
         &boot.audit_socket,
     ];
     for (i, sock) in sockets.iter().enumerate() {
-        wait_ready(slots[i].spec.name, &mut rx, || async {
+        wait_ready(slots[i + 1].spec.name, &mut rx, || async {
             tokio::net::UnixStream::connect(sock).await.is_ok()
         })
         .await?;
@@ -187,12 +210,27 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
         args.config.is_none(),
         demo_key.as_deref(),
     );
+    if !token_existed {
+        if let Ok(t) = std::fs::read_to_string(&token_file) {
+            println!(
+                "Admin token (shown once; kept in {} for the CLI):",
+                token_file.display()
+            );
+            println!("  {}", t.trim());
+            println!("Try: clawgress show active   |   clawgress set ... && clawgress commit");
+            println!();
+        }
+    }
     serve_admin(
         admin_listener,
         run.clone(),
         boot.admin_socket.clone(),
         registry,
     );
+    node::write_private(
+        &run.join("admin.url"),
+        format!("http://{admin_addr}\n").as_bytes(),
+    )?;
     let pidfile = run.join("up.pid");
     node::write_private(&pidfile, format!("{}\n", std::process::id()).as_bytes())?;
 
@@ -281,17 +319,14 @@ fn reload(
         tracing::info!("reload: the policy is unchanged");
         return new;
     }
-    for slot in slots
-        .iter()
-        .filter(|s| matches!(s.spec.name, "authz" | "ratelimit"))
-    {
+    for slot in slots.iter().filter(|s| s.spec.name == "admin") {
         if let Some(pid) = slot.pid {
             sys::signal(pid, sys::Sig::Hup);
         }
     }
     tracing::info!(
         revision = node::revision_of(&new),
-        "reload: new policy sent to authz and ratelimit"
+        "reload: the control plane commits the new policy"
     );
     new
 }
@@ -317,7 +352,7 @@ pub fn signal_reload(state_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-const SERVICES: [&str; 3] = ["authz", "ratelimit", "audit"];
+const SERVICES: [&str; 4] = ["admin", "authz", "ratelimit", "audit"];
 
 fn metrics_socket(run: &Path, name: &str) -> PathBuf {
     run.join(format!("{name}-metrics.sock"))
@@ -334,6 +369,7 @@ fn serve_admin(
     registry: prometheus_client::registry::Registry,
 ) {
     let registry = std::sync::Arc::new(registry);
+    let admin_sock = run.join("admin.sock");
     let handler: metrics::Handler = std::sync::Arc::new(move |path: &str| {
         let (path, run, envoy_admin, registry) = (
             path.to_string(),
@@ -373,9 +409,40 @@ fn serve_admin(
     });
     tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(metrics::answer(s, handler.clone()));
+            tokio::spawn(admin_connection(s, handler.clone(), admin_sock.clone()));
         }
     });
+}
+
+/// One connection to `admin_listen`: metrics and health are answered here
+/// (so they work while the admin child restarts); the API is the admin
+/// child's, spliced through to its socket.
+async fn admin_connection(mut s: tokio::net::TcpStream, handler: metrics::Handler, admin: PathBuf) {
+    let Some(head) = metrics::read_head(&mut s).await else {
+        return;
+    };
+    let path = metrics::request_path(&head);
+    if matches!(
+        path.split('?').next(),
+        Some("/metrics" | "/healthz" | "/readyz")
+    ) {
+        return metrics::respond(s, &head, handler).await;
+    }
+    match tokio::net::UnixStream::connect(&admin).await {
+        Ok(mut up) => {
+            if up.write_all(&head).await.is_ok() {
+                let _ = tokio::io::copy_bidirectional(&mut s, &mut up).await;
+            }
+        }
+        Err(_) => {
+            let body = "{\"error\":\"the admin service is not running; it is being restarted\"}";
+            let resp = format!(
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        }
+    }
 }
 
 /// 100 ms after the first exit, doubling per exit in the window, at most 5 s.
@@ -620,7 +687,7 @@ fn banner(
     let url = format!("http://{proxy}");
     println!("clawgress is up.");
     println!("  proxy:     {url}   (HTTP_PROXY / HTTPS_PROXY)");
-    println!("  metrics:   http://{admin}/metrics   (/healthz, /readyz)");
+    println!("  admin API: http://{admin}/api/v1/   (metrics at /metrics; /healthz, /readyz)");
     println!("  config:    {}", config.display());
     println!("  state dir: {}", state.display());
     println!("  audit log: {}", audit.join("audit.jsonl").display());

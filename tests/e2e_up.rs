@@ -255,7 +255,7 @@ fn admin_listen_serves_merged_metrics_health_and_readiness() {
         r#"clawgress_alerts_total{service="ratelimit",kind="quota-alert-only"} 1"#,
         r#"clawgress_audit_records_total{service="audit"} 4"#,
         "clawgress_check_duration_seconds_bucket",
-        "clawgress_bundle_revision{service=\"authz\",revision=\"sha256:",
+        "clawgress_bundle_revision{service=\"authz\",revision=\"1\"}",
         "# EOF",
     ] {
         assert!(text.contains(want), "missing {want}:\n{text}");

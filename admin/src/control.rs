@@ -38,16 +38,41 @@ pub struct FieldError {
     pub reason: String,
 }
 
-fn invalid(errs: ConfigErrors) -> ControlError {
+/// Errors with paths as the CLI writes them: `policies[2].action` of a
+/// document whose third policy is `bad` becomes `policies.bad.action`.
+fn invalid(errs: ConfigErrors, doc: &Value) -> ControlError {
     ControlError::Invalid(
         errs.0
             .into_iter()
             .map(|e| FieldError {
-                path: e.path,
+                path: by_id(&e.path, doc),
                 reason: e.reason,
             })
             .collect(),
     )
+}
+
+fn by_id(path: &str, doc: &Value) -> String {
+    let Some((list, rest)) = path.split_once('[') else {
+        return path.to_string();
+    };
+    let Some((index, tail)) = rest.split_once(']') else {
+        return path.to_string();
+    };
+    let entry = index
+        .parse::<usize>()
+        .ok()
+        .and_then(|i| doc.get(list)?.get(i));
+    let id = entry.and_then(|e| {
+        ["agent_id", "policy_id", "team_id", "project_id", "issuer"]
+            .iter()
+            .find_map(|f| e.get(f).and_then(Value::as_str))
+    });
+    match id {
+        Some(id) if id.contains('.') => format!("{list}.\"{id}\"{tail}"),
+        Some(id) => format!("{list}.{id}{tail}"),
+        None => path.to_string(),
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -99,7 +124,7 @@ fn canonical(doc: &PolicyDocument) -> Value {
 
 /// Parse and validate a policy document given as JSON.
 pub fn validate(doc: &Value) -> Result<PolicyDocument, ControlError> {
-    PolicyDocument::from_json(&doc.to_string()).map_err(invalid)
+    PolicyDocument::from_json(&doc.to_string()).map_err(|e| invalid(e, doc))
 }
 
 impl Control {
@@ -471,6 +496,31 @@ impl Control {
         self.commit_locked(actor, id, None, "import")
             .await
             .map(Some)
+    }
+
+    /// The document last committed by `actor` (e.g. `file:FILE`), if any.
+    pub async fn last_import(&self, actor: &str) -> Result<Option<Value>, ControlError> {
+        Ok(self
+            .store
+            .revisions(1000)
+            .await?
+            .into_iter()
+            .find(|r| r.actor == actor)
+            .map(|r| doc_value(&r)))
+    }
+
+    /// Publish the active revision again if its bundle is missing (a
+    /// cleared bundle directory).
+    pub async fn ensure_published(&self) -> Result<(), ControlError> {
+        let _g = self.commit_lock.lock().await;
+        if self.bundle_dir.join("active").exists() {
+            return Ok(());
+        }
+        if let Some(r) = self.active().await?.revision {
+            self.commit_locked("system:republish", r, None, "republish")
+                .await?;
+        }
+        Ok(())
     }
 
     /// A `commit confirmed` not confirmed by its time is rolled back.

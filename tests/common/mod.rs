@@ -100,6 +100,11 @@ impl Stack {
         self.dir.path().join("state")
     }
 
+    /// The PID of `up` itself.
+    pub fn up_pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
     pub fn proxy_url(&self, agent: &str, key: &str) -> String {
         format!("http://{agent}:{key}@{}", self.proxy)
     }

@@ -815,6 +815,17 @@ impl Document {
         }
     }
 
+    /// This node's settings with `policy` as the policy part (a bundle's).
+    pub fn with_policy(self, policy: PolicyDocument) -> Document {
+        Document {
+            agents: policy.agents,
+            jwt: policy.jwt,
+            policies: policy.policies,
+            quotas: policy.quotas,
+            ..self
+        }
+    }
+
     /// The policy part, as revisions and bundles carry it.
     pub fn policy(&self) -> PolicyDocument {
         PolicyDocument {

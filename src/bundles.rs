@@ -1,0 +1,155 @@
+//! How authz and ratelimit get their policy from signed bundles (§7, §10):
+//! `state_dir/bundle/active` is watched; a bundle that verifies against the
+//! pinned control-plane key and is newer than the one in force is swapped
+//! in and copied to `state_dir/bundle/last-good`. Anything else (bad
+//! signature, unparseable, older, invalid) is rejected with an alert and
+//! enforcement does not change. On start the active bundle is used if it
+//! verifies, else the last good one.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clawgress_policy::{Bundle, PolicyDocument};
+use ed25519_dalek::VerifyingKey;
+
+/// How often the active bundle file is looked at.
+const POLL: Duration = Duration::from_millis(100);
+
+/// `state_dir/bundle`.
+pub fn bundle_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("bundle")
+}
+
+/// Where the bundles are and the key they must be signed with.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub dir: PathBuf,
+    pub key: VerifyingKey,
+}
+
+/// A policy in force: its document and the revision it is reported under.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InForce {
+    pub revision: u64,
+    pub document: PolicyDocument,
+}
+
+impl Source {
+    pub fn new(dir: PathBuf, key_file: &Path) -> Result<Source> {
+        let text = std::fs::read_to_string(key_file)
+            .with_context(|| format!("cannot read bundle key {}", key_file.display()))?;
+        let key = clawgress_policy::bundle::verifying_key_from_hex(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", key_file.display()))?;
+        Ok(Source { dir, key })
+    }
+
+    fn active(&self) -> PathBuf {
+        self.dir.join("active")
+    }
+
+    fn last_good(&self) -> PathBuf {
+        self.dir.join("last-good")
+    }
+
+    fn read(&self, path: &Path) -> Option<Result<Bundle, String>> {
+        match std::fs::read(path) {
+            Ok(bytes) => Some(Bundle::verify(&bytes, &self.key).map_err(|e| e.to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => Some(Err(format!("cannot read: {e}"))),
+        }
+    }
+
+    /// The bundle to start from: the active one if it verifies, else the
+    /// last good one; `None` when neither exists or verifies.
+    pub fn initial(&self) -> Option<InForce> {
+        let mut best: Option<Bundle> = None;
+        for path in [self.active(), self.last_good()] {
+            match self.read(&path) {
+                Some(Ok(b)) if best.as_ref().is_none_or(|x| b.revision > x.revision) => {
+                    best = Some(b);
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => tracing::error!(
+                    alert = "bundle-rejected", path = %path.display(), error = %e,
+                    "bundle rejected at start"
+                ),
+                None => {}
+            }
+        }
+        let b = best?;
+        self.keep_last_good(&b);
+        tracing::info!(revision = b.revision, "policy bundle loaded");
+        Some(InForce {
+            revision: b.revision,
+            document: b.document,
+        })
+    }
+
+    /// Copy the accepted bundle's bytes to `last-good` (atomically).
+    fn keep_last_good(&self, b: &Bundle) {
+        let Ok(bytes) = std::fs::read(self.active()) else {
+            return;
+        };
+        // Only keep what is exactly the bundle in force.
+        if Bundle::verify(&bytes, &self.key).is_ok_and(|x| x.revision == b.revision) {
+            if let Err(e) = crate::node::write_private(&self.last_good(), &bytes) {
+                tracing::warn!(error = %e, "cannot keep the last good bundle");
+            }
+        }
+    }
+
+    /// Watch the active bundle; call `apply` with every newer one that
+    /// verifies. Runs until the process ends.
+    pub fn watch<F>(self, current: Option<u64>, apply: F) -> tokio::task::JoinHandle<()>
+    where
+        F: Fn(&InForce) + Send + 'static,
+    {
+        tokio::spawn(async move {
+            let mut current = current;
+            let mut seen = stamp(&self.active());
+            loop {
+                tokio::time::sleep(POLL).await;
+                let now = stamp(&self.active());
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                match self.read(&self.active()) {
+                    None => {}
+                    Some(Err(e)) => tracing::error!(
+                        alert = "bundle-rejected", error = %e,
+                        "new bundle rejected; the policy in force stays"
+                    ),
+                    // The same revision again (rewritten): nothing to do.
+                    Some(Ok(b)) if current == Some(b.revision) => {}
+                    Some(Ok(b)) if current.is_some_and(|c| b.revision < c) => {
+                        tracing::error!(
+                            alert = "bundle-rejected",
+                            revision = b.revision,
+                            in_force = current,
+                            "bundle older than the one in force rejected"
+                        );
+                    }
+                    Some(Ok(b)) => {
+                        let f = InForce {
+                            revision: b.revision,
+                            document: b.document.clone(),
+                        };
+                        apply(&f);
+                        current = Some(b.revision);
+                        self.keep_last_good(&b);
+                        tracing::info!(revision = b.revision, "policy bundle applied");
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// What changes when the file is replaced or rewritten.
+fn stamp(path: &Path) -> Option<(u64, u64, std::time::SystemTime)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.ino(), m.len(), m.modified().ok()?))
+}
