@@ -7,6 +7,7 @@ mod cli;
 mod metrics;
 mod node;
 mod serve;
+mod status;
 mod sys;
 mod up;
 
@@ -31,8 +32,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the gateway on this host: Envoy plus the authz, ratelimit and
-    /// audit services, supervised. Ctrl-C stops all of it.
+    /// Run the gateway on this host: Envoy plus the admin, authz, ratelimit
+    /// and audit services, supervised. Ctrl-C stops all of it.
     Up {
         /// The config document (DESIGN.md §12). Without it, an embedded
         /// default with one demo agent is created in the state directory.
@@ -97,6 +98,12 @@ enum Command {
     Key {
         #[command(subcommand)]
         command: KeyCommand,
+    },
+    /// Each child of the running `up`: PID, uptime, restarts, health.
+    /// Exit 0 when all are healthy, 1 otherwise (or when `up` is not running).
+    Status {
+        #[command(flatten)]
+        node: NodeArgs,
     },
     #[command(flatten)]
     Ctl(cli::CtlCommand),
@@ -175,6 +182,9 @@ fn init_tracing(alerts: metrics::Alerts) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Up { .. } | Command::Serve { .. }) {
+        sys::quiet_sigpipe();
+    }
     let (registry, alerts) = metrics::registry_with_alerts();
     init_tracing(alerts);
     let result = match cli.command {
@@ -237,6 +247,19 @@ fn main() -> ExitCode {
                 registry,
             ))
         }),
+        Command::Status { node } => {
+            let run = || -> anyhow::Result<bool> {
+                let doc = node.config.as_deref().map(node::load).transpose()?;
+                let env = |k: &str| std::env::var(k).ok();
+                let dir = node::state_dir(node.state_dir.as_deref(), doc.as_ref(), &env)?;
+                status::show(&dir, node.json)
+            };
+            match run() {
+                Ok(true) => Ok(()),
+                Ok(false) => return ExitCode::from(1),
+                Err(e) => Err(e),
+            }
+        }
         Command::Reload { config, state_dir } => (|| {
             let doc = config.as_deref().map(node::load).transpose()?;
             let env = |k: &str| std::env::var(k).ok();

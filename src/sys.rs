@@ -40,3 +40,14 @@ pub fn die_with_parent(cmd: &mut tokio::process::Command) {
         });
     }
 }
+
+/// For commands that print and exit: a closed pipe (`clawgress … | head`)
+/// ends the process quietly, as it does any Unix filter, instead of a
+/// panic in `println!`. Servers keep Rust's default (SIGPIPE ignored).
+pub fn quiet_sigpipe() {
+    // SAFETY: setting a signal's disposition to the default action has no
+    // preconditions and is done before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}

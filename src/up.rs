@@ -32,6 +32,9 @@ struct Spec {
     name: &'static str,
     program: PathBuf,
     args: Vec<String>,
+    /// The socket that answers when the child is healthy (a service's
+    /// listener, Envoy's admin).
+    probe: PathBuf,
 }
 
 struct Slot {
@@ -39,6 +42,8 @@ struct Slot {
     pid: Option<u32>,
     exits: VecDeque<Instant>,
     restarts: u32,
+    started_at: Option<std::time::SystemTime>,
+    last_exit: Option<String>,
 }
 
 enum Event {
@@ -104,6 +109,7 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
     let me = std::env::current_exe().context("cannot find the clawgress binary")?;
     let service = |name: &'static str, sock: &Path| Spec {
         name,
+        probe: sock.to_path_buf(),
         program: me.clone(),
         args: vec![
             "serve".into(),
@@ -141,6 +147,7 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
         service("audit", &boot.audit_socket),
         Spec {
             name: "envoy",
+            probe: boot.admin_socket.clone(),
             program: envoy,
             args: vec![
                 "-c".into(),
@@ -163,6 +170,8 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
         pid: None,
         exits: VecDeque::new(),
         restarts: 0,
+        started_at: None,
+        last_exit: None,
     })
     .collect();
     let envoy_index = slots.len() - 1;
@@ -233,6 +242,9 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
     )?;
     let pidfile = run.join("up.pid");
     node::write_private(&pidfile, format!("{}\n", std::process::id()).as_bytes())?;
+    let status_file = crate::status::file(&run);
+    let up_started = std::time::SystemTime::now();
+    write_status(&status_file, up_started, &slots);
 
     let outcome = loop {
         tokio::select! {
@@ -250,8 +262,10 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
             ev = rx.recv() => match ev {
                 None => break Ok(()),
                 Some(Event::Exited(i, status)) => {
+                    slots[i].pid = None;
+                    slots[i].last_exit = Some(status.clone());
+                    write_status(&status_file, up_started, &slots);
                     let slot = &mut slots[i];
-                    slot.pid = None;
                     let now = Instant::now();
                     slot.exits.push_back(now);
                     while slot.exits.front().is_some_and(|t| now.duration_since(*t) > CRASH_LOOP_WINDOW) {
@@ -281,13 +295,43 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
                         tracing::error!(child = slots[i].spec.name, error = %e, "restart failed");
                         let _ = tx.send(Event::Exited(i, format!("could not start: {e}")));
                     }
+                    write_status(&status_file, up_started, &slots);
                 }
             }
         }
     };
     stop_all(&mut slots, &mut rx, &boot.admin_socket).await;
     let _ = std::fs::remove_file(&pidfile);
+    let _ = std::fs::remove_file(&status_file);
     outcome
+}
+
+/// What `clawgress status` reads: each child's PID, start time, restarts.
+fn write_status(path: &Path, up_started: std::time::SystemTime, slots: &[Slot]) {
+    let children = slots
+        .iter()
+        .map(|s| crate::status::Child {
+            name: s.spec.name.to_string(),
+            pid: s.pid,
+            started_at: s.started_at.map(crate::status::unix),
+            restarts: s.restarts,
+            last_exit: s.last_exit.clone(),
+            probe: s.spec.probe.clone(),
+        })
+        .collect();
+    let st = crate::status::Status {
+        up_pid: std::process::id(),
+        up_started_at: crate::status::unix(up_started),
+        children,
+    };
+    if let Err(e) = node::write_private(
+        path,
+        serde_json::to_string_pretty(&st)
+            .unwrap_or_default()
+            .as_bytes(),
+    ) {
+        tracing::warn!(error = %e, "cannot write the status file");
+    }
 }
 
 /// SIGHUP: re-read the config file; if it validates and its policy part
@@ -471,6 +515,7 @@ fn start(slot: &mut Slot, i: usize, tx: &mpsc::UnboundedSender<Event>) -> Result
         )
     })?;
     slot.pid = child.id();
+    slot.started_at = Some(std::time::SystemTime::now());
     tracing::info!(
         child = slot.spec.name,
         pid = slot.pid,

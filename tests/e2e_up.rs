@@ -294,3 +294,44 @@ fn sigterm_drains_envoy_so_requests_in_flight_complete() {
         "{r:?}"
     );
 }
+
+#[test]
+fn status_lists_children_with_pid_uptime_restarts_and_health() {
+    let mut stack = Stack::start(&config_allowing(&[free_port()], ""));
+    let status = |stack: &Stack| {
+        Command::new(env!("CARGO_BIN_EXE_clawgress"))
+            .args(["status", "--json", "--state-dir"])
+            .arg(stack.state())
+            .output()
+            .expect("run")
+    };
+    let out = status(&stack);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let names: Vec<&str> = v["children"]
+        .as_array()
+        .expect("children")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(names, ["admin", "authz", "ratelimit", "audit", "envoy"]);
+    for c in v["children"].as_array().expect("children") {
+        assert_eq!(c["health"], "healthy", "{c}");
+        assert!(c["pid"].as_u64().is_some_and(|p| p > 1));
+        assert!(c["uptime_s"].is_u64());
+        assert_eq!(c["restarts"], 0);
+    }
+    let pid = stack.service_pid("ratelimit").expect("ratelimit");
+    signal(pid, "KILL");
+    assert!(eventually(Duration::from_secs(10), || {
+        let out = status(&stack);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        out.status.success()
+            && v["children"][2]["restarts"] == 1
+            && v["children"][2]["last_exit"] == "killed by signal 9"
+    }));
+    assert!(stack.stop().expect("stopped").success());
+    let out = status(&stack);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"running\":false"));
+}

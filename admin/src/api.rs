@@ -120,8 +120,46 @@ impl<const MIN: u8> FromRequestParts<Ctl> for Auth<MIN> {
     }
 }
 
+/// The OpenAPI document, generated from the handlers' annotations.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Clawgress admin API", description = "The control plane of DESIGN.md §7: candidate, configure, commit, rollback, revisions, agents, tokens."),
+    paths(candidate, put_candidate, set, delete, active, show, compare, configure, commit,
+          confirm, rollback, lockdown, revisions, revision, import, events, rollout, agents,
+          add_agent, policies, quotas, add_token, openapi),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/openapi.json",
+    summary = "This document",
+    description = "Role: viewer.",
+    responses((status = 200, description = "OK", body = Object)),
+    security(("bearer" = []))
+)]
+async fn openapi(_: Auth<VIEWER>) -> Json<utoipa::openapi::OpenApi> {
+    use utoipa::OpenApi;
+    Json(ApiDoc::openapi())
+}
+
 pub fn router(ctl: Ctl) -> Router {
     Router::new()
+        .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/candidate", get(candidate).put(put_candidate))
         .route("/api/v1/candidate/set", post(set))
         .route("/api/v1/candidate/delete", post(delete))
@@ -154,12 +192,29 @@ fn to_json<T: serde::Serialize>(v: T) -> Answer {
         .map_err(|e| api_err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/candidate",
+    summary = "The candidate document and its version",
+    description = "Role: viewer.",
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
 async fn candidate(State(ctl): State<Ctl>, _: Auth<VIEWER>) -> Answer {
     to_json(ctl.candidate().await?)
 }
 
 /// `If-Match: <version>` is required: a whole-document write must say
 /// which version it replaces, so two operators cannot overwrite each other.
+#[utoipa::path(
+    put,
+    path = "/api/v1/candidate",
+    summary = "Replace the candidate (If-Match: version required)",
+    description = "Role: operator.",
+    request_body(content = Object, description = "the policy document"),
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
 async fn put_candidate(
     State(ctl): State<Ctl>,
     Auth::<OPERATOR>(actor): Auth<OPERATOR>,
@@ -192,15 +247,25 @@ async fn put_candidate(
     )
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SetBody {
     path: String,
+    #[schema(value_type = Object)]
     value: Value,
     #[serde(default)]
     expected_version: Option<i64>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/candidate/set",
+    summary = "Set a path in the candidate",
+    description = "Role: operator.",
+    request_body = SetBody,
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
 async fn set(
     State(ctl): State<Ctl>,
     Auth::<OPERATOR>(actor): Auth<OPERATOR>,
@@ -216,7 +281,7 @@ async fn set(
     )
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct DeleteBody {
     path: String,
@@ -224,6 +289,15 @@ struct DeleteBody {
     expected_version: Option<i64>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/candidate/delete",
+    summary = "Delete a path from the candidate",
+    description = "Role: operator.",
+    request_body = DeleteBody,
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
 async fn delete(
     State(ctl): State<Ctl>,
     Auth::<OPERATOR>(actor): Auth<OPERATOR>,
@@ -239,11 +313,20 @@ async fn delete(
     )
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/active",
+    summary = "The active revision and its document",
+    description = "Role: viewer.",
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
 async fn active(State(ctl): State<Ctl>, _: Auth<VIEWER>) -> Answer {
     to_json(ctl.active().await?)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ShowQuery {
     #[serde(default)]
     which: Option<String>,
@@ -252,6 +335,15 @@ struct ShowQuery {
 }
 
 /// `show [candidate|active] [path]`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/show",
+    summary = "The active or candidate document, or one path of it",
+    description = "Role: viewer.",
+    params(ShowQuery),
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
 async fn show(State(ctl): State<Ctl>, _: Auth<VIEWER>, Query(q): Query<ShowQuery>) -> Answer {
     let doc = match q.which.as_deref().unwrap_or("active") {
         "active" => ctl.active().await?.document,
@@ -275,6 +367,14 @@ async fn show(State(ctl): State<Ctl>, _: Auth<VIEWER>, Query(q): Query<ShowQuery
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/compare",
+    summary = "Diff of candidate against active",
+    description = "Role: viewer.",
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
 async fn compare(State(ctl): State<Ctl>, _: Auth<VIEWER>) -> Answer {
     let a = ctl.active().await?;
     let cand = ctl.candidate().await?;
@@ -285,12 +385,20 @@ async fn compare(State(ctl): State<Ctl>, _: Auth<VIEWER>) -> Answer {
     }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/configure",
+    summary = "Validate the candidate and stage it as a revision",
+    description = "Role: operator.",
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
 async fn configure(State(ctl): State<Ctl>, Auth::<OPERATOR>(actor): Auth<OPERATOR>) -> Answer {
     let actor = actor.as_str();
     to_json(ctl.configure(actor).await?)
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CommitBody {
     #[serde(default)]
@@ -300,6 +408,15 @@ struct CommitBody {
     confirmed_minutes: Option<f64>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/commit",
+    summary = "Sign and publish a revision (default: the candidate)",
+    description = "Role: operator.",
+    request_body = CommitBody,
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
 async fn commit(
     State(ctl): State<Ctl>,
     Auth::<OPERATOR>(actor): Auth<OPERATOR>,
@@ -322,17 +439,34 @@ async fn commit(
     to_json(ctl.commit(actor, b.revision, within).await?)
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/confirm",
+    summary = "Keep the revision of a commit confirmed",
+    description = "Role: operator.",
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
 async fn confirm(State(ctl): State<Ctl>, Auth::<OPERATOR>(actor): Auth<OPERATOR>) -> Answer {
     let actor = actor.as_str();
     to_json(ctl.confirm(actor).await?)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RollbackBody {
     revision: i64,
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/rollback",
+    summary = "Commit an earlier revision again",
+    description = "Role: operator.",
+    request_body = RollbackBody,
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
 async fn rollback(
     State(ctl): State<Ctl>,
     Auth::<OPERATOR>(actor): Auth<OPERATOR>,
@@ -342,41 +476,87 @@ async fn rollback(
     to_json(ctl.rollback(actor, b.revision).await?)
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/lockdown",
+    summary = "Commit a deny-all revision",
+    description = "Role: operator.",
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
 async fn lockdown(State(ctl): State<Ctl>, Auth::<OPERATOR>(actor): Auth<OPERATOR>) -> Answer {
     let actor = actor.as_str();
     to_json(ctl.lockdown(actor).await?)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct Limit {
     #[serde(default)]
     limit: Option<i64>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/revisions",
+    summary = "Revisions, newest first",
+    description = "Role: viewer.",
+    params(Limit),
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
 async fn revisions(State(ctl): State<Ctl>, _: Auth<VIEWER>, Query(q): Query<Limit>) -> Answer {
     let active = ctl.active().await?.revision;
     let list = ctl.revisions(q.limit.unwrap_or(100).clamp(1, 1000)).await?;
     to_json(json!({"active": active, "revisions": list}))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/revisions/{id}",
+    summary = "One revision and its document",
+    description = "Role: viewer.",
+    params(("id" = i64, Path, description = "revision id")),
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
 async fn revision(State(ctl): State<Ctl>, _: Auth<VIEWER>, Path(id): Path<i64>) -> Answer {
     let (r, doc) = ctl.revision_document(id).await?;
     to_json(json!({"revision": r, "document": doc}))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ImportBody {
     /// Recorded as the actor (`file:/etc/clawgress.yaml`).
     source: String,
+    #[schema(value_type = Object)]
     document: Value,
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/import",
+    summary = "Commit a document if it changed (config file import)",
+    description = "Role: admin.",
+    request_body = ImportBody,
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
 async fn import(State(ctl): State<Ctl>, _: Auth<ADMIN>, Json(b): Json<ImportBody>) -> Answer {
     let committed = ctl.import(&b.source, &b.document).await?;
     to_json(json!({"committed": committed}))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/events",
+    summary = "Admin actions, newest first",
+    description = "Role: viewer.",
+    params(Limit),
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
 async fn events(State(ctl): State<Ctl>, _: Auth<VIEWER>, Query(q): Query<Limit>) -> Answer {
     let list = ctl
         .store()
@@ -386,6 +566,14 @@ async fn events(State(ctl): State<Ctl>, _: Auth<VIEWER>, Query(q): Query<Limit>)
     to_json(json!({"events": list}))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/rollout",
+    summary = "The revision each service has loaded",
+    description = "Role: viewer.",
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
 async fn rollout(State(ctl): State<Ctl>, _: Auth<VIEWER>) -> Answer {
     let active = ctl.active().await?.revision;
     to_json(json!({"active": active, "loaded": ctl.loaded()}))
@@ -396,19 +584,43 @@ async fn list_of(ctl: &Control, field: &str) -> Answer {
     Ok(Json(doc.get(field).cloned().unwrap_or_else(|| json!([]))))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/agents",
+    summary = "Active agents",
+    description = "Role: viewer.",
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
 async fn agents(State(ctl): State<Ctl>, _: Auth<VIEWER>) -> Answer {
     list_of(&ctl, "agents").await
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/policies",
+    summary = "Active policies",
+    description = "Role: viewer.",
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
 async fn policies(State(ctl): State<Ctl>, _: Auth<VIEWER>) -> Answer {
     list_of(&ctl, "policies").await
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/quotas",
+    summary = "Active quotas",
+    description = "Role: viewer.",
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
 async fn quotas(State(ctl): State<Ctl>, _: Auth<VIEWER>) -> Answer {
     list_of(&ctl, "quotas").await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewAgent {
     agent_id: String,
@@ -424,6 +636,15 @@ struct NewAgent {
 
 /// Add an API-key agent to the candidate. The key is in this answer only;
 /// the store keeps its SHA-256.
+#[utoipa::path(
+    post,
+    path = "/api/v1/agents",
+    summary = "Add an API-key agent to the candidate; the key is in this answer only",
+    description = "Role: operator.",
+    request_body = NewAgent,
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
 async fn add_agent(
     State(ctl): State<Ctl>,
     Auth::<OPERATOR>(actor): Auth<OPERATOR>,
@@ -486,13 +707,22 @@ async fn add_agent(
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewToken {
     name: String,
     role: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/tokens",
+    summary = "Create an admin token (shown once)",
+    description = "Role: admin.",
+    request_body = NewToken,
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
 async fn add_token(
     State(ctl): State<Ctl>,
     Auth::<ADMIN>(actor): Auth<ADMIN>,

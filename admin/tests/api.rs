@@ -561,3 +561,34 @@ async fn import_commits_only_what_changed_and_tokens_are_admin_only() {
     let (s, _) = a.call(Some(tok), "POST", "/api/v1/commit", None).await;
     assert_eq!(s, StatusCode::FORBIDDEN);
 }
+
+#[tokio::test]
+async fn the_openapi_document_is_generated_and_names_every_route() {
+    let a = app().await;
+    let (s, _) = a.call(None, "GET", "/api/v1/openapi.json", None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, doc) = a
+        .call(Some(&a.viewer), "GET", "/api/v1/openapi.json", None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")),
+        "{doc}"
+    );
+    for (method, uri, _) in ROUTES {
+        let op = &doc["paths"][*uri][method.to_lowercase()];
+        assert!(
+            op.is_object(),
+            "{method} {uri} missing from the OpenAPI document"
+        );
+        assert!(
+            op["security"].is_array(),
+            "{method} {uri} must declare bearer auth"
+        );
+    }
+    assert!(doc["components"]["schemas"]["SetBody"].is_object());
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+}
