@@ -73,6 +73,8 @@ pub fn verify(p: &Paths, json: bool) -> Result<bool> {
 #[derive(Debug, Default)]
 pub struct Query {
     pub limit: usize,
+    /// `request` (default), `alert`, `admin` or `all`.
+    pub kind: String,
     pub agent: Option<String>,
     pub decision: Option<String>,
     pub host: Option<String>,
@@ -81,6 +83,9 @@ pub struct Query {
 
 /// Newest first, at most `limit` records matching every filter.
 pub fn query(p: &Paths, q: &Query, json: bool) -> Result<()> {
+    if !matches!(q.kind.as_str(), "request" | "alert" | "admin" | "all") {
+        anyhow::bail!("--kind {:?}: one of request, alert, admin, all", q.kind);
+    }
     let log_path = p.audit_dir.join(JsonlWriter::FILE);
     let log = std::fs::read_to_string(&log_path)
         .with_context(|| format!("cannot read {}", log_path.display()))?;
@@ -90,7 +95,13 @@ pub fn query(p: &Paths, q: &Query, json: bool) -> Result<()> {
         .rev()
         .filter_map(|l| AuditRecord::from_json_line(l).ok())
         .filter(|r| {
-            want(&q.agent, &r.agent_id)
+            let kind = match r.kind {
+                clawgress_audit_log::RecordKind::Request => "request",
+                clawgress_audit_log::RecordKind::Alert => "alert",
+                clawgress_audit_log::RecordKind::Admin => "admin",
+            };
+            (q.kind == "all" || q.kind == kind)
+                && want(&q.agent, &r.agent_id)
                 && want(&q.decision, &r.decision)
                 && want(&q.host, &r.destination_host)
                 && want(&q.request_id, &r.request_id)

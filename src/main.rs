@@ -148,6 +148,9 @@ enum AuditCommand {
         host: Option<String>,
         #[arg(long)]
         request_id: Option<String>,
+        /// request (default), alert, admin, or all.
+        #[arg(long, default_value = "request")]
+        kind: String,
     },
 }
 
@@ -284,12 +287,14 @@ fn main() -> ExitCode {
                     decision,
                     host,
                     request_id,
+                    kind,
                 },
         } => audit::paths(node.config.as_deref(), node.state_dir.as_deref()).and_then(|p| {
             audit::query(
                 &p,
                 &audit::Query {
                     limit,
+                    kind,
                     agent,
                     decision,
                     host,

@@ -25,33 +25,105 @@ pub struct AlertLabels {
 /// `clawgress_alerts_total{kind}`.
 pub type Alerts = Family<AlertLabels, Counter>;
 
-/// Counts every log event that carries an `alert` field: alerts have one
-/// form everywhere (§10), so one layer counts them all.
+/// Where this process appends its alerts as audit events (the events
+/// spool of the audit sink), and the name it signs them with. Set once the
+/// config is loaded; alerts before that are counted and logged only.
+static EVENTS: std::sync::OnceLock<(std::path::PathBuf, String)> = std::sync::OnceLock::new();
+
+pub fn record_alerts_in(spool: std::path::PathBuf, actor: &str) {
+    let _ = EVENTS.set((spool, actor.to_string()));
+}
+
+/// Append one event line to the events spool: one `write` of one line on
+/// an `O_APPEND` file, so lines of several processes never interleave.
+pub fn append_event(spool: &std::path::Path, e: &clawgress_audit_log::SpoolEvent) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let line = e.to_json_line() + "\n";
+    let r = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(spool)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(err) = r {
+        // Not through tracing: this runs inside the tracing layer.
+        eprintln!(
+            "clawgress: cannot record an event in {}: {err}",
+            spool.display()
+        );
+    }
+}
+
+/// A fresh unique event id.
+pub fn event_id() -> String {
+    let b: [u8; 12] = rand::random();
+    format!("evt-{}", hex::encode(b))
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+/// Counts every log event that carries an `alert` field, and records it as
+/// an audit event: alerts have one form everywhere (§10), so one layer
+/// handles them all.
 pub struct AlertLayer {
     pub alerts: Alerts,
 }
 
-struct AlertField(Option<String>);
+#[derive(Default)]
+struct AlertField {
+    kind: Option<String>,
+    message: String,
+    fields: Vec<String>,
+}
 
 impl Visit for AlertField {
     fn record_str(&mut self, field: &Field, value: &str) {
-        if field.name() == "alert" {
-            self.0 = Some(value.to_string());
+        match field.name() {
+            "alert" => self.kind = Some(value.to_string()),
+            "message" => self.message = value.to_string(),
+            name => self.fields.push(format!("{name}={value}")),
         }
     }
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "alert" && self.0.is_none() {
-            self.0 = Some(format!("{value:?}").trim_matches('"').to_string());
+        let v = format!("{value:?}");
+        match field.name() {
+            "alert" if self.kind.is_none() => self.kind = Some(v.trim_matches('"').to_string()),
+            "alert" => {}
+            "message" => self.message = v.trim_matches('"').to_string(),
+            name => self.fields.push(format!("{name}={v}")),
         }
     }
 }
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for AlertLayer {
     fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
-        let mut v = AlertField(None);
+        let mut v = AlertField::default();
         event.record(&mut v);
-        if let Some(kind) = v.0 {
-            self.alerts.get_or_create(&AlertLabels { kind }).inc();
+        let Some(kind) = v.kind else { return };
+        self.alerts
+            .get_or_create(&AlertLabels { kind: kind.clone() })
+            .inc();
+        if let Some((spool, actor)) = EVENTS.get() {
+            let mut detail = v.message;
+            for f in v.fields {
+                detail.push(' ');
+                detail.push_str(&f);
+            }
+            append_event(
+                spool,
+                &clawgress_audit_log::SpoolEvent {
+                    kind: clawgress_audit_log::RecordKind::Alert,
+                    id: event_id(),
+                    timestamp: now_rfc3339(),
+                    what: kind,
+                    actor: actor.clone(),
+                    detail,
+                    result: String::new(),
+                },
+            );
         }
     }
 }

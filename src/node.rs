@@ -106,6 +106,17 @@ pub fn spool_dir(doc: &Document, state_dir: &Path) -> PathBuf {
         .unwrap_or_else(|| state_dir.join("spool"))
 }
 
+/// The events spool: alerts and admin actions, appended by every process,
+/// followed by the audit sink.
+pub fn events_spool(doc: &Document, state_dir: &Path) -> PathBuf {
+    spool_dir(doc, state_dir).join("events.jsonl")
+}
+
+/// The audit query store (SQLite).
+pub fn audit_query_db(state_dir: &Path) -> PathBuf {
+    state_dir.join("audit.db")
+}
+
 /// The access-log file Envoy writes and the sink follows.
 pub fn access_log_file(doc: &Document, state_dir: &Path) -> PathBuf {
     spool_dir(doc, state_dir).join("envoy-access.log")

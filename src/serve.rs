@@ -230,6 +230,13 @@ pub async fn serve(
         None => node::revision_of(doc),
     };
     let start_rev = initial.as_ref().map(|f| f.revision);
+    let spool = node::spool_dir(&doc, &state);
+    if node::private_dir(&spool).is_ok() {
+        crate::metrics::record_alerts_in(
+            node::events_spool(&doc, &state),
+            &format!("{service:?}").to_lowercase(),
+        );
+    }
     tracing::info!(service = ?service, listen = ?listen, revision = revision_name(&start_doc, start_rev), "starting");
     let name = format!("{service:?}").to_lowercase();
     if let (Some(b), Some(r)) = (&bundles, start_rev) {
@@ -380,9 +387,18 @@ pub async fn serve(
             expose(metrics_listen, registry).await?;
             // Nothing to reload here, but SIGHUP must not stop the sink.
             let _reloader = on_hangup(config, |_| {})?;
+            let extras = clawgress_audit_sink::Extras {
+                events: Some((
+                    node::events_spool(&doc, &state),
+                    node::spool_dir(&doc, &state).join("events.checkpoint"),
+                )),
+                query_store: Some(node::audit_query_db(&state)),
+                log: Some(dir.join("audit.jsonl")),
+            };
             serve_on!(listen, |inc, sd| clawgress_audit_sink::run(
                 writer,
                 input,
+                extras,
                 audit_metrics,
                 Some(guard),
                 inc,
@@ -415,12 +431,29 @@ async fn admin_control(
     }
     let bundle_dir = crate::bundles::bundle_dir(state);
     node::private_dir(&bundle_dir)?;
+    let spool = node::events_spool(doc, state);
+    let on_event = move |e: &clawgress_admin::store::Event| {
+        crate::metrics::append_event(
+            &spool,
+            &clawgress_audit_log::SpoolEvent {
+                kind: clawgress_audit_log::RecordKind::Admin,
+                id: crate::metrics::event_id(),
+                timestamp: crate::metrics::now_rfc3339(),
+                what: e.action.clone(),
+                actor: e.actor.clone(),
+                detail: e.summary.clone(),
+                result: e.result.clone(),
+            },
+        )
+    };
     Ok(Arc::new(clawgress_admin::Control::new(
         clawgress_admin::Config {
             store: Arc::new(store),
             key,
             bundle_dir,
             rollout_wait: std::time::Duration::from_secs(3),
+            on_event: Some(Box::new(on_event)),
+            audit_db: Some(node::audit_query_db(state)),
         },
     )))
 }

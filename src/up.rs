@@ -76,6 +76,8 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
     node::private_dir(&state)?;
     let run = state.join("run");
     node::private_dir(&run)?;
+    node::private_dir(&node::spool_dir(&doc, &state))?;
+    crate::metrics::record_alerts_in(node::events_spool(&doc, &state), "up");
 
     let proxy = doc.gateway.proxy_listen;
     // A clear error now beats an Envoy crash loop later.
@@ -210,6 +212,9 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
             state.join("envoy.log").display()
         )));
     }
+    let status_file = crate::status::file(&run);
+    let up_started = std::time::SystemTime::now();
+    write_status(&status_file, up_started, &slots);
     banner(
         proxy,
         admin_addr,
@@ -242,9 +247,6 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
     )?;
     let pidfile = run.join("up.pid");
     node::write_private(&pidfile, format!("{}\n", std::process::id()).as_bytes())?;
-    let status_file = crate::status::file(&run);
-    let up_started = std::time::SystemTime::now();
-    write_status(&status_file, up_started, &slots);
 
     let outcome = loop {
         tokio::select! {

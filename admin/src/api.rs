@@ -126,7 +126,7 @@ impl<const MIN: u8> FromRequestParts<Ctl> for Auth<MIN> {
     info(title = "Clawgress admin API", description = "The control plane of DESIGN.md §7: candidate, configure, commit, rollback, revisions, agents, tokens."),
     paths(candidate, put_candidate, set, delete, active, show, compare, configure, commit,
           confirm, rollback, lockdown, revisions, revision, import, events, rollout, agents,
-          add_agent, policies, quotas, add_token, openapi),
+          add_agent, policies, quotas, add_token, audit, alerts, stats, openapi),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -180,6 +180,9 @@ pub fn router(ctl: Ctl) -> Router {
         .route("/api/v1/policies", get(policies))
         .route("/api/v1/quotas", get(quotas))
         .route("/api/v1/tokens", post(add_token))
+        .route("/api/v1/audit", get(audit))
+        .route("/api/v1/alerts", get(alerts))
+        .route("/api/v1/stats", get(stats))
         .fallback(|| async { api_err(StatusCode::NOT_FOUND, "no such API route") })
         .with_state(ctl)
 }
@@ -746,4 +749,75 @@ async fn add_token(
         "admin token created"
     );
     to_json(json!({"name": t.name, "role": role, "token": token}))
+}
+
+impl From<crate::audit::AuditError> for ApiError {
+    fn from(e: crate::audit::AuditError) -> ApiError {
+        use crate::audit::AuditError as E;
+        match e {
+            E::BadQuery(m) => api_err(StatusCode::BAD_REQUEST, m),
+            E::NotYet | E::NotConfigured => api_err(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            E::Db(err) => {
+                tracing::error!(error = %err, "audit query failed");
+                api_err(StatusCode::INTERNAL_SERVER_ERROR, "audit query failed")
+            }
+        }
+    }
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/audit",
+    summary = "Audit records, newest first, filtered and paginated",
+    description = "Role: viewer. Page with next_before_seq.",
+    params(crate::audit::AuditQuery),
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
+async fn audit(
+    State(ctl): State<Ctl>,
+    _: Auth<VIEWER>,
+    Query(q): Query<crate::audit::AuditQuery>,
+) -> Answer {
+    Ok(Json(ctl.audit.query(&q).await?))
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/alerts",
+    summary = "Recent alerts, newest first",
+    description = "Role: viewer.",
+    params(Limit),
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
+async fn alerts(State(ctl): State<Ctl>, _: Auth<VIEWER>, Query(l): Query<Limit>) -> Answer {
+    let q = crate::audit::AuditQuery {
+        kind: Some("alert".into()),
+        limit: l.limit,
+        ..Default::default()
+    };
+    Ok(Json(ctl.audit.query(&q).await?))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct Window {
+    /// Seconds back from now (default 3600, at most 30 days).
+    #[serde(default)]
+    window_s: Option<u64>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/stats",
+    summary = "Decisions over a window: by decision and reason, agent, policy",
+    description = "Role: viewer.",
+    params(Window),
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
+async fn stats(State(ctl): State<Ctl>, _: Auth<VIEWER>, Query(w): Query<Window>) -> Answer {
+    let window = w.window_s.unwrap_or(3600).clamp(1, 30 * 86400);
+    Ok(Json(ctl.audit.stats(window).await?))
 }

@@ -112,6 +112,8 @@ pub struct Control {
     bundle_dir: PathBuf,
     rollout_wait: Duration,
     commit_lock: tokio::sync::Mutex<()>,
+    on_event: Option<crate::EventHook>,
+    pub(crate) audit: crate::audit::AuditReader,
 }
 
 pub fn now() -> String {
@@ -135,6 +137,8 @@ impl Control {
             bundle_dir: c.bundle_dir,
             rollout_wait: c.rollout_wait,
             commit_lock: tokio::sync::Mutex::new(()),
+            on_event: c.on_event,
+            audit: crate::audit::AuditReader::new(c.audit_db),
         }
     }
 
@@ -156,6 +160,9 @@ impl Control {
             result: result.into(),
         };
         tracing::info!(actor, action, summary, result, "admin action");
+        if let Some(f) = &self.on_event {
+            f(&e);
+        }
         if let Err(err) = self.store.add_event(&e).await {
             tracing::error!(alert = "admin-event-lost", error = %err, "cannot record an admin action");
         }

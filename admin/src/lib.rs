@@ -10,6 +10,7 @@
 //! which is where the rollout status of a commit comes from.
 
 pub mod api;
+pub mod audit;
 pub mod control;
 pub mod paths;
 pub mod store;
@@ -53,6 +54,9 @@ impl Role {
     }
 }
 
+/// What is called with every admin action.
+pub type EventHook = Box<dyn Fn(&store::Event) + Send + Sync>;
+
 /// How the control plane is set up.
 pub struct Config {
     pub store: Arc<dyn Store>,
@@ -62,6 +66,11 @@ pub struct Config {
     pub bundle_dir: PathBuf,
     /// How long `commit` waits for the services to report the new revision.
     pub rollout_wait: Duration,
+    /// Called with every admin action (the binary records it in the audit
+    /// log through the events spool).
+    pub on_event: Option<EventHook>,
+    /// The audit query store to read (`GET /api/v1/audit`, `alerts`, `stats`).
+    pub audit_db: Option<PathBuf>,
 }
 
 /// SHA-256 of a token, as stored.

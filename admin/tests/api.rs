@@ -50,6 +50,8 @@ async fn app() -> App {
         key: key.clone(),
         bundle_dir: bundle_dir.clone(),
         rollout_wait: Duration::from_millis(0),
+        on_event: None,
+        audit_db: None,
     }));
     App {
         _dir: dir,
@@ -141,6 +143,9 @@ const ROUTES: &[(&str, &str, Role)] = &[
     ("POST", "/api/v1/rollback", Role::Operator),
     ("POST", "/api/v1/lockdown", Role::Operator),
     ("POST", "/api/v1/agents", Role::Operator),
+    ("GET", "/api/v1/audit", Role::Viewer),
+    ("GET", "/api/v1/alerts", Role::Viewer),
+    ("GET", "/api/v1/stats", Role::Viewer),
     ("POST", "/api/v1/import", Role::Admin),
     ("POST", "/api/v1/tokens", Role::Admin),
 ];

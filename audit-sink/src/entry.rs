@@ -129,6 +129,8 @@ impl Entry {
             shadow_policy_id: get(&self.authz, "shadow_policy_id"),
             // Set by the writer, which knows the predecessor.
             prev_hash: String::new(),
+            actor: String::new(),
+            detail: String::new(),
         }
     }
 

@@ -10,11 +10,12 @@
 
 mod disk;
 mod entry;
+pub mod query;
 mod tail;
 mod writer;
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -97,6 +98,18 @@ pub enum Input {
     File { log: PathBuf, checkpoint: PathBuf },
 }
 
+/// What the sink does besides the access-log input: follow the events
+/// spool (alerts, admin actions) and keep the query store.
+#[derive(Debug, Clone, Default)]
+pub struct Extras {
+    /// The events spool and its checkpoint file.
+    pub events: Option<(PathBuf, PathBuf)>,
+    /// The SQLite query store (`state_dir/audit.db`).
+    pub query_store: Option<PathBuf>,
+    /// The log the query store catches up from (`audit_dir/audit.jsonl`).
+    pub log: Option<PathBuf>,
+}
+
 /// Where records go.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -153,6 +166,7 @@ impl AccessLogService for AuditService {
 pub async fn run<W, I, IO, IE, F>(
     writer: W,
     input: Input,
+    extras: Extras,
     metrics: AuditMetrics,
     guard: Option<DiskGuard>,
     incoming: I,
@@ -169,28 +183,40 @@ where
     let (tx, rx) = mpsc::channel(QUEUE);
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
     let m = metrics.clone();
+    let (qpath, qlog) = (extras.query_store.clone(), extras.log.clone());
     let writer_thread = std::thread::Builder::new()
         .name("audit-writer".into())
         .spawn(move || {
-            let r = write_loop(writer, rx, &m, guard);
+            let query = qpath.and_then(|p| open_query_store(&p, qlog.as_deref()));
+            let r = write_loop(writer, rx, &m, guard, query);
             let _ = stopped_tx.send(());
             r
         })
         .map_err(|e| Error::Writer(WriterError::Io(e)))?;
     let stop_tail = Arc::new(AtomicBool::new(false));
-    let tail_thread = match input {
-        Input::Grpc => None,
-        Input::File { log, checkpoint } => {
-            let (tx, stop) = (tx.clone(), stop_tail.clone());
-            let spool = metrics.spool_bytes.clone();
-            Some(
-                std::thread::Builder::new()
-                    .name("audit-tail".into())
-                    .spawn(move || tail::follow(log, checkpoint, tx, stop, spool))
-                    .map_err(|e| Error::Writer(WriterError::Io(e)))?,
-            )
-        }
-    };
+    let mut tails = Vec::new();
+    if let Input::File { log, checkpoint } = input {
+        let (tx, stop) = (tx.clone(), stop_tail.clone());
+        let spool = metrics.spool_bytes.clone();
+        tails.push(
+            std::thread::Builder::new()
+                .name("audit-tail".into())
+                .spawn(move || {
+                    tail::follow(log, checkpoint, tx, stop, spool, tail::access_log_line)
+                })
+                .map_err(|e| Error::Writer(WriterError::Io(e)))?,
+        );
+    }
+    if let Some((log, checkpoint)) = extras.events {
+        let (tx, stop) = (tx.clone(), stop_tail.clone());
+        let unused = prometheus_client::metrics::gauge::Gauge::default();
+        tails.push(
+            std::thread::Builder::new()
+                .name("audit-events".into())
+                .spawn(move || tail::follow(log, checkpoint, tx, stop, unused, tail::event_line))
+                .map_err(|e| Error::Writer(WriterError::Io(e)))?,
+        );
+    }
     let ticker = {
         let tx = tx.clone();
         tokio::spawn(async move {
@@ -230,14 +256,17 @@ where
     ticker.abort();
     let _ = ticker.await;
     stop_tail.store(true, Ordering::Relaxed);
-    let tailed = match tail_thread {
-        Some(t) => tokio::task::spawn_blocking(move || t.join())
+    let mut tailed = Ok(());
+    for t in tails {
+        let r = tokio::task::spawn_blocking(move || t.join())
             .await
             .map_err(|_| Error::WriterPanicked)?
             .map_err(|_| Error::WriterPanicked)?
-            .map_err(|e| Error::Writer(WriterError::Io(e))),
-        None => Ok(()),
-    };
+            .map_err(|e| Error::Writer(WriterError::Io(e)));
+        if tailed.is_ok() {
+            tailed = r;
+        }
+    }
     // Every sender is gone with the server and the tail: the writer drains
     // what is queued and stops.
     let written = tokio::task::spawn_blocking(move || writer_thread.join())
@@ -301,8 +330,10 @@ fn write_loop<W: RecordWriter>(
     mut rx: mpsc::Receiver<Msg>,
     metrics: &AuditMetrics,
     mut guard: Option<DiskGuard>,
+    query: Option<query::QueryStore>,
 ) -> Result<(), WriterError> {
     let mut recent = Recent::new(writer.recent_request_ids());
+    let mut last_query_alert: Option<std::time::Instant> = None;
     let mut batch = Vec::new();
     let mut checkpoint: Option<Checkpoint> = None;
     let mut tick = false;
@@ -345,6 +376,19 @@ fn write_loop<W: RecordWriter>(
                 return Ok(());
             }
             metrics.records.inc_by(batch.len() as u64);
+            if let Some(q) = &query {
+                // The log is the record of truth; a failed insert here is
+                // caught up from it at the next start. Alerted at most once
+                // a minute: the alert is itself an event that comes back here.
+                if let Err(e) = q.insert(&batch) {
+                    if last_query_alert.is_none_or(|t: std::time::Instant| {
+                        t.elapsed() > std::time::Duration::from_secs(60)
+                    }) {
+                        tracing::error!(alert = "audit-query-store-failed", error = %e, "query store insert failed");
+                        last_query_alert = Some(std::time::Instant::now());
+                    }
+                }
+            }
             if let Some(t) = batch
                 .last()
                 .and_then(|r| humantime::parse_rfc3339(&r.timestamp).ok())
@@ -367,6 +411,26 @@ fn write_loop<W: RecordWriter>(
     // Seal at close: every record written is covered by a checkpoint.
     writer.checkpoint()?;
     Ok(())
+}
+
+fn open_query_store(path: &Path, log: Option<&Path>) -> Option<query::QueryStore> {
+    let q = match query::QueryStore::open(path) {
+        Ok(q) => q,
+        Err(e) => {
+            tracing::error!(alert = "audit-query-store-failed", path = %path.display(), error = %e, "cannot open the query store");
+            return None;
+        }
+    };
+    if let Some(log) = log {
+        match q.catch_up(log) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(records = n, "query store caught up from the log"),
+            Err(e) => {
+                tracing::error!(alert = "audit-query-store-failed", error = %e, "query store catch-up failed")
+            }
+        }
+    }
+    Some(q)
 }
 
 /// How often a sink held up by full storage looks again.
@@ -468,6 +532,7 @@ mod tests {
         let task = tokio::spawn(run(
             w,
             Input::Grpc,
+            Extras::default(),
             AuditMetrics::default(),
             guard,
             tokio_stream::wrappers::TcpListenerStream::new(l),

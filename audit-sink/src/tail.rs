@@ -19,6 +19,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use clawgress_audit_log::AuditRecord;
+
 use crate::entry::Entry;
 use crate::Msg;
 
@@ -78,6 +80,7 @@ pub fn follow(
     tx: mpsc::Sender<Msg>,
     stop: Arc<AtomicBool>,
     spool_bytes: prometheus_client::metrics::gauge::Gauge,
+    parse: fn(&str) -> Result<AuditRecord, String>,
 ) -> std::io::Result<()> {
     let mut pos = Checkpoint::load(&checkpoint);
     let mut buf = vec![0u8; CHUNK];
@@ -130,13 +133,10 @@ pub fn follow(
         for line in complete.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
             let parsed = std::str::from_utf8(line)
                 .map_err(|e| e.to_string())
-                .and_then(|l| Entry::from_json_line(l).map_err(|e| e.to_string()));
+                .and_then(parse);
             match parsed {
-                Ok(entry) => {
-                    if tx
-                        .blocking_send(Msg::Record(Box::new(entry.record())))
-                        .is_err()
-                    {
+                Ok(record) => {
+                    if tx.blocking_send(Msg::Record(Box::new(record))).is_err() {
                         return Ok(());
                     }
                 }
@@ -155,6 +155,20 @@ pub fn follow(
         }
     }
     Ok(())
+}
+
+/// Envoy's JSON access-log lines.
+pub fn access_log_line(line: &str) -> Result<AuditRecord, String> {
+    Entry::from_json_line(line)
+        .map(|e| e.record())
+        .map_err(|e| e.to_string())
+}
+
+/// Events-spool lines (alerts, admin actions).
+pub fn event_line(line: &str) -> Result<AuditRecord, String> {
+    serde_json::from_str::<clawgress_audit_log::SpoolEvent>(line)
+        .map(|e| e.record())
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -145,8 +145,16 @@ impl Stack {
         pids_with_arg(&cfg).into_iter().next()
     }
 
-    /// Audit records written so far.
+    /// Request records written so far (not alerts or admin actions).
     pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        self.all_audit_records()
+            .into_iter()
+            .filter(|r| r["kind"] == "request")
+            .collect()
+    }
+
+    /// Every audit record written so far, in log order.
+    pub fn all_audit_records(&self) -> Vec<serde_json::Value> {
         let path = self.state().join("audit").join("audit.jsonl");
         std::fs::read_to_string(path)
             .unwrap_or_default()
@@ -155,7 +163,7 @@ impl Stack {
             .collect()
     }
 
-    /// Wait until at least `n` audit records exist (Envoy flushes its
+    /// Wait until at least `n` request records exist (Envoy flushes its
     /// access-log stream every 200 ms), or 15 s pass.
     pub fn wait_audit(&self, n: usize) -> Vec<serde_json::Value> {
         let deadline = Instant::now() + Duration::from_secs(15);

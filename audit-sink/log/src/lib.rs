@@ -63,6 +63,13 @@ pub struct AuditRecord {
     pub shadow_decision: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub shadow_policy_id: String,
+    /// Alerts and admin actions: who (a token's name, `file:FILE`, a
+    /// service).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub actor: String,
+    /// Alerts and admin actions: what happened, in words (a diff summary).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
     /// SHA-256 (hex) of the previous record's line as written; the first
     /// record has [`chain::GENESIS`]. Set by the writer.
     pub prev_hash: String,
@@ -77,6 +84,47 @@ impl AuditRecord {
 
     pub fn from_json_line(line: &str) -> Result<AuditRecord, serde_json::Error> {
         serde_json::from_str(line)
+    }
+}
+
+/// One line of the events spool (`spool/events.jsonl`): an alert or an admin
+/// action, appended by whichever process raised it and turned into an audit
+/// record by the sink. `id` is unique (the deduplication key).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolEvent {
+    pub kind: RecordKind,
+    pub id: String,
+    pub timestamp: String,
+    /// The alert kind (`child-restarted`) or the admin action (`commit`).
+    pub what: String,
+    #[serde(default)]
+    pub actor: String,
+    #[serde(default)]
+    pub detail: String,
+    /// Admin actions: `ok`, `rejected`, `failed`.
+    #[serde(default)]
+    pub result: String,
+}
+
+impl SpoolEvent {
+    pub fn to_json_line(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The audit record: the alert kind or action goes in `reason`, an
+    /// admin action's result in `decision`.
+    pub fn record(&self) -> AuditRecord {
+        AuditRecord {
+            kind: self.kind,
+            timestamp: self.timestamp.clone(),
+            request_id: self.id.clone(),
+            reason: self.what.clone(),
+            decision: self.result.clone(),
+            actor: self.actor.clone(),
+            detail: self.detail.clone(),
+            ..Default::default()
+        }
     }
 }
 

@@ -1,0 +1,214 @@
+//! The audit query store (§6, §10): one table `audit_records`, one column
+//! per §6 field plus `kind`, `seq`, `shadow_decision`, `shadow_policy_id`
+//! (and `reason`, `actor`, `detail`), indexed on time, agent, decision, host
+//! and policy; what the admin API and Grafana read. SQLite here.
+//!
+//! The JSON-lines log stays the record of truth: the store is written after
+//! each batch is synced there, and on open it catches up from the log, so a
+//! crash between the two loses nothing and inserts nothing twice (`seq` is
+//! the primary key).
+
+use std::path::Path;
+
+use clawgress_audit_log::AuditRecord;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+/// The table, as the admin API and dashboards read it.
+pub const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS audit_records (
+    seq               INTEGER PRIMARY KEY,
+    kind              TEXT    NOT NULL,
+    timestamp         TEXT    NOT NULL,
+    request_id        TEXT    NOT NULL,
+    agent_id          TEXT    NOT NULL,
+    team_id           TEXT    NOT NULL,
+    project_id        TEXT    NOT NULL,
+    environment       TEXT    NOT NULL,
+    destination_host  TEXT    NOT NULL,
+    destination_port  INTEGER NOT NULL,
+    http_method       TEXT    NOT NULL,
+    path              TEXT    NOT NULL,
+    decision          TEXT    NOT NULL,
+    reason            TEXT    NOT NULL,
+    policy_id         TEXT    NOT NULL,
+    bundle_revision   TEXT    NOT NULL,
+    quota_applied     TEXT    NOT NULL,
+    response_code     INTEGER NOT NULL,
+    latency_ms        INTEGER NOT NULL,
+    bytes_out         INTEGER NOT NULL,
+    bytes_in          INTEGER NOT NULL,
+    source_address    TEXT    NOT NULL,
+    shadow_decision   TEXT    NOT NULL,
+    shadow_policy_id  TEXT    NOT NULL,
+    actor             TEXT    NOT NULL,
+    detail            TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_records_time     ON audit_records (timestamp);
+CREATE INDEX IF NOT EXISTS audit_records_agent    ON audit_records (agent_id, timestamp);
+CREATE INDEX IF NOT EXISTS audit_records_decision ON audit_records (decision, timestamp);
+CREATE INDEX IF NOT EXISTS audit_records_host     ON audit_records (destination_host, timestamp);
+CREATE INDEX IF NOT EXISTS audit_records_policy   ON audit_records (policy_id, timestamp);
+CREATE INDEX IF NOT EXISTS audit_records_kind     ON audit_records (kind, seq);
+"#;
+
+const COLUMNS: usize = 26;
+
+/// The query store, used from the (synchronous) writer thread: it owns a
+/// small runtime to drive sqlx.
+pub struct QueryStore {
+    rt: tokio::runtime::Runtime,
+    pool: SqlitePool,
+}
+
+impl QueryStore {
+    pub fn open(path: &Path) -> Result<QueryStore, sqlx::Error> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(sqlx::Error::Io)?;
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(std::time::Duration::from_secs(5));
+        let pool = rt.block_on(async {
+            let pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(opts)
+                .await?;
+            sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+            Ok::<_, sqlx::Error>(pool)
+        })?;
+        Ok(QueryStore { rt, pool })
+    }
+
+    /// The highest `seq` stored (0 when empty).
+    pub fn max_seq(&self) -> Result<u64, sqlx::Error> {
+        self.rt.block_on(async {
+            let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS m FROM audit_records")
+                .fetch_one(&self.pool)
+                .await?;
+            Ok(row.get::<i64, _>("m") as u64)
+        })
+    }
+
+    /// Insert records (already in the log) in one transaction; records
+    /// already there are skipped.
+    pub fn insert(&self, batch: &[AuditRecord]) -> Result<(), sqlx::Error> {
+        self.rt.block_on(async {
+            let mut tx = self.pool.begin().await?;
+            // SQLite allows 32766 variables per statement.
+            for chunk in batch.chunks(32766 / COLUMNS) {
+                let mut q = sqlx::QueryBuilder::new(
+                    "INSERT OR IGNORE INTO audit_records (seq, kind, timestamp, request_id, agent_id, \
+                     team_id, project_id, environment, destination_host, destination_port, http_method, \
+                     path, decision, reason, policy_id, bundle_revision, quota_applied, response_code, \
+                     latency_ms, bytes_out, bytes_in, source_address, shadow_decision, shadow_policy_id, \
+                     actor, detail) ",
+                );
+                q.push_values(chunk, |mut b, r| {
+                    let kind = match r.kind {
+                        clawgress_audit_log::RecordKind::Request => "request",
+                        clawgress_audit_log::RecordKind::Alert => "alert",
+                        clawgress_audit_log::RecordKind::Admin => "admin",
+                    };
+                    b.push_bind(r.seq as i64)
+                        .push_bind(kind)
+                        .push_bind(&r.timestamp)
+                        .push_bind(&r.request_id)
+                        .push_bind(&r.agent_id)
+                        .push_bind(&r.team_id)
+                        .push_bind(&r.project_id)
+                        .push_bind(&r.environment)
+                        .push_bind(&r.destination_host)
+                        .push_bind(i64::from(r.destination_port))
+                        .push_bind(&r.http_method)
+                        .push_bind(&r.path)
+                        .push_bind(&r.decision)
+                        .push_bind(&r.reason)
+                        .push_bind(&r.policy_id)
+                        .push_bind(&r.bundle_revision)
+                        .push_bind(&r.quota_applied)
+                        .push_bind(i64::from(r.response_code))
+                        .push_bind(r.latency_ms as i64)
+                        .push_bind(r.bytes_out as i64)
+                        .push_bind(r.bytes_in as i64)
+                        .push_bind(&r.source_address)
+                        .push_bind(&r.shadow_decision)
+                        .push_bind(&r.shadow_policy_id)
+                        .push_bind(&r.actor)
+                        .push_bind(&r.detail);
+                });
+                q.build().execute(&mut *tx).await?;
+            }
+            tx.commit().await
+        })
+    }
+
+    /// Bring the store up to the log: insert every record of `log` (the
+    /// JSON-lines file) whose `seq` is above what the store has.
+    pub fn catch_up(&self, log: &Path) -> Result<usize, sqlx::Error> {
+        use std::io::BufRead;
+        let have = self.max_seq()?;
+        let file = match std::fs::File::open(log) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(sqlx::Error::Io(e)),
+        };
+        let mut batch = Vec::new();
+        let mut added = 0;
+        for line in std::io::BufReader::new(file).lines() {
+            let Ok(line) = line else { break };
+            // A torn last line is skipped, as the writer does.
+            let Ok(r) = AuditRecord::from_json_line(&line) else {
+                continue;
+            };
+            if r.seq > have {
+                batch.push(r);
+            }
+            if batch.len() >= 10_000 {
+                self.insert(&batch)?;
+                added += batch.len();
+                batch.clear();
+            }
+        }
+        self.insert(&batch)?;
+        Ok(added + batch.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(seq: u64, agent: &str) -> AuditRecord {
+        AuditRecord {
+            seq,
+            request_id: format!("r{seq}"),
+            agent_id: agent.into(),
+            decision: "allow".into(),
+            timestamp: "2026-11-23T12:00:00.000Z".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn insert_is_idempotent_and_catch_up_fills_the_gap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q = QueryStore::open(&dir.path().join("q.db")).expect("open");
+        q.insert(&[rec(1, "a"), rec(2, "b")]).expect("insert");
+        q.insert(&[rec(2, "b")]).expect("again");
+        assert_eq!(q.max_seq().expect("max"), 2);
+        let log = dir.path().join("audit.jsonl");
+        let text: String = (1..=5)
+            .map(|i| rec(i, "a").to_json_line() + "\n")
+            .collect::<String>()
+            + "{\"torn";
+        std::fs::write(&log, text).expect("write");
+        assert_eq!(q.catch_up(&log).expect("catch up"), 3);
+        assert_eq!(q.max_seq().expect("max"), 5);
+        assert_eq!(q.catch_up(&log).expect("again"), 0);
+    }
+}
