@@ -435,3 +435,49 @@ policies:
     assert_eq!(allowed["shadow_decision"], "deny");
     assert_eq!(allowed["shadow_policy_id"], "trial-deny");
 }
+
+#[test]
+fn a_source_ip_agent_is_known_by_its_address_and_credentials_still_decide() {
+    let up = Upstream::http();
+    let extra = format!(
+        r#"  - policy_id: allow-lab
+    priority: 100
+    match:
+      identity: {{agent_id: lab}}
+      destination: {{hosts: ["127.0.0.1/32"], ports: [{port}]}}
+    action: allow
+"#,
+        port = up.addr.port()
+    );
+    let body = config_allowing(&[free_port()], &extra).replacen(
+        "agents:\n",
+        "agents:\n  - agent_id: lab\n    team_id: research\n    auth_type: source_ip\n    source_cidrs: [127.0.0.1/32]\n",
+        1,
+    );
+    let stack = Stack::start(&body);
+    let target = format!("http://{}/lab", up.addr);
+    // No credentials: the source address 127.0.0.1 names agent lab.
+    let r = curl(&["-x", &format!("http://{}", stack.proxy), &target], &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    // Credentials always decide: bot is not allowed there, a bad key is 403.
+    let r = curl(&["-x", &stack.proxy_url(AGENT, KEY), &target], &[]);
+    assert_eq!(
+        (r.status, r.json()["reason"].as_str()),
+        (403, Some("private-destination")),
+        "{r:?}"
+    );
+    let r = curl(&["-x", &stack.proxy_url(AGENT, "wrong"), &target], &[]);
+    assert_eq!(
+        (r.status, r.json()["reason"].as_str()),
+        (403, Some("invalid-credentials"))
+    );
+    let recs = stack.wait_audit(3);
+    let lab = recs
+        .iter()
+        .find(|r| r["path"] == "/lab" && r["decision"] == "allow")
+        .expect("lab's record");
+    assert_eq!(
+        (lab["agent_id"].as_str(), lab["team_id"].as_str()),
+        (Some("lab"), Some("research"))
+    );
+}

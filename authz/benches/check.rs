@@ -66,6 +66,7 @@ fn bench(c: &mut Criterion) {
             path: "",
             connect: true,
             request_id: "r",
+            source: None,
         };
         let allow = facts(Box::leak(hit.into_boxed_str()));
         assert!(svc.decide(&allow).decision.allow);

@@ -232,9 +232,22 @@ impl AuthzService {
             .and_then(|v| v.split_once(' '))
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, token)| token.trim());
-        let authenticated = match bearer {
-            Some(token) if !state.jwt.is_empty() => state.bearer(token),
-            _ => state
+        // No credentials at all: the source address may name the agent
+        // (`auth_type: source_ip`, §3 transparent mode). Credentials, when
+        // sent, always decide.
+        let no_credentials = f.proxy_authorization.is_none_or(|v| v.trim().is_empty());
+        let by_source = if no_credentials {
+            f.source.and_then(|a| state.agents.by_source_address(a))
+        } else {
+            None
+        };
+        let authenticated = match (by_source, bearer) {
+            (Some(r), _) => r.map_err(|e| match e {
+                AuthError::Disabled(id) => (Reason::AgentDisabled, Some(id)),
+                _ => (Reason::InvalidCredentials, None),
+            }),
+            (None, Some(token)) if !state.jwt.is_empty() => state.bearer(token),
+            (None, _) => state
                 .agents
                 .authenticate(f.proxy_authorization)
                 .map_err(|e| match e {
@@ -306,10 +319,23 @@ pub struct Facts<'a> {
     pub path: &'a str,
     pub connect: bool,
     pub request_id: &'a str,
+    /// The downstream address as Envoy saw it.
+    pub source: Option<std::net::IpAddr>,
 }
 
 /// Extract the facts from Envoy's proto, once.
 pub fn facts(req: &CheckRequest) -> Facts<'_> {
+    let source = req
+        .attributes
+        .as_ref()
+        .and_then(|a| a.source.as_ref())
+        .and_then(|p| p.address.as_ref())
+        .and_then(|a| match &a.address {
+            Some(envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(s)) => {
+                s.address.parse().ok()
+            }
+            _ => None,
+        });
     let Some(http) = req
         .attributes
         .as_ref()
@@ -326,6 +352,7 @@ pub fn facts(req: &CheckRequest) -> Facts<'_> {
         path: &http.path,
         connect: http.method == "CONNECT",
         request_id: header("x-request-id").unwrap_or(&http.id),
+        source,
     }
 }
 

@@ -956,6 +956,7 @@ impl PolicyDocument {
             errs.push(ConfigError { path, line, reason });
         };
         let mut seen = std::collections::HashSet::new();
+        let mut cidr_owner = std::collections::HashMap::new();
         for (i, a) in self.agents.iter().enumerate() {
             let path = format!("agents[{i}]");
             let needle = Some(format!("agent_id: {}", a.agent_id));
@@ -987,12 +988,24 @@ impl PolicyDocument {
                         .into(),
                 );
             }
-            if a.auth_type == AuthType::SourceIp {
+            if a.auth_type != AuthType::SourceIp && !a.source_cidrs.is_empty() {
                 push(
-                    format!("{path}.auth_type"),
+                    format!("{path}.source_cidrs"),
                     needle.clone(),
-                    "source_ip identities (transparent mode) are not available yet".into(),
+                    "only for auth_type source_ip".into(),
                 );
+            }
+            for net in &a.source_cidrs {
+                let key = net.trunc();
+                if let Some(other) = cidr_owner.insert(key, a.agent_id.as_str()) {
+                    push(
+                        format!("{path}.source_cidrs"),
+                        needle.clone(),
+                        format!(
+                            "{key} is bound to agent {other:?} already: one range, one identity"
+                        ),
+                    );
+                }
             }
             if a.auth_type != AuthType::ApiKey && a.api_key_sha256.is_some() {
                 push(
@@ -1304,7 +1317,9 @@ quotas:
             ("# only a comment\n---\n", "empty"),
             ("agents:\n  - {agent_id: \"x:y\", auth_type: jwt}\n", "':' cannot"),
             ("policies:\n  - {policy_id: \"profile:x\", priority: 1, match: {destination: {hosts: [\"*\"]}}, action: allow}\n", "reserved for profiles"),
-            ("agents:\n  - {agent_id: x, auth_type: source_ip, source_cidrs: [10.0.0.0/8]}\n", "source_ip"),
+            ("agents:\n  - {agent_id: x, auth_type: source_ip}\n", "required for auth_type source_ip"),
+            ("agents:\n  - {agent_id: x, auth_type: jwt, source_cidrs: [10.0.0.0/8]}\n", "only for auth_type source_ip"),
+            ("agents:\n  - {agent_id: x, auth_type: source_ip, source_cidrs: [10.0.0.0/8]}\n  - {agent_id: y, auth_type: source_ip, source_cidrs: [10.0.0.0/8]}\n", "bound to agent"),
             ("stores: {audit_query: \"postgres://u@h/db\"}\nagents: []\n", "PostgreSQL"),
             ("audit: {on_full: allow}\nagents: []\n", "not available yet"),
             ("audit: {min_free_mb: -1}\nagents: []\n", "min_free_mb"),

@@ -55,6 +55,8 @@ const MAX_CREDENTIAL_BYTES: usize = 8 * 1024;
 #[derive(Debug, Default)]
 pub struct AgentDirectory {
     by_id: HashMap<String, Entry>,
+    /// `source_ip` agents' ranges, most specific first.
+    by_source: Vec<(ipnet::IpNet, String)>,
 }
 
 #[derive(Debug)]
@@ -80,7 +82,38 @@ impl AgentDirectory {
                 )
             })
             .collect();
-        AgentDirectory { by_id }
+        let mut by_source: Vec<(ipnet::IpNet, String)> = doc
+            .agents
+            .iter()
+            .filter(|a| a.auth_type == AuthType::SourceIp)
+            .flat_map(|a| {
+                a.source_cidrs
+                    .iter()
+                    .map(|n| (n.trunc(), a.agent_id.as_str().to_string()))
+            })
+            .collect();
+        by_source.sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
+        AgentDirectory { by_id, by_source }
+    }
+
+    /// The `source_ip` agent whose range holds `addr` (the most specific
+    /// range wins), for requests that bring no credentials (§3 transparent
+    /// mode). An IPv4-mapped IPv6 address is judged as its IPv4 address.
+    pub fn by_source_address(&self, addr: std::net::IpAddr) -> Option<Result<Identity, AuthError>> {
+        let addr = match addr {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(std::net::IpAddr::V4)
+                .unwrap_or(addr),
+            v4 => v4,
+        };
+        let (_, id) = self.by_source.iter().find(|(net, _)| net.contains(&addr))?;
+        let e = self.by_id.get(id)?;
+        Some(if e.disabled {
+            Err(AuthError::Disabled(e.identity.clone()))
+        } else {
+            Ok(e.identity.clone())
+        })
     }
 
     /// A listed agent's auth type and whether it is disabled.
@@ -151,6 +184,29 @@ impl AgentDirectory {
 mod tests {
     use super::*;
     use crate::config::Document;
+
+    #[test]
+    fn source_ranges_bind_identities_most_specific_first() {
+        let doc = Document::from_yaml(
+            "agents:\n  - {agent_id: lab, team_id: research, auth_type: source_ip, source_cidrs: [10.20.0.0/16]}\n  - {agent_id: gpu, auth_type: source_ip, source_cidrs: [10.20.5.0/24, \"fd00::/64\"]}\n  - {agent_id: off, auth_type: source_ip, status: disabled, source_cidrs: [192.168.1.0/24]}\n",
+        )
+        .expect("valid");
+        let d = AgentDirectory::new(&doc.policy());
+        let who = |a: &str| {
+            d.by_source_address(a.parse().expect("ip"))
+                .map(|r| r.map(|i| i.agent_id))
+        };
+        assert_eq!(who("10.20.1.1"), Some(Ok("lab".into())));
+        assert_eq!(who("10.20.5.9"), Some(Ok("gpu".into())));
+        assert_eq!(who("::ffff:10.20.5.9"), Some(Ok("gpu".into())));
+        assert_eq!(who("fd00::1"), Some(Ok("gpu".into())));
+        assert_eq!(who("10.21.0.1"), None);
+        assert!(matches!(
+            who("192.168.1.5"),
+            Some(Err(AuthError::Disabled(_)))
+        ));
+        assert_eq!(d.listing("lab"), Some((AuthType::SourceIp, false)));
+    }
 
     fn dir() -> AgentDirectory {
         let yaml = format!(
