@@ -4,6 +4,7 @@
 mod audit;
 mod bundles;
 mod cli;
+mod jwks;
 mod metrics;
 mod node;
 mod serve;

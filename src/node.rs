@@ -47,6 +47,14 @@ pub fn jwt_verifier(doc: &Document) -> Result<clawgress_authz::jwt::JwtVerifier,
     clawgress_authz::jwt::JwtVerifier::load(&doc.jwt.issuers)
 }
 
+/// The same, with JWKS documents already fetched from `jwks_url`s.
+pub fn jwt_verifier_with(
+    doc: &Document,
+    fetched: &std::collections::HashMap<String, String>,
+) -> Result<clawgress_authz::jwt::JwtVerifier, String> {
+    clawgress_authz::jwt::JwtVerifier::load_with(&doc.jwt.issuers, fetched)
+}
+
 /// The revision name decisions are reported under: a digest of the policy
 /// document's canonical form, so the same policy always has the same name.
 pub fn revision_of(doc: &Document) -> String {

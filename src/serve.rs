@@ -244,18 +244,53 @@ pub async fn serve(
     }
     match service {
         Service::Authz => {
-            let authz_config =
+            // JWKS fetched from URLs, last good copies on disk.
+            let all_urls: Vec<String> = crate::jwks::urls(&start_doc.jwt.issuers)
+                .into_iter()
+                .map(|(_, u, _)| u)
+                .collect();
+            let cache = Arc::new(crate::jwks::Cache::load(state.join("jwks"), &all_urls));
+            let authz_config = {
+                let cache = cache.clone();
                 move |doc: &clawgress_policy::Document, rev: Option<u64>| -> Result<_, String> {
                     Ok(clawgress_authz::Config {
                         policy: doc.policy(),
                         private_allowed: doc.gateway.private_destinations_allowed.clone(),
                         revision: revision_name(doc, rev),
-                        jwt: Arc::new(node::jwt_verifier(doc)?),
+                        jwt: Arc::new(node::jwt_verifier_with(doc, &cache.snapshot())?),
                     })
-                };
+                }
+            };
+            // What is in force, for rebuilding when keys change.
+            let current = Arc::new(std::sync::Mutex::new((start_doc.clone(), start_rev)));
             let svc = clawgress_authz::AuthzService::new(
                 &authz_config(&start_doc, start_rev).map_err(|e| anyhow::anyhow!(e))?,
             );
+            let _jwks = {
+                let (cur, cur2, s, make) = (
+                    current.clone(),
+                    current.clone(),
+                    svc.clone(),
+                    authz_config.clone(),
+                );
+                crate::jwks::spawn(
+                    cache.clone(),
+                    move || {
+                        cur.lock()
+                            .map(|c| c.0.jwt.issuers.clone())
+                            .unwrap_or_default()
+                    },
+                    move || {
+                        let Ok(c) = cur2.lock() else { return };
+                        match make(&c.0, c.1) {
+                            Ok(cfg) => s.reload(&cfg),
+                            Err(e) => {
+                                tracing::error!(alert = "jwks-rejected", error = %e, "new JWKS refused")
+                            }
+                        }
+                    },
+                )
+            };
             let _watch = svc.watch_audit_block(node::audit_blocked_mark(&state));
             svc.register_metrics(&mut registry);
             expose(metrics_listen, registry).await?;
@@ -268,23 +303,35 @@ pub async fn serve(
                             "policy comes from signed bundles; SIGHUP changes nothing here"
                         )
                     })?;
+                    let current = current.clone();
                     b.watch(start_rev, move |f| {
                         let d = base.clone().with_policy(f.document.clone());
                         match authz_config(&d, Some(f.revision)) {
                             Ok(c) => {
                                 s.reload(&c);
+                                if let Ok(mut cur) = current.lock() {
+                                    *cur = (d, Some(f.revision));
+                                }
                                 report_loaded(&dir, "authz", f.revision);
                             }
                             Err(e) => tracing::error!(alert = "bundle-rejected", error = %e, "bundle refused"),
                         }
                     })
                 }
-                None => on_hangup(config, move |doc| match authz_config(doc, None) {
-                    Ok(c) => s.reload(&c),
-                    Err(e) => {
-                        tracing::error!(alert = "config-rejected", error = %e, "reload refused")
-                    }
-                })?,
+                None => {
+                    let current = current.clone();
+                    on_hangup(config, move |doc| match authz_config(doc, None) {
+                        Ok(c) => {
+                            s.reload(&c);
+                            if let Ok(mut cur) = current.lock() {
+                                *cur = (doc.clone(), None);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(alert = "config-rejected", error = %e, "reload refused")
+                        }
+                    })?
+                }
             };
             serve_on!(listen, |inc, sd| clawgress_authz::run(svc, inc, sd));
         }

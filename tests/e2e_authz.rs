@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use std::time::Duration;
 
 #[test]
 fn allowed_http_reaches_upstream_without_credentials_or_agent_request_id() {
@@ -480,4 +481,123 @@ fn a_source_ip_agent_is_known_by_its_address_and_credentials_still_decide() {
         (lab["agent_id"].as_str(), lab["team_id"].as_str()),
         (Some("lab"), Some("research"))
     );
+}
+
+/// A JWKS endpoint on 127.0.0.1 whose answer the test changes.
+struct JwksServer {
+    url: String,
+    answer: std::sync::Arc<std::sync::Mutex<(u16, String)>>,
+}
+
+impl JwksServer {
+    fn start(body: String) -> JwksServer {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}/jwks.json", l.local_addr().expect("addr"));
+        let answer = std::sync::Arc::new(std::sync::Mutex::new((200u16, body)));
+        let a = answer.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let (code, body) = a.lock().map(|x| x.clone()).unwrap_or((500, String::new()));
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        JwksServer { url, answer }
+    }
+
+    fn set(&self, code: u16, body: String) {
+        if let Ok(mut a) = self.answer.lock() {
+            *a = (code, body);
+        }
+    }
+}
+
+#[test]
+fn jwks_from_a_url_is_fetched_refreshed_and_the_last_good_set_kept() {
+    use jsonwebtoken::jwk::{Jwk, JwkSet};
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let fixture = |n: &str| {
+        std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("authz/tests/fixtures")
+                .join(n),
+        )
+        .expect("fixture")
+    };
+    let ed = EncodingKey::from_ed_pem(&fixture("ed25519.pem")).expect("ed");
+    let ec = EncodingKey::from_ec_pem(&fixture("ec256.pem")).expect("ec");
+    let set_of = |key: &EncodingKey, alg: Algorithm| {
+        let jwk = Jwk::from_encoding_key(key, alg).expect("jwk");
+        serde_json::to_string(&JwkSet { keys: vec![jwk] }).expect("json")
+    };
+    let jwks = JwksServer::start(set_of(&ed, Algorithm::EdDSA));
+    let up = Upstream::http();
+    let body = format!(
+        r#"jwt:
+  issuers:
+    - issuer: https://idp.test
+      audiences: [clawgress]
+      jwks_url: "{url}"
+      jwks_refresh_s: 1
+policies:
+  - policy_id: ml-team
+    priority: 10
+    match:
+      identity: {{team_id: ml}}
+      destination: {{hosts: ["127.0.0.1/32"], ports: [{port}]}}
+    action: allow
+"#,
+        url = jwks.url,
+        port = up.addr.port()
+    );
+    let stack = Stack::start(&body);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let claims = serde_json::json!({"iss": "https://idp.test", "aud": "clawgress", "exp": now + 600,
+                                    "agent_id": "trainer-1", "team_id": "ml"});
+    let ed_token = encode(&Header::new(Algorithm::EdDSA), &claims, &ed).expect("token");
+    let ec_token = encode(&Header::new(Algorithm::ES256), &claims, &ec).expect("token");
+    let target = format!("http://{}/", up.addr);
+    let proxy = format!("http://{}", stack.proxy);
+    let status = |t: &str| {
+        curl(
+            &[
+                "-x",
+                &proxy,
+                "--proxy-header",
+                &format!("Proxy-Authorization: Bearer {t}"),
+                &target,
+            ],
+            &[],
+        )
+        .status
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || status(&ed_token) == 200),
+        "fetched at start"
+    );
+    assert_eq!(status(&ec_token), 403, "not in the set");
+    // The URL fails: the last good set stays in force, and it is an alert.
+    jwks.set(500, "oops".into());
+    assert!(eventually(Duration::from_secs(10), || stack
+        .stderr()
+        .contains("jwks-fetch-failed")));
+    assert_eq!(status(&ed_token), 200);
+    // Garbage is no better than an outage.
+    jwks.set(200, r#"{"keys": []}"#.into());
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(status(&ed_token), 200);
+    // Rotation: the new set is picked up by itself; the old key stops working.
+    jwks.set(200, set_of(&ec, Algorithm::ES256));
+    assert!(eventually(Duration::from_secs(10), || status(&ec_token) == 200));
+    assert_eq!(status(&ed_token), 403);
 }

@@ -33,7 +33,7 @@ pub struct Claims {
     pub environment: String,
 }
 
-struct Key {
+pub struct Key {
     kid: Option<String>,
     alg: Algorithm,
     key: DecodingKey,
@@ -129,12 +129,28 @@ fn key_algorithm(jwk: &Jwk) -> Result<Algorithm, String> {
 impl JwtVerifier {
     /// Load every issuer's keys. Errors name the issuer, the file and why.
     pub fn load(issuers: &[JwtIssuer]) -> Result<JwtVerifier, String> {
+        Self::load_with(issuers, &std::collections::HashMap::new())
+    }
+
+    /// As [`load`](Self::load), with the JWKS documents fetched from
+    /// `jwks_url`s (URL → text; the caller fetches, off the request path).
+    /// An issuer whose URL has not been fetched yet has no URL keys: its
+    /// tokens fail `token-unknown-key` until the first fetch succeeds.
+    pub fn load_with(
+        issuers: &[JwtIssuer],
+        fetched: &std::collections::HashMap<String, String>,
+    ) -> Result<JwtVerifier, String> {
         let mut out = Vec::new();
         for cfg in issuers {
             let name = &cfg.issuer;
             let mut keys = Vec::new();
             if let Some(path) = &cfg.jwks_file {
                 keys.extend(load_jwks(name, path)?);
+            }
+            if let Some(url) = &cfg.jwks_url {
+                if let Some(text) = fetched.get(url) {
+                    keys.extend(parse_jwks(name, url, text)?);
+                }
             }
             if let Some(path) = &cfg.hs256_secret_file {
                 let secret = std::fs::read(path)
@@ -152,7 +168,7 @@ impl JwtVerifier {
                     key: DecodingKey::from_secret(secret),
                 });
             }
-            if keys.is_empty() {
+            if keys.is_empty() && cfg.jwks_url.is_none() {
                 return Err(format!("jwt issuer {name}: no usable key"));
             }
             out.push(Issuer {
@@ -348,15 +364,23 @@ fn claims(
 fn load_jwks(issuer: &str, path: &Path) -> Result<Vec<Key>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("jwt issuer {issuer}: {}: {e}", path.display()))?;
-    let raw: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| format!("jwt issuer {issuer}: {}: not JSON: {e}", path.display()))?;
+    parse_jwks(issuer, &path.display().to_string(), &text)
+}
+
+/// The usable keys of a JWKS document (`source` names where it came from in
+/// errors). Keys of other types, `oct` keys and keys whose `alg` does not
+/// fit their type are skipped with a warning; an RSA key under 2048 bits is
+/// an error.
+pub fn parse_jwks(issuer: &str, source: &str, text: &str) -> Result<Vec<Key>, String> {
+    let raw: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| format!("jwt issuer {issuer}: {source}: not JSON: {e}"))?;
     let entries = raw
         .get("keys")
         .and_then(|k| k.as_array())
-        .ok_or_else(|| format!("jwt issuer {issuer}: {}: no \"keys\" array", path.display()))?;
+        .ok_or_else(|| format!("jwt issuer {issuer}: {source}: no \"keys\" array"))?;
     let mut keys = Vec::new();
     for (i, entry) in entries.iter().enumerate() {
-        let where_ = format!("jwt issuer {issuer}: {} keys[{i}]", path.display());
+        let where_ = format!("jwt issuer {issuer}: {source} keys[{i}]");
         let jwk: Jwk = match serde_json::from_value(entry.clone()) {
             Ok(j) => j,
             Err(e) => {

@@ -444,6 +444,14 @@ pub struct JwtIssuer {
     pub require_exp: bool,
     #[serde(default = "default_skew")]
     pub clock_skew_s: u64,
+    /// How often `jwks_url` is fetched again (seconds, default 300); a
+    /// failed fetch is retried sooner and the last good set stays in use.
+    #[serde(default = "default_jwks_refresh")]
+    pub jwks_refresh_s: u64,
+}
+
+fn default_jwks_refresh() -> u64 {
+    300
 }
 
 fn default_true() -> bool {
@@ -1036,12 +1044,15 @@ impl PolicyDocument {
                     format!("duplicate issuer {:?}", iss.issuer),
                 );
             }
-            if iss.jwks_url.is_some() {
-                push(
-                    format!("{path}.jwks_url"),
-                    needle.clone(),
-                    "jwks_url is not available yet; use jwks_file".into(),
-                );
+            if let Some(url) = &iss.jwks_url {
+                let scheme_ok = url.starts_with("https://") || url.starts_with("http://");
+                if !scheme_ok || url.len() > 2048 || url.chars().any(char::is_whitespace) {
+                    push(
+                        format!("{path}.jwks_url"),
+                        needle.clone(),
+                        "must be an http:// or https:// URL".into(),
+                    );
+                }
             } else if iss.jwks_file.is_none() && iss.hs256_secret_file.is_none() {
                 push(
                     path.clone(),
@@ -1369,7 +1380,7 @@ quotas:
         for extra in [
             "gateway: {quota_check: authz}\n",
             "jwt: {issuers: [{issuer: x}]}\n",
-            "jwt: {issuers: [{issuer: x, jwks_url: \"https://idp/jwks\"}]}\n",
+            "jwt: {issuers: [{issuer: x, jwks_url: \"ftp://idp/jwks\"}]}\n",
         ] {
             let text = format!("{extra}{GOOD}");
             assert!(Document::from_yaml(&text).is_err(), "{extra}");
