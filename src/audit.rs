@@ -83,8 +83,14 @@ pub struct Query {
 
 /// Newest first, at most `limit` records matching every filter.
 pub fn query(p: &Paths, q: &Query, json: bool) -> Result<()> {
-    if !matches!(q.kind.as_str(), "request" | "alert" | "admin" | "all") {
-        anyhow::bail!("--kind {:?}: one of request, alert, admin, all", q.kind);
+    if !matches!(
+        q.kind.as_str(),
+        "request" | "alert" | "admin" | "gap" | "all"
+    ) {
+        anyhow::bail!(
+            "--kind {:?}: one of request, alert, admin, gap, all",
+            q.kind
+        );
     }
     let log_path = p.audit_dir.join(JsonlWriter::FILE);
     let log = std::fs::read_to_string(&log_path)
@@ -95,11 +101,7 @@ pub fn query(p: &Paths, q: &Query, json: bool) -> Result<()> {
         .rev()
         .filter_map(|l| AuditRecord::from_json_line(l).ok())
         .filter(|r| {
-            let kind = match r.kind {
-                clawgress_audit_log::RecordKind::Request => "request",
-                clawgress_audit_log::RecordKind::Alert => "alert",
-                clawgress_audit_log::RecordKind::Admin => "admin",
-            };
+            let kind = r.kind.as_str();
             (q.kind == "all" || q.kind == kind)
                 && want(&q.agent, &r.agent_id)
                 && want(&q.decision, &r.decision)

@@ -427,7 +427,8 @@ pub async fn serve(
                 watched,
                 doc.audit.min_free_mb,
                 node::audit_blocked_mark(&state),
-            );
+            )
+            .allow_when_full(doc.audit.on_full == clawgress_policy::config::OnFull::Allow);
             tracing::info!(audit_dir = %dir.display(), input = ?input, min_free_mb = doc.audit.min_free_mb, "audit log open");
             let audit_metrics = clawgress_audit_sink::AuditMetrics::default();
             audit_metrics.register(&mut registry);

@@ -349,3 +349,27 @@ fn full_audit_storage_refuses_new_requests_with_503() {
         stack.stderr()
     );
 }
+
+#[test]
+fn full_audit_storage_with_on_full_allow_keeps_traffic_flowing() {
+    let up = Upstream::http();
+    let stack = Stack::start(&format!(
+        "audit:\n  min_free_mb: 1000000000\n  on_full: allow\n{}",
+        config_allowing(&[up.addr.port()], "")
+    ));
+    let proxy = stack.proxy_url(AGENT, KEY);
+    let target = format!("http://{}/", up.addr);
+    assert!(
+        eventually(std::time::Duration::from_secs(10), || stack
+            .stderr()
+            .contains("alert=\"audit-disk-full\"")),
+        "{}",
+        stack.stderr()
+    );
+    for _ in 0..3 {
+        assert_eq!(curl(&["-x", &proxy, &target], &[]).status, 200);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(!stack.state().join("audit.blocked").exists());
+    assert!(stack.audit_records().is_empty(), "nothing kept while full");
+}

@@ -105,12 +105,12 @@ impl AuditReader {
         ));
         match q.kind.as_deref().unwrap_or("request") {
             "all" => {}
-            k @ ("request" | "alert" | "admin") => {
+            k @ ("request" | "alert" | "admin" | "gap") => {
                 sql.push(" AND kind = ").push_bind(k.to_string());
             }
             other => {
                 return Err(AuditError::BadQuery(format!(
-                    "kind {other:?}: one of request, alert, admin, all"
+                    "kind {other:?}: one of request, alert, admin, gap, all"
                 )))
             }
         }

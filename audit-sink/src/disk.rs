@@ -23,6 +23,9 @@ pub struct DiskGuard {
     min_free: u64,
     mark: PathBuf,
     blocked: bool,
+    /// `audit.on_full: allow`: keep traffic flowing (no mark); records that
+    /// cannot be kept are counted into a signed gap record.
+    allow_when_full: bool,
     /// Injectable for tests; [`free_bytes`] otherwise.
     probe: Probe,
 }
@@ -44,8 +47,19 @@ impl DiskGuard {
             min_free: min_free_mb.saturating_mul(1024 * 1024),
             mark,
             blocked: false,
+            allow_when_full: false,
             probe: Box::new(free_bytes),
         }
+    }
+
+    /// `audit.on_full: allow`.
+    pub fn allow_when_full(mut self, allow: bool) -> DiskGuard {
+        self.allow_when_full = allow;
+        self
+    }
+
+    pub fn allows_when_full(&self) -> bool {
+        self.allow_when_full
     }
 
     pub fn with_probe(
@@ -82,6 +96,13 @@ impl DiskGuard {
     /// Mark blocked (a write failed for lack of space, or [`check`] found
     /// too little).
     pub fn block(&mut self, why: &str) {
+        if self.allow_when_full {
+            if !self.blocked {
+                tracing::error!(alert = "audit-disk-full", reason = why, "audit storage is short of space; on_full: allow, so requests flow and the records that cannot be kept are counted in a gap record");
+            }
+            self.blocked = true;
+            return;
+        }
         if !self.blocked {
             tracing::error!(alert = "audit-disk-full", reason = why, mark = %self.mark.display(), "audit storage is short of space; new requests are refused (503 audit-unavailable) until it returns");
         }

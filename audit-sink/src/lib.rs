@@ -334,6 +334,7 @@ fn write_loop<W: RecordWriter>(
 ) -> Result<(), WriterError> {
     let mut recent = Recent::new(writer.recent_request_ids());
     let mut last_query_alert: Option<std::time::Instant> = None;
+    let mut gap = Gap::default();
     let mut batch = Vec::new();
     let mut checkpoint: Option<Checkpoint> = None;
     let mut tick = false;
@@ -362,18 +363,30 @@ fn write_loop<W: RecordWriter>(
             if let Some(g) = guard.as_mut() {
                 g.check();
             }
+            if gap.count > 0 {
+                // Quiet after a full spell: the gap record need not wait
+                // for the next request.
+                append_when_room(&mut writer, &mut [], guard.as_mut(), &rx, &mut gap)?;
+            }
         }
         if !batch.is_empty() {
-            if !append_when_room(&mut writer, &mut batch, guard.as_mut(), &rx)? {
-                // Stopped while storage was full: what is held here was not
-                // written; with the file input it is still in the spool and
-                // its checkpoint was not advanced, so it is read again.
-                tracing::error!(
-                    alert = "audit-write-deferred",
-                    pending = batch.len(),
-                    "stopping with audit storage full; pending records left in the spool"
-                );
-                return Ok(());
+            match append_when_room(&mut writer, &mut batch, guard.as_mut(), &rx, &mut gap)? {
+                Appended::Written => {}
+                Appended::Dropped => {
+                    batch.clear();
+                }
+                Appended::Stopped => {
+                    // Stopped while storage was full: what is held here was
+                    // not written; with the file input it is still in the
+                    // spool and its checkpoint was not advanced, so it is
+                    // read again.
+                    tracing::error!(
+                        alert = "audit-write-deferred",
+                        pending = batch.len(),
+                        "stopping with audit storage full; pending records left in the spool"
+                    );
+                    return Ok(());
+                }
             }
             metrics.records.inc_by(batch.len() as u64);
             if let Some(q) = &query {
@@ -433,6 +446,46 @@ fn open_query_store(path: &Path, log: Option<&Path>) -> Option<query::QueryStore
     Some(q)
 }
 
+/// What could not be kept while storage was full (`on_full: allow`).
+#[derive(Debug, Default)]
+struct Gap {
+    count: u64,
+    first: String,
+    last: String,
+}
+
+impl Gap {
+    fn add(&mut self, batch: &[AuditRecord]) {
+        if self.count == 0 {
+            self.first = batch
+                .first()
+                .map(|r| r.timestamp.clone())
+                .unwrap_or_default();
+        }
+        self.count += batch.len() as u64;
+        if let Some(r) = batch.last() {
+            self.last = r.timestamp.clone();
+        }
+    }
+
+    fn record(&self) -> AuditRecord {
+        let b: [u8; 12] = rand::random();
+        AuditRecord {
+            kind: clawgress_audit_log::RecordKind::Gap,
+            timestamp: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            request_id: format!("gap-{}", hex::encode(b)),
+            reason: "storage-full".into(),
+            detail: format!(
+                "{} records could not be kept (audit storage full, on_full: allow) from {} to {}",
+                self.count, self.first, self.last
+            ),
+            bytes_out: self.count,
+            actor: "audit".into(),
+            ..Default::default()
+        }
+    }
+}
+
 /// How often a sink held up by full storage looks again.
 const FULL_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -444,12 +497,40 @@ fn append_when_room<W: RecordWriter>(
     batch: &mut [AuditRecord],
     mut guard: Option<&mut DiskGuard>,
     rx: &mpsc::Receiver<Msg>,
-) -> Result<bool, WriterError> {
+    gap: &mut Gap,
+) -> Result<Appended, WriterError> {
     loop {
         let room = guard.as_deref_mut().is_none_or(|g| g.check());
+        if room && gap.count > 0 {
+            // Space is back: first the signed account of what was lost.
+            let mut rec = [gap.record()];
+            match writer.append(&mut rec) {
+                Ok(()) => {
+                    tracing::warn!(
+                        alert = "audit-gap",
+                        lost = gap.count,
+                        "audit records lost while storage was full; gap record written"
+                    );
+                    *gap = Gap::default();
+                    writer.checkpoint()?;
+                }
+                Err(WriterError::Io(e)) if disk::is_no_space(&e) => {
+                    if let Some(g) = guard.as_deref_mut() {
+                        g.block("a write ran out of space");
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            continue;
+        }
+        if !room && guard.as_deref().is_some_and(|g| g.allows_when_full()) {
+            // on_full: allow — the batch cannot be kept; count it.
+            gap.add(batch);
+            return Ok(Appended::Dropped);
+        }
         if room {
             match writer.append(batch) {
-                Ok(()) => return Ok(true),
+                Ok(()) => return Ok(Appended::Written),
                 Err(WriterError::Io(e)) if disk::is_no_space(&e) => match guard.as_deref_mut() {
                     Some(g) => g.block("a write ran out of space"),
                     None => return Err(WriterError::Io(e)),
@@ -461,10 +542,20 @@ fn append_when_room<W: RecordWriter>(
             }
         }
         if rx.is_closed() {
-            return Ok(false);
+            return Ok(Appended::Stopped);
         }
         std::thread::sleep(FULL_RETRY);
     }
+}
+
+/// What became of a batch.
+#[derive(Debug, PartialEq, Eq)]
+enum Appended {
+    Written,
+    /// Storage full with `on_full: allow`: counted in the gap record.
+    Dropped,
+    /// Every sender went away while waiting for room.
+    Stopped,
 }
 
 #[cfg(test)]
@@ -597,6 +688,55 @@ mod tests {
         }
         assert!(drained, "the held records were written once space returned");
         assert!(!mark.exists(), "the mark is gone");
+        let _ = stop.send(());
+        task.await.expect("join").expect("run ok");
+    }
+
+    #[tokio::test]
+    async fn on_full_allow_drops_counts_and_writes_a_gap_record_when_space_returns() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mark = dir.path().join("audit.blocked");
+        let free = Arc::new(AtomicU64::new(0));
+        let f = free.clone();
+        let guard = DiskGuard::new(vec![dir.path().to_path_buf()], 256, mark.clone())
+            .allow_when_full(true)
+            .with_probe(move |_| Ok(f.load(Ordering::SeqCst)));
+        let w = Memory::default();
+        let (url, stop, task) = start_guarded(w.clone(), Some(guard)).await;
+        let mut client = AccessLogServiceClient::connect(url).await.expect("connect");
+        client
+            .stream_access_logs(tokio_stream::iter(vec![message(&["a", "b", "c"])]))
+            .await
+            .expect("stream");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!mark.exists(), "on_full: allow never blocks traffic");
+        assert!(
+            w.0.lock().expect("lock").is_empty(),
+            "nothing kept while full"
+        );
+        free.store(1 << 40, Ordering::SeqCst);
+        client
+            .stream_access_logs(tokio_stream::iter(vec![message(&["d"])]))
+            .await
+            .expect("stream");
+        let mut got = Vec::new();
+        for _ in 0..50 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            got = w.0.lock().expect("lock").clone();
+            if got.len() == 2 {
+                break;
+            }
+        }
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].kind, clawgress_audit_log::RecordKind::Gap);
+        assert_eq!(got[0].bytes_out, 3, "three records could not be kept");
+        assert!(
+            got[0].detail.starts_with("3 records could not be kept"),
+            "{}",
+            got[0].detail
+        );
+        assert_eq!(got[1].request_id, "d");
         let _ = stop.send(());
         task.await.expect("join").expect("run ok");
     }

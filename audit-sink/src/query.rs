@@ -109,11 +109,7 @@ impl QueryStore {
                      actor, detail) ",
                 );
                 q.push_values(chunk, |mut b, r| {
-                    let kind = match r.kind {
-                        clawgress_audit_log::RecordKind::Request => "request",
-                        clawgress_audit_log::RecordKind::Alert => "alert",
-                        clawgress_audit_log::RecordKind::Admin => "admin",
-                    };
+                    let kind = r.kind.as_str();
                     b.push_bind(r.seq as i64)
                         .push_bind(kind)
                         .push_bind(&r.timestamp)

@@ -22,6 +22,20 @@ pub enum RecordKind {
     Alert,
     /// A control-plane action (configure, commit, rollback, keys, lockdown).
     Admin,
+    /// Records that could not be kept (`audit.on_full: allow` while the
+    /// storage was full): how many and when, in `detail`.
+    Gap,
+}
+
+impl RecordKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordKind::Request => "request",
+            RecordKind::Alert => "alert",
+            RecordKind::Admin => "admin",
+            RecordKind::Gap => "gap",
+        }
+    }
 }
 
 /// One audit record. Field names are fixed: they are the query store's

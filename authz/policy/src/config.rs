@@ -876,14 +876,6 @@ impl Document {
                 "must differ from gateway.proxy_listen".into(),
             );
         }
-        if self.audit.on_full == OnFull::Allow {
-            push(
-                "audit.on_full".into(),
-                Some("on_full"),
-                "`allow` (traffic flows, a signed gap record counts what was lost) is not available yet; use `deny`"
-                    .into(),
-            );
-        }
         if self.gateway.proxy_listen.port() == 0 {
             push(
                 "gateway.proxy_listen".into(),
@@ -1332,7 +1324,7 @@ quotas:
             ("agents:\n  - {agent_id: x, auth_type: jwt, source_cidrs: [10.0.0.0/8]}\n", "only for auth_type source_ip"),
             ("agents:\n  - {agent_id: x, auth_type: source_ip, source_cidrs: [10.0.0.0/8]}\n  - {agent_id: y, auth_type: source_ip, source_cidrs: [10.0.0.0/8]}\n", "bound to agent"),
             ("stores: {audit_query: \"postgres://u@h/db\"}\nagents: []\n", "PostgreSQL"),
-            ("audit: {on_full: allow}\nagents: []\n", "not available yet"),
+            ("audit: {on_full: maybe}\nagents: []\n", "on_full"),
             ("audit: {min_free_mb: -1}\nagents: []\n", "min_free_mb"),
             ("gateway: {admin_listen: \"127.0.0.1:10000\"}\nagents: []\n", "must differ"),
             ("policies:\n  - {policy_id: p, priority: 1, match: {destination: {hosts: [\"10.0.0.0/33\"]}}, action: allow}\n", "not a valid CIDR"),
