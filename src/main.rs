@@ -6,6 +6,7 @@ mod bundles;
 mod cli;
 mod jwks;
 mod metrics;
+mod nftcmd;
 mod node;
 mod serve;
 mod status;
@@ -106,6 +107,11 @@ enum Command {
         #[command(flatten)]
         node: NodeArgs,
     },
+    /// Kernel enforcement (nftables, root): apply a mode, status, check, rollback.
+    Nft {
+        #[command(subcommand)]
+        command: NftCommand,
+    },
     #[command(flatten)]
     Ctl(cli::CtlCommand),
 }
@@ -152,6 +158,46 @@ enum AuditCommand {
         /// request (default), alert, admin, or all.
         #[arg(long, default_value = "request")]
         kind: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum NftCommand {
+    /// Replace the `inet clawgress` table with MODE's rules (default:
+    /// nft.mode of the config), in one transaction; the table before is
+    /// backed up.
+    #[command(
+        after_help = "Examples:\n  clawgress nft apply proxy-only --config /etc/clawgress/clawgress.yaml\n  clawgress nft apply sovereign --dry-run      # print the ruleset, change nothing\n  clawgress nft apply connected                # remove everything Clawgress added"
+    )]
+    Apply {
+        /// sovereign | proxy-only | connected
+        mode: Option<String>,
+        /// Print the exact ruleset (nft JSON) and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Log every drop with the prefix `clawgress-drop: `.
+        #[arg(long)]
+        log: bool,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// What is applied, whether the kernel enforces it, drop counters.
+    Status {
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Exit 0 only when the kernel's table is exactly what was applied.
+    Check {
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Restore the table as it was before the last apply (ten are kept).
+    Rollback {
+        /// How many applies back (1 = before the last one).
+        #[arg(long, default_value_t = 1)]
+        to: usize,
+        #[command(flatten)]
+        node: NodeArgs,
     },
 }
 
@@ -251,6 +297,38 @@ fn main() -> ExitCode {
                 registry,
             ))
         }),
+        Command::Nft { command } => {
+            let node = match &command {
+                NftCommand::Apply { node, .. }
+                | NftCommand::Status { node }
+                | NftCommand::Check { node }
+                | NftCommand::Rollback { node, .. } => node,
+            };
+            let run = || -> anyhow::Result<bool> {
+                let doc = match node.config.as_deref() {
+                    Some(p) => node::load(p)?,
+                    None => clawgress_policy::Document::default(),
+                };
+                let env = |k: &str| std::env::var(k).ok();
+                let dir = node::state_dir(node.state_dir.as_deref(), Some(&doc), &env)?.join("nft");
+                match &command {
+                    NftCommand::Apply {
+                        mode, dry_run, log, ..
+                    } => {
+                        let mode = mode.as_deref().map(nftcmd::parse_mode).transpose()?;
+                        nftcmd::apply(&doc, &dir, mode, *log, *dry_run).map(|_| true)
+                    }
+                    NftCommand::Status { node } => nftcmd::status(&dir, node.json).map(|_| true),
+                    NftCommand::Check { .. } => nftcmd::check(&dir),
+                    NftCommand::Rollback { to, .. } => nftcmd::rollback(&dir, *to).map(|_| true),
+                }
+            };
+            match run() {
+                Ok(true) => Ok(()),
+                Ok(false) => return ExitCode::from(1),
+                Err(e) => Err(e),
+            }
+        }
         Command::Status { node } => {
             let run = || -> anyhow::Result<bool> {
                 let doc = node.config.as_deref().map(node::load).transpose()?;

@@ -280,6 +280,29 @@ const GUARDED_V6: &[(&str, u8)] = &[
     ("64:ff9b:1::", 48),
 ];
 
+/// Every guarded range as a CIDR, for the kernel's rules (§8: Envoy's own
+/// egress to these is dropped in `proxy-only`). IPv6 forms that embed an
+/// IPv4 address are covered where the kernel sees them: IPv4-mapped
+/// addresses leave as IPv4 packets; `::/96` (compat, `::1`, `::`) is listed.
+pub fn guarded_ranges() -> Vec<IpNet> {
+    let mut v: Vec<IpNet> = GUARDED_V4
+        .iter()
+        .filter_map(|&(a, b, c, d, len)| {
+            Ipv4Net::new(Ipv4Addr::new(a, b, c, d), len)
+                .ok()
+                .map(IpNet::V4)
+        })
+        .collect();
+    v.extend(
+        GUARDED_V6
+            .iter()
+            .copied()
+            .chain([("::", 96), ("::ffff:0:0", 96)])
+            .filter_map(|(a, len)| Ipv6Net::new(a.parse().ok()?, len).ok().map(IpNet::V6)),
+    );
+    v
+}
+
 /// The IANA special-purpose range that contains `ip`, if any (DESIGN.md §4).
 ///
 /// IPv6 forms that embed an IPv4 address (`::ffff:0:0/96`, `::/96`,
