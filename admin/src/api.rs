@@ -87,23 +87,42 @@ pub struct Auth<const MIN: u8>(pub String);
 impl<const MIN: u8> FromRequestParts<Ctl> for Auth<MIN> {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, ctl: &Ctl) -> Result<Auth<MIN>, ApiError> {
-        let token = parts
+        let bearer = parts
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                api_err(
-                    StatusCode::UNAUTHORIZED,
-                    "an admin token is required (Authorization: Bearer …)",
-                )
-            })?;
-        let (name, role) = match ctl.store().token_role(&token_hash(token)).await {
-            Ok(Some(x)) => x,
-            Ok(None) => return Err(api_err(StatusCode::UNAUTHORIZED, "unknown admin token")),
-            Err(e) => return Err(ControlError::from(e).into()),
+            .filter(|t| !t.is_empty());
+        let (name, role) = match bearer {
+            Some(token) => match ctl.store().token_role(&token_hash(token)).await {
+                Ok(Some(x)) => x,
+                Ok(None) => return Err(api_err(StatusCode::UNAUTHORIZED, "unknown admin token")),
+                Err(e) => return Err(ControlError::from(e).into()),
+            },
+            // The web UI: a session cookie, and for anything that changes
+            // state the session's CSRF token in a header.
+            None => {
+                let session = crate::ui::session_of(&parts.headers, ctl).ok_or_else(|| {
+                    api_err(
+                        StatusCode::UNAUTHORIZED,
+                        "an admin token is required (Authorization: Bearer …)",
+                    )
+                })?;
+                if parts.method != axum::http::Method::GET
+                    && parts
+                        .headers
+                        .get("x-csrf-token")
+                        .and_then(|v| v.to_str().ok())
+                        != Some(session.csrf.as_str())
+                {
+                    return Err(api_err(
+                        StatusCode::FORBIDDEN,
+                        "missing or wrong x-csrf-token for a cookie session",
+                    ));
+                }
+                (session.name, session.role)
+            }
         };
         let need = role_of(MIN);
         if role < need {
@@ -183,6 +202,7 @@ pub fn router(ctl: Ctl) -> Router {
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/alerts", get(alerts))
         .route("/api/v1/stats", get(stats))
+        .merge(crate::ui::routes())
         .fallback(|| async { api_err(StatusCode::NOT_FOUND, "no such API route") })
         .with_state(ctl)
 }

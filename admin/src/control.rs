@@ -114,6 +114,7 @@ pub struct Control {
     commit_lock: tokio::sync::Mutex<()>,
     on_event: Option<crate::EventHook>,
     pub(crate) audit: crate::audit::AuditReader,
+    pub(crate) sessions: crate::ui::Sessions,
 }
 
 pub fn now() -> String {
@@ -139,6 +140,7 @@ impl Control {
             commit_lock: tokio::sync::Mutex::new(()),
             on_event: c.on_event,
             audit: crate::audit::AuditReader::new(c.audit_db),
+            sessions: crate::ui::Sessions::default(),
         }
     }
 

@@ -14,6 +14,7 @@ pub mod audit;
 pub mod control;
 pub mod paths;
 pub mod store;
+pub mod ui;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

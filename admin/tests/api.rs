@@ -597,3 +597,91 @@ async fn the_openapi_document_is_generated_and_names_every_route() {
         "bearer"
     );
 }
+
+#[tokio::test]
+async fn the_console_trades_a_token_for_a_strict_cookie_and_needs_csrf_to_change_things() {
+    let a = app().await;
+    let send = |req: Request<Body>| {
+        let ctl = a.ctl.clone();
+        async move {
+            let r = api::router(ctl).oneshot(req).await.expect("answer");
+            let status = r.status();
+            let headers = r.headers().clone();
+            let bytes = r.into_body().collect().await.expect("body").to_bytes();
+            (
+                status,
+                headers,
+                serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null),
+            )
+        }
+    };
+    // The page and its assets: strict CSP, nothing inline needed.
+    let (s, h, _) = send(Request::get("/ui/").body(Body::empty()).expect("req")).await;
+    assert_eq!(s, StatusCode::OK);
+    let csp = h["content-security-policy"].to_str().expect("csp");
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
+    assert!(!csp.contains("unsafe-inline"));
+    // A wrong token is refused; a good one gets an HttpOnly, SameSite=Strict cookie.
+    let post = |token: &str| {
+        Request::post("/ui/session")
+            .header("content-type", "application/json")
+            .body(Body::from(json!({"token": token}).to_string()))
+            .expect("req")
+    };
+    let (s, h, _) = send(post("cga_nope")).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(h.get("set-cookie").is_none());
+    let (s, h, me) = send(post(&a.operator)).await;
+    assert_eq!(s, StatusCode::OK);
+    let cookie = h["set-cookie"].to_str().expect("cookie").to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    assert!(!cookie.contains(&a.operator), "the cookie is not the token");
+    assert_eq!(me["role"], "operator");
+    let csrf = me["csrf"].as_str().expect("csrf").to_string();
+    let session = cookie.split(';').next().expect("pair").to_string();
+    // Reads with the cookie work; a change needs the CSRF header too.
+    let (s, _, _) = send(
+        Request::get("/api/v1/agents")
+            .header("cookie", &session)
+            .body(Body::empty())
+            .expect("req"),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let lockdown = |csrf: Option<&str>| {
+        let mut r = Request::post("/api/v1/lockdown").header("cookie", &session);
+        if let Some(c) = csrf {
+            r = r.header("x-csrf-token", c);
+        }
+        r.body(Body::empty()).expect("req")
+    };
+    let (s, _, _) = send(lockdown(None)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "no CSRF token");
+    let (s, _, _) = send(lockdown(Some("forged"))).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "wrong CSRF token");
+    let (s, _, body) = send(lockdown(Some(&csrf))).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    // Sign out ends the session.
+    let (s, _, _) = send(
+        Request::delete("/ui/session")
+            .header("cookie", &session)
+            .body(Body::empty())
+            .expect("req"),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _, _) = send(
+        Request::get("/api/v1/agents")
+            .header("cookie", &session)
+            .body(Body::empty())
+            .expect("req"),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+}

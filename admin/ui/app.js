@@ -1,0 +1,183 @@
+// The Clawgress console: a thin client of /api/v1 with a session cookie.
+// Everything shown is set with textContent (never HTML); the CSRF token of
+// the session lives only in this page's memory.
+"use strict";
+
+let csrf = null;
+let role = null;
+let timer = null;
+
+const $ = (id) => document.getElementById(id);
+
+function cell(row, text) {
+  const td = document.createElement("td");
+  td.textContent = text === undefined || text === null ? "" : String(text);
+  row.appendChild(td);
+  return td;
+}
+
+function fill(tableId, rows, cols, rowClass) {
+  const body = $(tableId).querySelector("tbody");
+  body.replaceChildren();
+  for (const r of rows) {
+    const tr = document.createElement("tr");
+    if (rowClass) tr.className = rowClass(r);
+    for (const c of cols) cell(tr, typeof c === "function" ? c(r) : r[c]);
+    body.appendChild(tr);
+  }
+  return body;
+}
+
+async function api(method, path, body) {
+  const opts = { method, headers: {}, credentials: "same-origin" };
+  if (method !== "GET") opts.headers["x-csrf-token"] = csrf || "";
+  if (body !== undefined) {
+    opts.headers["content-type"] = "application/json";
+    opts.body = JSON.stringify(body);
+  }
+  const r = await fetch("/api/v1/" + path, opts);
+  const data = await r.json().catch(() => ({}));
+  if (!r.ok) {
+    let msg = data.error || ("HTTP " + r.status);
+    for (const e of data.errors || []) msg += "\n" + (e.path || "(document)") + ": " + e.reason;
+    throw new Error(msg);
+  }
+  return data;
+}
+
+function showError(e) {
+  $("error").textContent = e ? e.message : "";
+}
+
+function signedIn(me) {
+  csrf = me.csrf;
+  role = me.role;
+  $("who").textContent = me.name + " (" + me.role + ")";
+  $("signout").hidden = false;
+  $("signin-view").hidden = true;
+  $("app").hidden = false;
+  for (const el of document.querySelectorAll(".operator")) el.hidden = role === "viewer";
+  show("overview");
+}
+
+async function show(tab) {
+  for (const s of document.querySelectorAll(".tab")) s.hidden = s.id !== "tab-" + tab;
+  for (const b of document.querySelectorAll("nav button")) b.classList.toggle("active", b.dataset.tab === tab);
+  if (timer) { clearInterval(timer); timer = null; }
+  showError(null);
+  try {
+    if (tab === "overview") await overview();
+    if (tab === "agents") await agents();
+    if (tab === "policies") await policies();
+    if (tab === "revisions") await revisions();
+    if (tab === "decisions") { await decisions(); timer = setInterval(() => { if (!$("f-pause").checked) decisions().catch(showError); }, 2000); }
+  } catch (e) { showError(e); }
+}
+
+async function overview() {
+  const s = await api("GET", "stats?window_s=3600").catch(() => ({ total: 0, by_decision: [], by_agent: [] }));
+  $("overview-total").textContent = s.total + " requests in the last hour";
+  fill("overview-table", s.by_decision, ["decision", "reason", "count"]);
+  fill("overview-agents", s.by_agent, ["agent_id", "decision", "count"]);
+}
+
+async function agents() {
+  const list = await api("GET", "agents");
+  fill("agents-table", list, ["agent_id", "auth_type", "status", "team_id", "project_id", "environment", (a) => a.profile || ""]);
+}
+
+async function policies() {
+  const list = (await api("GET", "policies")).slice().sort((a, b) => a.priority - b.priority);
+  fill("policies-table", list, [
+    "priority", "policy_id", "action", "mode",
+    (p) => (p.match.destination.hosts || []).join(", "),
+    (p) => (p.match.destination.ports || []).join(", "),
+    (p) => Object.entries(p.match.identity || {}).filter(([, v]) => v !== "*").map(([k, v]) => k + "=" + v).join(" "),
+  ]);
+}
+
+async function revisions() {
+  const cmp = await api("GET", "compare");
+  $("diff").textContent = cmp.diff.length ? cmp.diff.join("\n") : "(no changes)";
+  $("commit").hidden = true;
+  const r = await api("GET", "revisions?limit=50");
+  const body = fill("revisions-table", r.revisions, [
+    (x) => x.id + (x.id === r.active ? " (active)" : ""), "created_at", "actor", "comment", () => "",
+  ]);
+  if (role !== "viewer") {
+    body.querySelectorAll("tr").forEach((tr, i) => {
+      const rev = r.revisions[i];
+      if (rev.id === r.active) return;
+      const b = document.createElement("button");
+      b.textContent = "Roll back to " + rev.id;
+      b.addEventListener("click", async () => {
+        try { const c = await api("POST", "rollback", { revision: rev.id }); $("commit-result").textContent = "revision " + c.revision + " active"; await revisions(); } catch (e) { showError(e); }
+      });
+      tr.lastChild.appendChild(b);
+    });
+  }
+}
+
+async function decisions() {
+  const q = new URLSearchParams({ limit: "30" });
+  if ($("f-agent").value) q.set("agent", $("f-agent").value);
+  if ($("f-decision").value) q.set("decision", $("f-decision").value);
+  if ($("f-host").value) q.set("host", $("f-host").value);
+  const d = await api("GET", "audit?" + q.toString()).catch((e) => { if (/not there yet/.test(e.message)) return { records: [] }; throw e; });
+  const body = fill("decisions-table", d.records, [
+    "timestamp", "agent_id", "decision", "response_code", "http_method",
+    (r) => r.destination_host + ":" + r.destination_port, "path", "policy_id", "reason",
+  ], (r) => r.decision + " clickable");
+  body.querySelectorAll("tr").forEach((tr, i) => tr.addEventListener("click", () => {
+    $("record").textContent = JSON.stringify(d.records[i], null, 2);
+  }));
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("signin-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    $("signin-error").textContent = "";
+    const r = await fetch("/ui/session", {
+      method: "POST", credentials: "same-origin",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ token: $("token").value }),
+    });
+    $("token").value = "";
+    const data = await r.json().catch(() => ({}));
+    if (!r.ok) { $("signin-error").textContent = data.error || ("HTTP " + r.status); return; }
+    signedIn(data);
+  });
+  $("signout").addEventListener("click", async () => {
+    await fetch("/ui/session", { method: "DELETE", credentials: "same-origin" });
+    location.reload();
+  });
+  for (const b of document.querySelectorAll("nav button")) b.addEventListener("click", () => show(b.dataset.tab));
+  $("agent-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try {
+      const body = { agent_id: $("agent-id").value };
+      if ($("agent-team").value) body.team_id = $("agent-team").value;
+      const a = await api("POST", "agents", body);
+      $("agent-key").textContent = "Key for " + a.agent_id + " (shown once): " + a.api_key + " — commit to activate.";
+      $("agent-id").value = "";
+    } catch (e) { showError(e); }
+  });
+  $("review").addEventListener("click", async () => {
+    try {
+      const cmp = await api("GET", "compare");
+      $("diff").textContent = cmp.diff.length ? cmp.diff.join("\n") : "(no changes)";
+      $("commit").hidden = cmp.diff.length === 0;
+    } catch (e) { showError(e); }
+  });
+  $("commit").addEventListener("click", async () => {
+    try {
+      const c = await api("POST", "commit", {});
+      $("commit-result").textContent = "commit " + c.commit_id + ": revision " + c.revision + " active; rollout " + JSON.stringify(c.rollout);
+      await revisions();
+    } catch (e) { showError(e); }
+  });
+  fetch("/ui/session", { credentials: "same-origin" })
+    .then((r) => (r.ok ? r.json() : null))
+    .then((me) => { if (me) signedIn(me); })
+    .catch(() => {});
+});
