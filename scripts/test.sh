@@ -7,13 +7,16 @@ cd "$(dirname "$0")/.."
 
 # curl is the agent in end-to-end tests; redis-server backs the Redis and
 # Redis Cluster counter-store tests; nft and ip (network namespaces) the
-# kernel-enforcement tests, which run as root.
+# kernel-enforcement tests, which run as root; chromium the console test.
 missing=()
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v nft >/dev/null 2>&1 || missing+=(nftables)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
+# Headless Chromium and its WebDriver for the web-console test.
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test.sh: installing ${missing[*]} (apt)" >&2
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -23,6 +23,7 @@ use crate::{token_hash, Role};
 const INDEX: &str = include_str!("../ui/index.html");
 const APP_JS: &str = include_str!("../ui/app.js");
 const STYLE: &str = include_str!("../ui/style.css");
+const ICON: &str = "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 16 16\"><rect width=\"16\" height=\"16\" rx=\"3\" fill=\"#1b2a3a\"/><path d=\"M4 8h8M8 4v8\" stroke=\"#fff\" stroke-width=\"2\"/></svg>";
 
 pub const COOKIE: &str = "clawgress_session";
 /// How long a session lasts.
@@ -97,6 +98,9 @@ async fn app_js() -> Response {
 async fn style() -> Response {
     secured(STYLE.into_response(), "text/css; charset=utf-8")
 }
+async fn icon() -> Response {
+    secured(ICON.into_response(), "image/svg+xml")
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -159,15 +163,14 @@ async fn sign_in(
     secured(r, "application/json")
 }
 
-/// Who the session is (the page asks on load), or 401.
+/// Who the session is (the page asks on load); `signed_in: false` when
+/// there is none (a question, not a failure).
 async fn whoami(State(ctl): State<Arc<Control>>, headers: HeaderMap) -> Response {
-    match session_of(&headers, &ctl) {
-        Some(s) => secured(
-            Json(json!({"name": s.name, "role": s.role, "csrf": s.csrf})).into_response(),
-            "application/json",
-        ),
-        None => json_err(StatusCode::UNAUTHORIZED, "not signed in"),
-    }
+    let v = match session_of(&headers, &ctl) {
+        Some(s) => json!({"signed_in": true, "name": s.name, "role": s.role, "csrf": s.csrf}),
+        None => json!({"signed_in": false}),
+    };
+    secured(Json(v).into_response(), "application/json")
 }
 
 async fn sign_out(State(ctl): State<Arc<Control>>, headers: HeaderMap) -> Response {
@@ -193,5 +196,7 @@ pub fn routes() -> Router<Arc<Control>> {
         .route("/ui/", get(index))
         .route("/ui/app.js", get(app_js))
         .route("/ui/style.css", get(style))
+        .route("/ui/favicon.svg", get(icon))
+        .route("/favicon.ico", get(icon))
         .route("/ui/session", post(sign_in).get(whoami).delete(sign_out))
 }

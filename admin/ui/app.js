@@ -149,7 +149,13 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("signout").addEventListener("click", async () => {
     await fetch("/ui/session", { method: "DELETE", credentials: "same-origin" });
-    location.reload();
+    if (timer) { clearInterval(timer); timer = null; }
+    csrf = null; role = null;
+    $("who").textContent = "";
+    $("signout").hidden = true;
+    $("app").hidden = true;
+    $("agent-key").textContent = "";
+    $("signin-view").hidden = false;
   });
   for (const b of document.querySelectorAll("nav button")) b.addEventListener("click", () => show(b.dataset.tab));
   $("agent-form").addEventListener("submit", async (ev) => {
@@ -178,6 +184,6 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   fetch("/ui/session", { credentials: "same-origin" })
     .then((r) => (r.ok ? r.json() : null))
-    .then((me) => { if (me) signedIn(me); })
+    .then((me) => { if (me && me.signed_in) signedIn(me); })
     .catch(() => {});
 });

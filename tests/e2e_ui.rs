@@ -1,0 +1,302 @@
+//! The web console in a real browser: headless Debian Chromium driven over
+//! WebDriver (chromedriver), against a running `up` with real Envoy. Saves a
+//! screenshot of each page under `target/ui-screenshots/`.
+
+mod common;
+
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+struct Browser {
+    driver: Child,
+    base: String,
+    session: String,
+    agent: ureq::Agent,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    fn start() -> Option<Browser> {
+        let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists());
+        let driver_bin = ["/usr/bin/chromedriver"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists());
+        let (Some(chromium), Some(driver_bin)) = (chromium, driver_bin) else {
+            eprintln!("skipped: chromium and chromium-driver are not installed (scripts/test.sh installs them)");
+            return None;
+        };
+        let port = free_port();
+        let driver = Command::new(driver_bin)
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("chromedriver");
+        let base = format!("http://127.0.0.1:{port}");
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        assert!(eventually(Duration::from_secs(15), || agent
+            .get(&format!("{base}/status"))
+            .call()
+            .is_ok()));
+        let profile = tempfile::tempdir().expect("profile dir");
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:loggingPrefs": {"browser": "ALL"},
+            "goog:chromeOptions": {
+                "binary": chromium,
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                         "--no-first-run", "--disable-background-networking",
+                         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                         "--window-size=1280,900",
+                         format!("--user-data-dir={}", profile.path().display())]
+            }
+        }}});
+        let mut b = Browser {
+            driver,
+            base,
+            session: String::new(),
+            agent,
+            _profile: profile,
+        };
+        let v = b.call("POST", "/session", Some(caps));
+        b.session = v["sessionId"].as_str().expect("session id").to_string();
+        Some(b)
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let url = format!("{}{path}", self.base);
+        let r = match (method, body) {
+            ("GET", _) => self.agent.get(&url).call(),
+            ("DELETE", _) => self.agent.delete(&url).call(),
+            (_, Some(b)) => self.agent.post(&url).send_json(b),
+            (_, None) => self.agent.post(&url).send_json(json!({})),
+        };
+        let mut r = r.expect("webdriver call");
+        let text = r.body_mut().read_to_string().unwrap_or_default();
+        let v: Value = serde_json::from_str(&text).unwrap_or_default();
+        v["value"].clone()
+    }
+
+    fn s(&self, rest: &str) -> String {
+        format!("/session/{}{rest}", self.session)
+    }
+
+    fn open(&self, url: &str) {
+        self.call("POST", &self.s("/url"), Some(json!({"url": url})));
+    }
+
+    fn find(&self, css: &str) -> Option<String> {
+        let v = self.call(
+            "POST",
+            &self.s("/element"),
+            Some(json!({"using": "css selector", "value": css})),
+        );
+        v[ELEMENT].as_str().map(str::to_string)
+    }
+
+    fn el(&self, css: &str) -> String {
+        let mut id = None;
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                id = self.find(css);
+                id.is_some()
+            }),
+            "no element {css}"
+        );
+        id.unwrap_or_default()
+    }
+
+    fn click(&self, css: &str) {
+        let id = self.el(css);
+        self.call(
+            "POST",
+            &self.s(&format!("/element/{id}/click")),
+            Some(json!({})),
+        );
+    }
+
+    fn type_in(&self, css: &str, text: &str) {
+        let id = self.el(css);
+        self.call(
+            "POST",
+            &self.s(&format!("/element/{id}/clear")),
+            Some(json!({})),
+        );
+        self.call(
+            "POST",
+            &self.s(&format!("/element/{id}/value")),
+            Some(json!({"text": text})),
+        );
+    }
+
+    fn text(&self, css: &str) -> String {
+        let Some(id) = self.find(css) else {
+            return String::new();
+        };
+        self.call("GET", &self.s(&format!("/element/{id}/text")), None)
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+
+    fn displayed(&self, css: &str) -> bool {
+        let id = self.el(css);
+        self.call("GET", &self.s(&format!("/element/{id}/displayed")), None) == json!(true)
+    }
+
+    fn wait_text(&self, css: &str, want: &str) {
+        let mut last = String::new();
+        let ok = eventually(Duration::from_secs(15), || {
+            last = self.text(css);
+            last.contains(want)
+        });
+        assert!(ok, "{css} never showed {want:?}; it shows {last:?}");
+    }
+
+    fn screenshot(&self, name: &str) {
+        use base64::Engine;
+        let v = self.call("GET", &self.s("/screenshot"), None);
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(v.as_str().unwrap_or(""))
+            .expect("png");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ui-screenshots");
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join(format!("{name}.png")), png).expect("write");
+    }
+
+    fn console_errors(&self) -> Vec<String> {
+        let v = self.call("POST", &self.s("/se/log"), Some(json!({"type": "browser"})));
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["level"] == "SEVERE")
+            .map(|e| e["message"].as_str().unwrap_or("").to_string())
+            .collect()
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if !self.session.is_empty() {
+            let _ = self
+                .agent
+                .delete(&format!("{}/session/{}", self.base, self.session))
+                .call();
+        }
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+#[test]
+fn an_operator_signs_in_adds_an_agent_commits_and_watches_decisions() {
+    let up = Upstream::http();
+    let stack = Stack::start(&config_allowing(&[up.addr.port()], ""));
+    let Some(b) = Browser::start() else { return };
+    let token = std::fs::read_to_string(stack.state().join("admin.token")).expect("token");
+    let ui = format!("http://{}/ui/", stack.admin);
+
+    b.open(&ui);
+    b.type_in("#token", "cga_wrong");
+    b.click("#signin");
+    b.wait_text("#signin-error", "unknown admin token");
+    b.screenshot("0-sign-in");
+    // That refusal (a 401) is the one console error this test causes on purpose.
+    let expected = b.console_errors();
+    assert!(
+        expected
+            .iter()
+            .all(|e| e.contains("/ui/session") && e.contains("401")),
+        "{expected:?}"
+    );
+    b.type_in("#token", token.trim());
+    b.click("#signin");
+    b.wait_text("#who", "bootstrap (admin)");
+    b.screenshot("1-overview");
+
+    b.click("nav button[data-tab=agents]");
+    b.wait_text("#agents-table", AGENT);
+    b.type_in("#agent-id", "ui-bot");
+    b.type_in("#agent-team", "web");
+    b.click("#agent-add");
+    b.wait_text("#agent-key", "cg_");
+    b.screenshot("2-agents");
+
+    b.click("nav button[data-tab=revisions]");
+    b.click("#review");
+    b.wait_text("#diff", "+ agents.ui-bot");
+    b.click("#commit");
+    b.wait_text("#commit-result", "active");
+    b.screenshot("3-revisions");
+    b.click("nav button[data-tab=agents]");
+    b.wait_text("#agents-table", "ui-bot");
+
+    b.click("nav button[data-tab=policies]");
+    b.wait_text("#policies-table", "allow-local-upstreams");
+    b.screenshot("4-policies");
+
+    // A request through Envoy shows up in the live view.
+    assert_eq!(
+        raw_get(
+            stack.proxy,
+            &format!("http://{}/from-ui-test", up.addr),
+            AGENT,
+            KEY
+        ),
+        200
+    );
+    b.click("nav button[data-tab=decisions]");
+    b.wait_text("#decisions-table", "/from-ui-test");
+    b.click("#decisions-table tbody tr");
+    b.wait_text("#record", "\"request_id\"");
+    b.screenshot("5-decisions");
+
+    let errors = b.console_errors();
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+
+    // A viewer sees no operator controls, and the API refuses it anyway.
+    let viewer = {
+        let r = curl(
+            &[
+                "-H",
+                &format!("Authorization: Bearer {}", token.trim()),
+                "-H",
+                "content-type: application/json",
+                "-d",
+                r#"{"name": "auditor", "role": "viewer"}"#,
+                &format!("http://{}/api/v1/tokens", stack.admin),
+            ],
+            &[],
+        );
+        r.json()["token"]
+            .as_str()
+            .expect("viewer token")
+            .to_string()
+    };
+    b.click("#signout");
+    assert!(eventually(Duration::from_secs(5), || b.displayed("#token")));
+    b.type_in("#token", &viewer);
+    b.click("#signin");
+    b.wait_text("#who", "auditor (viewer)");
+    b.click("nav button[data-tab=revisions]");
+    assert!(!b.displayed("#review"), "no commit controls for a viewer");
+
+    // The page is served with a strict CSP through `up`'s admin_listen.
+    let r = curl(&["-s", &ui], &[]);
+    let csp = r.header("content-security-policy").unwrap_or("");
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("script-src 'self'"),
+        "{csp}"
+    );
+}
