@@ -28,6 +28,96 @@ pub fn paths(config: Option<&Path>, state_dir: Option<&Path>) -> Result<Paths> {
     })
 }
 
+fn audit_key(p: &Paths) -> Result<ed25519_dalek::VerifyingKey> {
+    let pub_path = p.keys_dir.join("audit.pub");
+    let text = std::fs::read_to_string(&pub_path)
+        .with_context(|| format!("cannot read the audit public key {}", pub_path.display()))?;
+    let mut raw = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut raw)
+        .with_context(|| format!("{} is not a hex Ed25519 public key", pub_path.display()))?;
+    ed25519_dalek::VerifyingKey::from_bytes(&raw)
+        .with_context(|| format!("{} is not an Ed25519 public key", pub_path.display()))
+}
+
+/// `audit prove REQUEST_ID`: an RFC 6962 inclusion proof of that record
+/// against the latest signed checkpoint that covers it. Exit status 0 with
+/// the proof; 1 when the record is not (yet) under a checkpoint.
+pub fn prove(p: &Paths, request_id: &str, json: bool) -> Result<bool> {
+    use base64::Engine;
+    use clawgress_audit_log::chain;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let log_path = p.audit_dir.join(JsonlWriter::FILE);
+    let log = std::fs::read_to_string(&log_path)
+        .with_context(|| format!("cannot read {}", log_path.display()))?;
+    let lines: Vec<&str> = log.lines().collect();
+    let Some(index) = lines
+        .iter()
+        .position(|l| AuditRecord::from_json_line(l).is_ok_and(|r| r.request_id == request_id))
+    else {
+        anyhow::bail!(
+            "no record with request_id {request_id:?} in {}",
+            log_path.display()
+        );
+    };
+    let key = audit_key(p)?;
+    let notes = read_checkpoints(&p.audit_dir.join(JsonlWriter::CHECKPOINTS))?;
+    let latest = notes
+        .iter()
+        .rev()
+        .filter_map(|n| {
+            chain::Checkpoint::verify(n, KEY_NAME, &key)
+                .ok()
+                .map(|c| (n, c))
+        })
+        .find(|(_, c)| c.size as usize > index && c.size as usize <= lines.len());
+    let Some((note, cp)) = latest else {
+        println!("record {} is not under a signed checkpoint yet (one is written at least every 5 s while records arrive)", index + 1);
+        return Ok(false);
+    };
+    let leaves: Vec<chain::Hash> = lines[..cp.size as usize]
+        .iter()
+        .map(|l| chain::leaf_hash(l))
+        .collect();
+    let proof = chain::inclusion_proof(&leaves, index);
+    let ok = chain::verify_inclusion(leaves[index], index as u64, cp.size, &proof, cp.root);
+    if !ok {
+        println!(
+            "FAIL: the log does not match checkpoint {} (run `clawgress audit verify`)",
+            cp.size
+        );
+        return Ok(false);
+    }
+    let out = serde_json::json!({
+        "request_id": request_id,
+        "leaf_index": index,
+        "tree_size": cp.size,
+        "leaf_hash": b64.encode(leaves[index]),
+        "root_hash": b64.encode(cp.root),
+        "proof": proof.iter().map(|h| b64.encode(h)).collect::<Vec<_>>(),
+        "record": lines[index],
+        "checkpoint": note,
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "record {} (leaf {index}) is in the log of {} records signed at checkpoint root {}",
+            request_id,
+            cp.size,
+            out["root_hash"].as_str().unwrap_or("")
+        );
+        println!(
+            "proof ({} hashes, RFC 6962, leaf = SHA-256(0x00 || line)):",
+            proof.len()
+        );
+        for h in out["proof"].as_array().into_iter().flatten() {
+            println!("  {}", h.as_str().unwrap_or(""));
+        }
+        print!("checkpoint:\n{note}");
+    }
+    Ok(true)
+}
+
 /// Verify the chain and every signed checkpoint. Exit status: 0 intact,
 /// 1 tampered (the first problem is named).
 pub fn verify(p: &Paths, json: bool) -> Result<bool> {
@@ -35,14 +125,7 @@ pub fn verify(p: &Paths, json: bool) -> Result<bool> {
     let log = std::fs::read_to_string(&log_path)
         .with_context(|| format!("cannot read {}", log_path.display()))?;
     let notes = read_checkpoints(&p.audit_dir.join(JsonlWriter::CHECKPOINTS))?;
-    let pub_path = p.keys_dir.join("audit.pub");
-    let text = std::fs::read_to_string(&pub_path)
-        .with_context(|| format!("cannot read the audit public key {}", pub_path.display()))?;
-    let mut raw = [0u8; 32];
-    hex::decode_to_slice(text.trim(), &mut raw)
-        .with_context(|| format!("{} is not a hex Ed25519 public key", pub_path.display()))?;
-    let key = ed25519_dalek::VerifyingKey::from_bytes(&raw)
-        .with_context(|| format!("{} is not an Ed25519 public key", pub_path.display()))?;
+    let key = audit_key(p)?;
     let report = clawgress_audit_log::verify::verify(&log, &notes, KEY_NAME, &key);
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -131,6 +131,14 @@ struct NodeArgs {
 
 #[derive(Subcommand)]
 enum AuditCommand {
+    /// An inclusion proof (RFC 6962) of one record against the latest
+    /// signed checkpoint: checkable with standard transparency-log tools.
+    Prove {
+        /// The record's request_id (Envoy's x-request-id).
+        request_id: String,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
     /// Check the hash chain and every signed checkpoint; name the first
     /// record that was altered, inserted, removed or cut off. Exit 0 when
     /// intact, 1 when not.
@@ -348,6 +356,15 @@ fn main() -> ExitCode {
             let dir = node::state_dir(state_dir.as_deref(), doc.as_ref(), &env)?;
             up::signal_reload(&dir)
         })(),
+        Command::Audit {
+            command: AuditCommand::Prove { request_id, node },
+        } => match audit::paths(node.config.as_deref(), node.state_dir.as_deref())
+            .and_then(|p| audit::prove(&p, &request_id, node.json))
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => Err(e),
+        },
         Command::Audit {
             command: AuditCommand::Verify { node },
         } => match audit::paths(node.config.as_deref(), node.state_dir.as_deref())

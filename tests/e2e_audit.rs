@@ -373,3 +373,111 @@ fn full_audit_storage_with_on_full_allow_keeps_traffic_flowing() {
     assert!(!stack.state().join("audit.blocked").exists());
     assert!(stack.audit_records().is_empty(), "nothing kept while full");
 }
+
+/// RFC 6962 / 9162, written here from the RFC, independent of the code
+/// under test: the root a proof leads to.
+fn rfc6962_root(leaf: [u8; 32], index: u64, size: u64, proof: &[[u8; 32]]) -> Option<[u8; 32]> {
+    use sha2::Digest;
+    let node = |l: &[u8; 32], r: &[u8; 32]| -> [u8; 32] {
+        let mut h = sha2::Sha256::new();
+        h.update([1u8]);
+        h.update(l);
+        h.update(r);
+        h.finalize().into()
+    };
+    if index >= size {
+        return None;
+    }
+    let (mut fn_, mut sn) = (index, size - 1);
+    let mut r = leaf;
+    for p in proof {
+        if sn == 0 {
+            return None;
+        }
+        if fn_ & 1 == 1 || fn_ == sn {
+            r = node(p, &r);
+            while fn_ & 1 == 0 && fn_ != 0 {
+                fn_ >>= 1;
+                sn >>= 1;
+            }
+        } else {
+            r = node(&r, p);
+        }
+        fn_ >>= 1;
+        sn >>= 1;
+    }
+    (sn == 0).then_some(r)
+}
+
+#[test]
+fn audit_prove_gives_an_inclusion_proof_an_independent_verifier_accepts() {
+    use base64::Engine;
+    use sha2::Digest;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let up = Upstream::http();
+    let mut stack = Stack::start(&config_allowing(&[up.addr.port()], ""));
+    let proxy = stack.proxy_url(AGENT, KEY);
+    for i in 0..5 {
+        let target = format!("http://{}/p{i}", up.addr);
+        assert_eq!(curl(&["-x", &proxy, &target], &[]).status, 200);
+    }
+    let recs = stack.wait_audit(5);
+    let id = recs[2]["request_id"].as_str().expect("id").to_string();
+    stack.stop(); // seals: the last checkpoint covers everything
+    let cfg = stack.config.display().to_string();
+    let (code, out) = clawgress(&["audit", "prove", &id, "--config", &cfg, "--json"]);
+    assert_eq!(code, 0, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let line = v["record"].as_str().expect("record");
+    assert!(line.contains(&id));
+    // The leaf, recomputed: SHA-256(0x00 || line).
+    let mut h = sha2::Sha256::new();
+    h.update([0u8]);
+    h.update(line.as_bytes());
+    let leaf: [u8; 32] = h.finalize().into();
+    assert_eq!(v["leaf_hash"], b64.encode(leaf));
+    let proof: Vec<[u8; 32]> = v["proof"]
+        .as_array()
+        .expect("proof")
+        .iter()
+        .map(|p| {
+            b64.decode(p.as_str().expect("b64"))
+                .expect("b64")
+                .try_into()
+                .expect("32 bytes")
+        })
+        .collect();
+    let root = rfc6962_root(
+        leaf,
+        v["leaf_index"].as_u64().expect("index"),
+        v["tree_size"].as_u64().expect("size"),
+        &proof,
+    )
+    .expect("proof shape");
+    assert_eq!(
+        v["root_hash"],
+        b64.encode(root),
+        "the proof leads to the signed root"
+    );
+    // The checkpoint note carries that root and size, signed by the node's key.
+    let note = v["checkpoint"].as_str().expect("note");
+    let (body, sigs) = note.split_once("\n\n").expect("note body");
+    let mut lines = body.lines();
+    let _origin = lines.next();
+    assert_eq!(lines.next(), Some(v["tree_size"].to_string().as_str()));
+    assert_eq!(lines.next(), v["root_hash"].as_str());
+    let sig_line = sigs.lines().next().expect("signature line");
+    let blob = b64
+        .decode(sig_line.rsplit(' ').next().expect("sig"))
+        .expect("b64");
+    let pubhex = std::fs::read_to_string(stack.state().join("keys/audit.pub")).expect("pub");
+    let mut pk = [0u8; 32];
+    hex::decode_to_slice(pubhex.trim(), &mut pk).expect("hex");
+    let key = ed25519_dalek::VerifyingKey::from_bytes(&pk).expect("key");
+    let sig = ed25519_dalek::Signature::from_slice(&blob[4..]).expect("sig");
+    key.verify_strict(format!("{body}\n").as_bytes(), &sig)
+        .expect("checkpoint signed by the node's audit key");
+    // An unknown request id is an error, not a proof.
+    let (code, _) = clawgress(&["audit", "prove", "no-such-id", "--config", &cfg]);
+    assert_ne!(code, 0);
+}
