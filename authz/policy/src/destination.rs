@@ -109,6 +109,22 @@ impl Destination {
             let inner = inner
                 .strip_suffix(']')
                 .ok_or(DestinationError::Malformed("unclosed '['"))?;
+            // A zone id (RFC 6874: `fe80::1%25eth0`) names an interface,
+            // not another address: judged by the address.
+            let inner = match inner.split_once('%') {
+                Some((addr, zone)) => {
+                    let zone = zone.strip_prefix("25").unwrap_or(zone);
+                    let ok = !zone.is_empty()
+                        && zone
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"._~-".contains(&b));
+                    if !ok {
+                        return Err(DestinationError::Malformed("bad IPv6 zone id"));
+                    }
+                    addr
+                }
+                None => inner,
+            };
             return inner
                 .parse::<Ipv6Addr>()
                 .map(|ip| Host::Ip(canonical_ip(IpAddr::V6(ip))))
@@ -168,6 +184,17 @@ pub fn normalise_name(host: &str) -> Result<String, DestinationError> {
                 "character not allowed in a host",
             ));
         }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(DestinationError::Malformed(
+                "a label starts or ends with '-'",
+            ));
+        }
+    }
+    // Punycode labels must decode (`xn--` alone, or garbage after it, is
+    // not a name any resolver should be asked about).
+    if ascii.split('.').any(|l| l.starts_with("xn--")) && idna::domain_to_unicode(&ascii).1.is_err()
+    {
+        return Err(DestinationError::Malformed("invalid punycode label"));
     }
     Ok(ascii)
 }
