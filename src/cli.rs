@@ -189,6 +189,11 @@ pub enum AgentCommand {
     List,
     /// Disable an agent in the candidate (commit to apply).
     Disable { agent_id: String },
+    /// A new key for an API-key agent (printed once; the old one works
+    /// until you commit).
+    RotateKey { agent_id: String },
+    /// Revoke an agent's key: it is disabled until a new key is rotated in.
+    RevokeKey { agent_id: String },
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -405,6 +410,30 @@ pub fn run(args: &ClientArgs, verb: Verb) -> Result<(), Failure> {
                 "POST",
                 "candidate/set",
                 Some(json!({"path": path, "value": "disabled"})),
+            )?;
+            out(&v, &|_| {
+                println!("agent {agent_id} disabled in the candidate; `clawgress commit` to apply")
+            });
+        }
+        Verb::Agent(AgentCommand::RotateKey { agent_id }) => {
+            let v = c.call(
+                "POST",
+                &format!("agents/{}/rotate-key", urlencode(&agent_id)),
+                None,
+            )?;
+            out(&v, &|v| {
+                println!(
+                    "new key for {agent_id} (shown once): {}",
+                    v["api_key"].as_str().unwrap_or("")
+                );
+                println!("the old key works until `clawgress commit`.");
+            });
+        }
+        Verb::Agent(AgentCommand::RevokeKey { agent_id }) => {
+            let v = c.call(
+                "POST",
+                &format!("agents/{}/revoke-key", urlencode(&agent_id)),
+                None,
             )?;
             out(&v, &|_| {
                 println!("agent {agent_id} disabled in the candidate; `clawgress commit` to apply")

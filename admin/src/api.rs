@@ -145,7 +145,7 @@ impl<const MIN: u8> FromRequestParts<Ctl> for Auth<MIN> {
     info(title = "Clawgress admin API", description = "The control plane of DESIGN.md §7: candidate, configure, commit, rollback, revisions, agents, tokens."),
     paths(candidate, put_candidate, set, delete, active, show, compare, configure, commit,
           confirm, rollback, lockdown, revisions, revision, import, events, rollout, agents,
-          add_agent, policies, quotas, add_token, audit, alerts, stats, openapi),
+          add_agent, rotate_key, revoke_key, policies, quotas, add_token, audit, alerts, stats, openapi),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -196,6 +196,8 @@ pub fn router(ctl: Ctl) -> Router {
         .route("/api/v1/events", get(events))
         .route("/api/v1/rollout", get(rollout))
         .route("/api/v1/agents", get(agents).post(add_agent))
+        .route("/api/v1/agents/{id}/rotate-key", post(rotate_key))
+        .route("/api/v1/agents/{id}/revoke-key", post(revoke_key))
         .route("/api/v1/policies", get(policies))
         .route("/api/v1/quotas", get(quotas))
         .route("/api/v1/tokens", post(add_token))
@@ -840,4 +842,98 @@ struct Window {
 async fn stats(State(ctl): State<Ctl>, _: Auth<VIEWER>, Query(w): Query<Window>) -> Answer {
     let window = w.window_s.unwrap_or(3600).clamp(1, 30 * 86400);
     Ok(Json(ctl.audit.stats(window).await?))
+}
+
+fn quoted(id: &str) -> String {
+    format!("agents.\"{id}\"")
+}
+
+#[utoipa::path(
+    post,
+    path = "/api/v1/agents/{id}/rotate-key",
+    summary = "Give an API-key agent a new key (in the candidate); the key is in this answer only",
+    description = "Role: operator. The old key works until the candidate is committed.",
+    params(("id" = String, Path, description = "agent id")),
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low"), (status = 400, description = "no such API-key agent")),
+    security(("bearer" = []))
+)]
+async fn rotate_key(
+    State(ctl): State<Ctl>,
+    Auth::<OPERATOR>(actor): Auth<OPERATOR>,
+    Path(id): Path<String>,
+) -> Answer {
+    let key = {
+        let b: [u8; 32] = rand::random();
+        format!("cg_{}", hex::encode(b))
+    };
+    let hash = token_hash(&key);
+    let cand = ctl
+        .edit(&actor, &format!("key rotate {id}"), None, |d| {
+            match paths::get(d, &quoted(&id))? {
+                Some(a) if a["auth_type"] == "api_key" => {}
+                Some(_) => {
+                    return Err(ControlError::BadRequest(format!(
+                        "agent {id} does not use an API key"
+                    )))
+                }
+                None => {
+                    return Err(ControlError::BadRequest(format!(
+                        "no agent {id} in the candidate"
+                    )))
+                }
+            }
+            paths::set(
+                d,
+                &format!("{}.api_key_sha256", quoted(&id)),
+                Value::String(hash.clone()),
+            )?;
+            paths::set(
+                d,
+                &format!("{}.status", quoted(&id)),
+                Value::String("active".into()),
+            )?;
+            Ok(())
+        })
+        .await?;
+    to_json(json!({
+        "agent_id": id,
+        "api_key": key,
+        "candidate_version": cand.version,
+        "note": "the key is shown once; the old key works until you commit",
+    }))
+}
+
+#[utoipa::path(
+    post,
+    path = "/api/v1/agents/{id}/revoke-key",
+    summary = "Revoke an agent's key: the agent is disabled (in the candidate) until a new key is rotated in",
+    description = "Role: operator.",
+    params(("id" = String, Path, description = "agent id")),
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low"), (status = 400, description = "no such agent")),
+    security(("bearer" = []))
+)]
+async fn revoke_key(
+    State(ctl): State<Ctl>,
+    Auth::<OPERATOR>(actor): Auth<OPERATOR>,
+    Path(id): Path<String>,
+) -> Answer {
+    let cand = ctl
+        .edit(&actor, &format!("key revoke {id}"), None, |d| {
+            if paths::get(d, &quoted(&id))?.is_none() {
+                return Err(ControlError::BadRequest(format!(
+                    "no agent {id} in the candidate"
+                )));
+            }
+            paths::set(
+                d,
+                &format!("{}.status", quoted(&id)),
+                Value::String("disabled".into()),
+            )?;
+            Ok(())
+        })
+        .await?;
+    to_json(
+        json!({"agent_id": id, "status": "disabled", "candidate_version": cand.version,
+                   "note": "commit to apply"}),
+    )
 }
