@@ -153,3 +153,82 @@ fn stamp(path: &Path) -> Option<(u64, u64, std::time::SystemTime)> {
     let m = std::fs::metadata(path).ok()?;
     Some((m.ino(), m.len(), m.modified().ok()?))
 }
+
+/// Pull bundles from the control plane over HTTP (a fleet node): long-poll
+/// `url` (`/api/v1/bundle`) with the revision held as `If-None-Match`;
+/// a bundle that verifies and is newer is written to `active`, where the
+/// watcher takes it up like a local one. Failures raise an alert and keep
+/// what is in force; the loop retries.
+pub fn pull(url: String, token: String, source: Source) -> tokio::task::JoinHandle<()> {
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(40)))
+            .build()
+            .into();
+        let mut have: Option<u64> = None;
+        let mut failing = false;
+        loop {
+            if have.is_none() {
+                have = source.initial_quiet();
+            }
+            let mut req = agent
+                .get(&format!("{url}?wait=25"))
+                .header("authorization", &format!("Bearer {token}"));
+            if let Some(r) = have {
+                req = req.header("if-none-match", &format!("\"{r}\""));
+            }
+            let outcome = req.call().map_err(|e| e.to_string()).and_then(|mut resp| {
+                match resp.status().as_u16() {
+                    304 => Ok(None),
+                    200 => resp
+                        .body_mut()
+                        .with_config()
+                        .limit(clawgress_policy::bundle::MAX_BUNDLE_BYTES as u64)
+                        .read_to_vec()
+                        .map(Some)
+                        .map_err(|e| e.to_string()),
+                    s => Err(format!("HTTP {s}")),
+                }
+            });
+            match outcome {
+                Ok(None) => failing = false,
+                Ok(Some(bytes)) => {
+                    failing = false;
+                    match Bundle::verify(&bytes, &source.key) {
+                        Ok(b) if have.is_none_or(|h| b.revision > h) => {
+                            if let Err(e) = crate::node::write_private(&source.active(), &bytes) {
+                                tracing::error!(alert = "bundle-fetch-failed", error = %e, "cannot store the fetched bundle");
+                            } else {
+                                have = Some(b.revision);
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::error!(alert = "bundle-rejected", error = %e, url, "fetched bundle rejected; the policy in force stays")
+                        }
+                    }
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(alert = "bundle-fetch-failed", error = %e, url, "control plane unreachable; the last good bundle stays in force");
+                    }
+                    failing = true;
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+            }
+        }
+    })
+}
+
+impl Source {
+    /// The newest revision on disk, without logging (for the puller).
+    fn initial_quiet(&self) -> Option<u64> {
+        [self.active(), self.last_good()]
+            .iter()
+            .filter_map(|p| std::fs::read(p).ok())
+            .filter_map(|b| Bundle::verify(&b, &self.key).ok())
+            .map(|b| b.revision)
+            .max()
+    }
+}

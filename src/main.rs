@@ -79,6 +79,13 @@ enum Command {
         /// (default: STATE_DIR/keys/bundle.pub).
         #[arg(long, value_name = "FILE")]
         bundle_key: Option<PathBuf>,
+        /// Fetch bundles from the control plane into --bundle-dir (long-poll,
+        /// ETag): e.g. http://admin:9080/api/v1/bundle.
+        #[arg(long, value_name = "URL", requires = "bundle_dir")]
+        bundle_url: Option<String>,
+        /// A viewer token for --bundle-url.
+        #[arg(long, value_name = "FILE", requires = "bundle_url")]
+        bundle_token_file: Option<PathBuf>,
     },
     /// Make the running `up` re-read its config file (same as SIGHUP): a
     /// valid file is applied without a restart, an invalid one changes
@@ -291,6 +298,8 @@ fn main() -> ExitCode {
             state_dir,
             bundle_dir,
             bundle_key,
+            bundle_url,
+            bundle_token_file,
         } => runtime(true).and_then(|rt| {
             rt.block_on(serve::serve(
                 service,
@@ -301,6 +310,8 @@ fn main() -> ExitCode {
                 serve::PolicySource {
                     bundle_dir,
                     bundle_key,
+                    bundle_url,
+                    bundle_token_file,
                 },
                 registry,
             ))

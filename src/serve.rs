@@ -52,6 +52,11 @@ pub struct PolicySource {
     pub bundle_dir: Option<PathBuf>,
     /// The pinned control-plane key (default `state_dir/keys/bundle.pub`).
     pub bundle_key: Option<PathBuf>,
+    /// Fetch bundles from the control plane (`…/api/v1/bundle`) into
+    /// `bundle_dir` (a fleet node).
+    pub bundle_url: Option<String>,
+    /// A viewer token for `bundle_url`.
+    pub bundle_token_file: Option<PathBuf>,
 }
 
 /// The policy to start from: the newest verified bundle when bundles are
@@ -60,6 +65,7 @@ fn bundle_source(src: &PolicySource, state: &Path) -> Result<Option<crate::bundl
     let Some(dir) = &src.bundle_dir else {
         return Ok(None);
     };
+    node::private_dir(dir)?;
     let key = src
         .bundle_key
         .clone()
@@ -212,6 +218,22 @@ pub async fn serve(
     let state = node::state_dir(state_dir, Some(&doc), &|k| std::env::var(k).ok())?;
     let bundles = match service {
         Service::Authz | Service::Ratelimit => bundle_source(&policy_source, &state)?,
+        _ => None,
+    };
+    let _puller = match (&bundles, &policy_source.bundle_url) {
+        (Some(b), Some(url)) => {
+            let file = policy_source.bundle_token_file.clone().ok_or_else(|| {
+                anyhow::anyhow!("--bundle-url needs --bundle-token-file (a viewer token)")
+            })?;
+            let token = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?
+                .trim()
+                .to_string();
+            Some(crate::bundles::pull(url.clone(), token, b.clone()))
+        }
+        (None, Some(_)) => {
+            anyhow::bail!("--bundle-url needs --bundle-dir (where fetched bundles are kept)")
+        }
         _ => None,
     };
     let initial = bundles.as_ref().and_then(|b| b.initial());

@@ -337,3 +337,65 @@ fn the_query_store_serves_audit_alerts_admin_actions_and_stats() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[test]
+fn a_fleet_node_pulls_bundles_over_http_and_follows_commits() {
+    let stack = Stack::start(&config_allowing(&[free_port()], ""));
+    let admin_token = std::fs::read_to_string(stack.state().join("admin.token")).expect("token");
+    let viewer = curl(
+        &[
+            "-H",
+            &format!("Authorization: Bearer {}", admin_token.trim()),
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"name": "node-2", "role": "viewer"}"#,
+            &format!("http://{}/api/v1/tokens", stack.admin),
+        ],
+        &[],
+    )
+    .json()["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let node = tempfile::tempdir().expect("node dir");
+    std::fs::write(node.path().join("token"), &viewer).expect("token file");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_clawgress"))
+        .args(["serve", "ratelimit", "--config"])
+        .arg(&stack.config)
+        .arg("--state-dir")
+        .arg(node.path().join("state"))
+        .arg("--listen")
+        .arg(format!("unix:{}", node.path().join("rl.sock").display()))
+        .arg("--bundle-dir")
+        .arg(node.path().join("bundle"))
+        .arg("--bundle-key")
+        .arg(stack.state().join("keys/bundle.pub"))
+        .arg("--bundle-url")
+        .arg(format!("http://{}/api/v1/bundle", stack.admin))
+        .arg("--bundle-token-file")
+        .arg(node.path().join("token"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("serve ratelimit");
+    let loaded = || {
+        std::fs::read_to_string(node.path().join("bundle/loaded-ratelimit"))
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || loaded() == Some(1)),
+        "first bundle pulled"
+    );
+    ok(&cli(&stack, &["set", "quotas.bot.rps_limit", "5"]));
+    let t = Instant::now();
+    ok(&cli(&stack, &["commit"]));
+    assert!(
+        eventually(Duration::from_secs(10), || loaded() == Some(2)),
+        "commit followed"
+    );
+    eprintln!("fleet node: commit to loaded in {:?}", t.elapsed());
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -144,7 +144,7 @@ impl<const MIN: u8> FromRequestParts<Ctl> for Auth<MIN> {
 #[openapi(
     info(title = "Clawgress admin API", description = "The control plane of DESIGN.md §7: candidate, configure, commit, rollback, revisions, agents, tokens."),
     paths(candidate, put_candidate, set, delete, active, show, compare, configure, commit,
-          confirm, rollback, lockdown, revisions, revision, import, events, rollout, agents,
+          confirm, rollback, lockdown, revisions, revision, import, events, rollout, bundle, agents,
           add_agent, rotate_key, revoke_key, policies, quotas, add_token, audit, alerts, stats, openapi),
     modifiers(&BearerAuth)
 )]
@@ -195,6 +195,7 @@ pub fn router(ctl: Ctl) -> Router {
         .route("/api/v1/import", post(import))
         .route("/api/v1/events", get(events))
         .route("/api/v1/rollout", get(rollout))
+        .route("/api/v1/bundle", get(bundle))
         .route("/api/v1/agents", get(agents).post(add_agent))
         .route("/api/v1/agents/{id}/rotate-key", post(rotate_key))
         .route("/api/v1/agents/{id}/revoke-key", post(revoke_key))
@@ -936,4 +937,69 @@ async fn revoke_key(
         json!({"agent_id": id, "status": "disabled", "candidate_version": cand.version,
                    "note": "commit to apply"}),
     )
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct Wait {
+    /// Long-poll: with `If-None-Match` naming the revision the caller has,
+    /// wait up to this many seconds (at most 60) for a newer one.
+    #[serde(default)]
+    wait: Option<u64>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/bundle",
+    summary = "The active signed bundle (ETag = its revision; long-poll with If-None-Match and ?wait=)",
+    description = "Role: viewer. 304 when the caller's revision is still the active one after the wait.",
+    params(Wait),
+    responses((status = 200, description = "the bundle, as written to bundle/active"), (status = 304, description = "unchanged"), (status = 404, description = "nothing committed yet")),
+    security(("bearer" = []))
+)]
+async fn bundle(
+    State(ctl): State<Ctl>,
+    _: Auth<VIEWER>,
+    headers: HeaderMap,
+    Query(w): Query<Wait>,
+) -> Result<Response, ApiError> {
+    let have = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().trim_matches('"').parse::<i64>().ok());
+    let mut rx = ctl.subscribe();
+    let deadline =
+        tokio::time::Instant::now() + std::time::Duration::from_secs(w.wait.unwrap_or(0).min(60));
+    loop {
+        let active = ctl.active().await?.revision;
+        match active {
+            None => return Err(api_err(StatusCode::NOT_FOUND, "nothing committed yet")),
+            Some(rev) if Some(rev) != have => {
+                let bytes = std::fs::read(ctl.bundle_dir().join("active")).map_err(|e| {
+                    api_err(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("bundle not readable: {e}"),
+                    )
+                })?;
+                let mut r = bytes.into_response();
+                let h = r.headers_mut();
+                h.insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/json"),
+                );
+                if let Ok(v) = header::HeaderValue::from_str(&format!("\"{rev}\"")) {
+                    h.insert(header::ETAG, v);
+                }
+                return Ok(r);
+            }
+            Some(_) => {
+                if tokio::time::timeout_at(deadline, rx.changed())
+                    .await
+                    .is_err()
+                {
+                    return Ok(StatusCode::NOT_MODIFIED.into_response());
+                }
+            }
+        }
+    }
 }

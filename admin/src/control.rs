@@ -115,6 +115,8 @@ pub struct Control {
     on_event: Option<crate::EventHook>,
     pub(crate) audit: crate::audit::AuditReader,
     pub(crate) sessions: crate::ui::Sessions,
+    /// The revision last published: bundle long-polls wait on it.
+    published: tokio::sync::watch::Sender<i64>,
 }
 
 pub fn now() -> String {
@@ -141,7 +143,13 @@ impl Control {
             on_event: c.on_event,
             audit: crate::audit::AuditReader::new(c.audit_db),
             sessions: crate::ui::Sessions::default(),
+            published: tokio::sync::watch::channel(0).0,
         }
+    }
+
+    /// Changes of the published revision.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.published.subscribe()
     }
 
     pub fn store(&self) -> &dyn Store {
@@ -340,6 +348,7 @@ impl Control {
                 .await;
             return Err(publish(e, "publish"));
         }
+        self.published.send_replace(rev);
         // The candidate follows what is active now.
         let _ = self
             .store

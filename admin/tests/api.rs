@@ -131,6 +131,7 @@ const ROUTES: &[(&str, &str, Role)] = &[
     ("GET", "/api/v1/revisions", Role::Viewer),
     ("GET", "/api/v1/events", Role::Viewer),
     ("GET", "/api/v1/rollout", Role::Viewer),
+    ("GET", "/api/v1/bundle", Role::Viewer),
     ("GET", "/api/v1/agents", Role::Viewer),
     ("GET", "/api/v1/policies", Role::Viewer),
     ("GET", "/api/v1/quotas", Role::Viewer),
@@ -687,4 +688,52 @@ async fn the_console_trades_a_token_for_a_strict_cookie_and_needs_csrf_to_change
     )
     .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn the_bundle_is_served_with_its_revision_as_etag_and_long_polls() {
+    let a = app().await;
+    let (s, _) = a.call(Some(&a.viewer), "GET", "/api/v1/bundle", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "nothing committed");
+    let r1 = commit_policy(&a, "one").await;
+    let get = |etag: Option<String>, wait: u64| {
+        let ctl = a.ctl.clone();
+        let token = a.viewer.clone();
+        async move {
+            let mut req = Request::get(format!("/api/v1/bundle?wait={wait}"))
+                .header("authorization", format!("Bearer {token}"));
+            if let Some(e) = etag {
+                req = req.header("if-none-match", e);
+            }
+            let r = api::router(ctl)
+                .oneshot(req.body(Body::empty()).expect("req"))
+                .await
+                .expect("answer");
+            let status = r.status();
+            let etag = r
+                .headers()
+                .get("etag")
+                .map(|v| v.to_str().unwrap_or("").to_string());
+            let bytes = r.into_body().collect().await.expect("body").to_bytes();
+            (status, etag, bytes)
+        }
+    };
+    let (s, etag, bytes) = get(None, 0).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(etag.as_deref(), Some(format!("\"{r1}\"").as_str()));
+    let b = Bundle::verify(&bytes, &a.key.verifying_key()).expect("verifies");
+    assert_eq!(b.revision, r1 as u64);
+    // Same revision, no wait: 304.
+    let (s, _, _) = get(etag.clone(), 0).await;
+    assert_eq!(s, StatusCode::NOT_MODIFIED);
+    // Long-poll: answered as soon as a commit lands.
+    let waiting = tokio::spawn(get(etag, 20));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r2 = commit_policy(&a, "two").await;
+    let (s, etag2, _) = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("answered before the wait ran out")
+        .expect("join");
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(etag2.as_deref(), Some(format!("\"{r2}\"").as_str()));
 }
