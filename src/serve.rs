@@ -486,16 +486,27 @@ async fn admin_control(
     state: &Path,
 ) -> Result<Arc<clawgress_admin::Control>> {
     let cp = doc.stores.control_plane.as_str();
-    if cp != "sqlite" {
-        anyhow::bail!("stores.control_plane: {cp:?} is not supported yet (only sqlite)");
-    }
     node::private_dir(state)?;
-    let store = clawgress_admin::SqliteStore::open(&state.join("admin.db"))
-        .await
-        .with_context(|| format!("cannot open {}", state.join("admin.db").display()))?;
+    let store: Arc<dyn clawgress_admin::Store> = if cp == "sqlite" {
+        Arc::new(
+            clawgress_admin::SqliteStore::open(&state.join("admin.db"))
+                .await
+                .with_context(|| format!("cannot open {}", state.join("admin.db").display()))?,
+        )
+    } else {
+        // A URL may carry a password: never log it whole.
+        let shown = cp.split('@').next_back().unwrap_or("");
+        Arc::new(
+            clawgress_admin::PgStore::connect(cp)
+                .await
+                .with_context(|| {
+                    format!("stores.control_plane: cannot use PostgreSQL at {shown}")
+                })?,
+        )
+    };
     let key = clawgress_admin::bundle_key(&node::keys_dir(state))?;
     if let Some(_token) =
-        clawgress_admin::bootstrap_token(&store, &state.join("admin.token")).await?
+        clawgress_admin::bootstrap_token(&*store, &state.join("admin.token")).await?
     {
         tracing::info!(file = %state.join("admin.token").display(), "bootstrap admin token created");
     }
@@ -518,7 +529,7 @@ async fn admin_control(
     };
     Ok(Arc::new(clawgress_admin::Control::new(
         clawgress_admin::Config {
-            store: Arc::new(store),
+            store,
             key,
             bundle_dir,
             rollout_wait: std::time::Duration::from_secs(3),

@@ -13,6 +13,7 @@ pub mod api;
 pub mod audit;
 pub mod control;
 pub mod paths;
+pub mod pg;
 pub mod store;
 pub mod ui;
 
@@ -23,6 +24,7 @@ use std::time::Duration;
 use ed25519_dalek::SigningKey;
 
 pub use control::{Control, ControlError};
+pub use pg::PgStore;
 pub use store::{SqliteStore, Store};
 
 /// What an admin token may do. Each role includes the ones before it.

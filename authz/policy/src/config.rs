@@ -887,11 +887,15 @@ impl Document {
             ("stores.control_plane", &self.stores.control_plane),
             ("stores.audit_query", &self.stores.audit_query),
         ] {
-            if v.starts_with("postgres://") || v.starts_with("postgresql://") {
+            let pg = v.starts_with("postgres://") || v.starts_with("postgresql://");
+            if pg && path == "stores.control_plane" {
+                // Built: the control plane's PostgreSQL store.
+            } else if pg {
                 push(
                     path.into(),
                     Some(path.rsplit('.').next().unwrap_or(path)),
-                    "PostgreSQL is not available yet; use `sqlite`".into(),
+                    "PostgreSQL for the audit query store is not available yet; use `sqlite`"
+                        .into(),
                 );
             } else if v != "sqlite" {
                 push(
