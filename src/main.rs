@@ -8,6 +8,7 @@ mod jwks;
 mod metrics;
 mod nftcmd;
 mod node;
+mod quota;
 mod serve;
 mod status;
 mod sys;

@@ -285,9 +285,26 @@ pub async fn serve(
             };
             // What is in force, for rebuilding when keys change.
             let current = Arc::new(std::sync::Mutex::new((start_doc.clone(), start_rev)));
-            let svc = clawgress_authz::AuthzService::new(
+            let mut svc = clawgress_authz::AuthzService::new(
                 &authz_config(&start_doc, start_rev).map_err(|e| anyhow::anyhow!(e))?,
             );
+            // quota_check: authz — count quotas here, one side call less.
+            let limiter = if doc.gateway.quota_check == clawgress_policy::config::QuotaCheck::Authz
+            {
+                let store = clawgress_ratelimit::open_store(&doc.stores.ratelimit)
+                    .map_err(|e| anyhow::anyhow!("stores.ratelimit: {e}"))?;
+                let rl = clawgress_ratelimit::RatelimitService::new(&start_doc.policy(), store)
+                    .fail_open(
+                        doc.stores.ratelimit_failure_mode
+                            == clawgress_policy::config::FailureMode::Allow,
+                    );
+                rl.register_metrics(&mut registry);
+                svc = svc.with_quota_gate(Arc::new(crate::quota::Gate(rl.clone())));
+                tracing::info!(store = %doc.stores.ratelimit, "quotas checked inside Check (quota_check: authz)");
+                Some(rl)
+            } else {
+                None
+            };
             let _jwks = {
                 let (cur, cur2, s, make) = (
                     current.clone(),
@@ -326,11 +343,15 @@ pub async fn serve(
                         )
                     })?;
                     let current = current.clone();
+                    let limiter = limiter.clone();
                     b.watch(start_rev, move |f| {
                         let d = base.clone().with_policy(f.document.clone());
                         match authz_config(&d, Some(f.revision)) {
                             Ok(c) => {
                                 s.reload(&c);
+                                if let Some(rl) = &limiter {
+                                    rl.reload(&f.document);
+                                }
                                 if let Ok(mut cur) = current.lock() {
                                     *cur = (d, Some(f.revision));
                                 }
@@ -342,9 +363,13 @@ pub async fn serve(
                 }
                 None => {
                     let current = current.clone();
+                    let limiter = limiter.clone();
                     on_hangup(config, move |doc| match authz_config(doc, None) {
                         Ok(c) => {
                             s.reload(&c);
+                            if let Some(rl) = &limiter {
+                                rl.reload(&doc.policy());
+                            }
                             if let Ok(mut cur) = current.lock() {
                                 *cur = (doc.clone(), None);
                             }

@@ -95,6 +95,7 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
         authz_socket: run.join("authz.sock"),
         ratelimit_socket: run.join("ratelimit.sock"),
         audit_socket: run.join("audit.sock"),
+        ratelimit_filter: doc.gateway.quota_check == clawgress_policy::config::QuotaCheck::Rls,
         ratelimit_fail_open: doc.stores.ratelimit_failure_mode
             == clawgress_policy::config::FailureMode::Allow,
         access_log: match doc.gateway.audit_input {

@@ -6,13 +6,43 @@ use common::*;
 
 #[test]
 fn over_quota_gets_429_with_retry_after_and_body() {
+    over_quota("");
+}
+
+/// `gateway.quota_check: authz`: the same answers, from inside Check (no
+/// rate-limit filter, no RLS call), and `quota_applied` in the audit record.
+#[test]
+fn over_quota_gets_the_same_429_when_authz_checks_quotas() {
+    let stack = over_quota("  quota_check: authz\n");
+    let rendered =
+        std::fs::read_to_string(stack.state().join("run/envoy.yaml")).expect("envoy.yaml");
+    assert!(
+        !rendered.contains("name: envoy.filters.http.ratelimit"),
+        "no RLS filter"
+    );
+    let recs = stack.wait_audit(8);
+    assert!(
+        recs.iter()
+            .any(|r| r["quota_applied"] == "agent:bot=hard_stop:exceeded"
+                && r["response_code"] == 429),
+        "{recs:?}"
+    );
+    assert!(recs
+        .iter()
+        .any(|r| r["quota_applied"] == "agent:bot=hard_stop" && r["response_code"] == 200));
+}
+
+fn over_quota(gateway: &str) -> Stack {
     let up = Upstream::http();
     // rpm 3: eight requests in a row must see a 429 even if a minute
     // boundary falls between them.
-    let stack = Stack::start(&config_allowing(
-        &[up.addr.port()],
-        "quotas:\n  - {agent_id: bot, rps_limit: 1000, rpm_limit: 3, mode: hard_stop}\n",
-    ));
+    let stack = Stack::start_with_gateway(
+        gateway,
+        &config_allowing(
+            &[up.addr.port()],
+            "quotas:\n  - {agent_id: bot, rps_limit: 1000, rpm_limit: 3, mode: hard_stop}\n",
+        ),
+    );
     let target = format!("http://{}/", up.addr);
     let replies: Vec<Reply> = (0..8)
         .map(|_| curl(&["-x", &stack.proxy_url(AGENT, KEY), &target], &[]))
@@ -51,6 +81,7 @@ fn over_quota_gets_429_with_retry_after_and_body() {
     assert_eq!(body["policy_id"], "quota:agent:bot");
     assert_eq!(r.header("x-clawgress-policy"), Some("quota:agent:bot"));
     assert_eq!(up.requests().len(), ok, "no 429 reached the upstream");
+    stack
 }
 
 #[test]
@@ -183,4 +214,34 @@ fn store_outage_fails_closed_by_default_and_open_when_configured() {
             .any(|r| r["quota_applied"] == "store-unavailable:allowed"),
         "{recs:#?}"
     );
+}
+
+#[test]
+fn with_quota_check_authz_a_store_outage_fails_closed_too() {
+    let mut redis = common::redis::RedisServer::start();
+    let up = Upstream::http();
+    let stack = Stack::start_with_gateway(
+        "  quota_check: authz\n",
+        &format!(
+            "stores:\n  ratelimit: {}\n{}",
+            redis.url(),
+            config_allowing(
+                &[up.addr.port()],
+                "quotas:\n  - {agent_id: bot, rps_limit: 1000}\n"
+            )
+        ),
+    );
+    let target = format!("http://{}/", up.addr);
+    assert_eq!(
+        curl(&["-x", &stack.proxy_url(AGENT, KEY), &target], &[]).status,
+        200
+    );
+    redis.kill();
+    let r = curl(&["-x", &stack.proxy_url(AGENT, KEY), &target], &[]);
+    assert_eq!(
+        (r.status, r.json()["reason"].as_str()),
+        (503, Some("ratelimit-unavailable")),
+        "never a 429, never allowed: {r:?}"
+    );
+    assert_eq!(up.requests().len(), 1);
 }

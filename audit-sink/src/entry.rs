@@ -119,7 +119,10 @@ impl Entry {
             reason,
             policy_id,
             bundle_revision: get(&self.authz, "bundle_revision"),
-            quota_applied: get(&self.ratelimit, "quota_applied"),
+            // From the RLS (quota_check: rls) or from authz (quota_check: authz).
+            quota_applied: Some(get(&self.ratelimit, "quota_applied"))
+                .filter(|q| !q.is_empty())
+                .unwrap_or_else(|| get(&self.authz, "quota_applied")),
             response_code: self.response_code,
             latency_ms: self.latency_ms,
             bytes_out: self.bytes_out,

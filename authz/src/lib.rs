@@ -136,14 +136,57 @@ pub struct AuthzService {
     metrics: Metrics,
     /// `state_dir/audit.blocked` exists: the sink cannot record (§10).
     audit_blocked: Arc<std::sync::atomic::AtomicBool>,
+    /// `gateway.quota_check: authz`: quotas are checked inside Check.
+    quota: Option<Arc<dyn QuotaGate>>,
+}
+
+impl std::fmt::Debug for dyn QuotaGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("QuotaGate")
+    }
+}
+
+/// Quotas checked inside Check (`gateway.quota_check: authz`, §11): one
+/// side call per request instead of two. The binary plugs the rate
+/// limiter's counting in here; authz does not depend on it.
+#[tonic::async_trait]
+pub trait QuotaGate: Send + Sync {
+    /// Count one request for the identity against every quota that applies.
+    /// `Err` means the counter store failed.
+    async fn check(
+        &self,
+        agent_id: &str,
+        team_id: &str,
+        project_id: &str,
+    ) -> Result<QuotaVerdict, String>;
+}
+
+/// What the quotas said about one request.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QuotaVerdict {
+    pub admitted: bool,
+    /// For the audit record (`agent:bot=hard_stop`, …); empty if none applied.
+    pub quota_applied: String,
+    /// `quota:<scope>` of the refusing (or first exceeded) quota.
+    pub policy_id: String,
+    pub retry_after_s: u64,
+    /// `x-ratelimit-limit`, `-remaining`, `-reset` of the tightest window.
+    pub headers: Vec<(String, String)>,
 }
 
 impl AuthzService {
+    /// Check quotas inside Check with `gate` (`quota_check: authz`).
+    pub fn with_quota_gate(mut self, gate: Arc<dyn QuotaGate>) -> AuthzService {
+        self.quota = Some(gate);
+        self
+    }
+
     pub fn new(config: &Config) -> AuthzService {
         let svc = AuthzService {
             state: Arc::new(ArcSwap::from_pointee(State::new(config))),
             metrics: Metrics::default(),
             audit_blocked: Arc::default(),
+            quota: None,
         };
         svc.set_revision(&config.revision);
         svc
@@ -224,6 +267,7 @@ impl AuthzService {
                 identity: None,
                 decision: Decision::deny("", Reason::AuditUnavailable),
                 revision,
+                quota: None,
             };
         }
         let bearer = f
@@ -265,6 +309,7 @@ impl AuthzService {
                     identity,
                     decision: Decision::deny("", reason),
                     revision,
+                    quota: None,
                 };
             }
         };
@@ -276,6 +321,7 @@ impl AuthzService {
                     identity: Some(identity),
                     decision: Decision::deny("", Reason::MalformedDestination),
                     revision,
+                    quota: None,
                 }
             }
         };
@@ -291,6 +337,7 @@ impl AuthzService {
                         identity: Some(identity),
                         decision: Decision::deny("", Reason::MalformedPath),
                         revision,
+                        quota: None,
                     }
                 }
             }
@@ -306,6 +353,7 @@ impl AuthzService {
             identity: Some(identity),
             decision,
             revision,
+            quota: None,
         }
     }
 }
@@ -362,6 +410,8 @@ pub struct Verdict {
     pub identity: Option<Identity>,
     pub decision: Decision,
     pub revision: String,
+    /// With `quota_check: authz`: what the quotas said.
+    pub quota: Option<QuotaVerdict>,
 }
 
 impl Verdict {
@@ -391,6 +441,9 @@ impl Verdict {
                 if s.allow { "allow" } else { "deny" }.to_string(),
             ));
             fields.push(("shadow_policy_id", s.policy_id.clone()));
+        }
+        if let Some(q) = self.quota.as_ref().filter(|q| !q.quota_applied.is_empty()) {
+            fields.push(("quota_applied", q.quota_applied.clone()));
         }
         Struct {
             fields: fields
@@ -446,6 +499,13 @@ pub fn response(v: &Verdict, request_id: &str) -> CheckResponse {
                 // Credentials never reach the upstream (§3); the route config
                 // removes the header too, this covers a hand-wired Envoy.
                 headers_to_remove: vec!["proxy-authorization".into()],
+                // quota_check: authz — the agent sees its quota as it would
+                // from Envoy's rate-limit filter.
+                response_headers_to_add: v
+                    .quota
+                    .iter()
+                    .flat_map(|q| q.headers.iter().map(|(k, val)| header(k, val)))
+                    .collect(),
                 ..Default::default()
             })),
         };
@@ -464,6 +524,10 @@ pub fn response(v: &Verdict, request_id: &str) -> CheckResponse {
     ];
     if status == 407 {
         headers.push(header("proxy-authenticate", "Basic realm=\"clawgress\""));
+    }
+    if let Some(q) = v.quota.as_ref().filter(|q| !q.admitted) {
+        headers.push(header("retry-after", &q.retry_after_s.max(1).to_string()));
+        headers.extend(q.headers.iter().map(|(k, val)| header(k, val)));
     }
     let code = if status == 407 {
         tonic::Code::Unauthenticated
@@ -496,7 +560,25 @@ impl Authorization for AuthzService {
         let req = request.into_inner();
         let started = std::time::Instant::now();
         let f = facts(&req);
-        let verdict = self.decide(&f);
+        let mut verdict = self.decide(&f);
+        if let (Some(gate), true, Some(id)) = (
+            &self.quota,
+            verdict.decision.allow,
+            verdict.identity.clone(),
+        ) {
+            match gate.check(&id.agent_id, &id.team_id, &id.project_id).await {
+                Ok(q) => {
+                    if !q.admitted {
+                        verdict.decision = Decision::deny(&q.policy_id, Reason::QuotaExceeded);
+                    }
+                    verdict.quota = Some(q);
+                }
+                Err(e) => {
+                    tracing::error!(alert = "ratelimit-store-failed", error = %e, "quota check failed; refused (fail closed)");
+                    verdict.decision = Decision::deny("", Reason::RatelimitUnavailable);
+                }
+            }
+        }
         self.metrics
             .check_duration
             .observe(started.elapsed().as_secs_f64());

@@ -15,6 +15,8 @@ pub const BOOTSTRAP_TEMPLATE: &str = include_str!("../bootstrap.yaml.tmpl");
 pub const ACCESS_LOG_FILE: &str = include_str!("../access_log_file.yaml.tmpl");
 /// Its access-log block for `gateway.audit_input: grpc`.
 pub const ACCESS_LOG_GRPC: &str = include_str!("../access_log_grpc.yaml.tmpl");
+/// Envoy's rate-limit filter calling our RLS (`gateway.quota_check: rls`).
+pub const RATELIMIT_FILTER: &str = include_str!("../ratelimit_filter.yaml.tmpl");
 
 /// How the audit sink gets Envoy's access log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +38,9 @@ pub struct Bootstrap {
     /// Let requests through when the rate-limit service fails
     /// (`stores.ratelimit_failure_mode: allow`). Default: fail closed.
     pub ratelimit_fail_open: bool,
+    /// `quota_check: rls`: Envoy's rate-limit filter asks our RLS. With
+    /// `authz`, quotas are checked inside Check and the filter is left out.
+    pub ratelimit_filter: bool,
     pub access_log: AccessLog,
 }
 
@@ -69,6 +74,14 @@ impl Bootstrap {
         };
         // The block goes in first: its own placeholders are filled above.
         let template = template.replace("{{access_log}}", &access_log);
+        let template = template.replace(
+            "{{ratelimit_filter}}\n",
+            if self.ratelimit_filter {
+                RATELIMIT_FILTER
+            } else {
+                ""
+            },
+        );
         let ip = self.proxy_listen.ip().to_string();
         let port = self.proxy_listen.port().to_string();
         let pairs = [
@@ -134,6 +147,7 @@ mod tests {
             ratelimit_socket: dir.join("ratelimit.sock"),
             audit_socket: dir.join("audit.sock"),
             ratelimit_fail_open: false,
+            ratelimit_filter: true,
             access_log: AccessLog::File(dir.join("spool/envoy-access.log")),
         }
     }
@@ -170,6 +184,13 @@ mod tests {
         validate(&b);
         b.access_log = AccessLog::Grpc;
         b.ratelimit_fail_open = true;
+        validate(&b);
+        // quota_check: authz — no rate-limit filter.
+        b.ratelimit_filter = false;
+        assert!(!b
+            .render()
+            .expect("render")
+            .contains("name: envoy.filters.http.ratelimit"));
         validate(&b);
     }
 

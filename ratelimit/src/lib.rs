@@ -393,8 +393,22 @@ impl RateLimitService for RatelimitService {
         }
         // hits_addend 0 means 1 (Envoy's contract).
         let hits = req.hits_addend.max(1);
+        match self.admit(&who, hits).await {
+            Ok(o) => Ok(tonic::Response::new(response(&o, req.descriptors.len()))),
+            // Fail closed through Envoy: UNAVAILABLE + failure_mode_deny
+            // gives the agent a 503 `ratelimit-unavailable`, never a 429.
+            Err(_) => Err(tonic::Status::unavailable("counter store unavailable")),
+        }
+    }
+}
+
+impl RatelimitService {
+    /// One request's outcome with the failure mode applied and
+    /// `alert_only` overruns alerted (at most once per scope per minute):
+    /// what the RLS answers, and what authz uses with `quota_check: authz`.
+    pub async fn admit(&self, who: &Subject, hits: u32) -> Result<Outcome, StoreError> {
         let now = now_ms();
-        match self.should_limit(&who, hits, now).await {
+        match self.should_limit(who, hits, now).await {
             Ok(o) => {
                 for scope in &o.alerts {
                     if self.should_alert(scope, now) {
@@ -406,30 +420,50 @@ impl RateLimitService for RatelimitService {
                         );
                     }
                 }
-                Ok(tonic::Response::new(response(&o, req.descriptors.len())))
+                Ok(o)
             }
             Err(e) if self.fail_open => {
                 // Configured to fail open: the request passes unlimited, and
                 // says so in the audit record and an alert, every time.
                 tracing::error!(alert = "ratelimit-store-unavailable", error = %e, failure_mode = "allow", agent_id = who.agent_id, "counter store failed; request allowed unlimited");
-                let o = Outcome {
+                Ok(Outcome {
                     admitted: true,
                     quota_applied: "store-unavailable:allowed".into(),
                     policy_id: String::new(),
                     status: None,
                     retry_after_s: 0,
                     alerts: Vec::new(),
-                };
-                Ok(tonic::Response::new(response(&o, req.descriptors.len())))
+                })
             }
             Err(e) => {
-                // Fail closed through Envoy: UNAVAILABLE + failure_mode_deny
-                // gives the agent a 503 `ratelimit-unavailable`, never a 429.
                 tracing::error!(alert = "ratelimit-store-unavailable", error = %e, "counter store failed");
-                Err(tonic::Status::unavailable("counter store unavailable"))
+                Err(e)
             }
         }
     }
+}
+
+/// The `x-ratelimit-*` headers (IETF draft 03, as Envoy writes them) of an
+/// outcome's tightest window.
+pub fn x_ratelimit_headers(o: &Outcome) -> Vec<(String, String)> {
+    let Some(s) = &o.status else {
+        return Vec::new();
+    };
+    let w = match s.limit.window {
+        Window::Second => 1,
+        Window::Minute => 60,
+    };
+    vec![
+        (
+            "x-ratelimit-limit".into(),
+            format!("{}, {};w={w}", s.limit.max, s.limit.max),
+        ),
+        ("x-ratelimit-remaining".into(), s.remaining.to_string()),
+        (
+            "x-ratelimit-reset".into(),
+            s.reset_ms.div_ceil(1000).to_string(),
+        ),
+    ]
 }
 
 /// Serve `ShouldRateLimit` on `incoming` until `shutdown` resolves.

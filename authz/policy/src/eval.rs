@@ -75,6 +75,8 @@ pub enum Reason {
     JwtNotConfigured,
     AgentDisabled,
     QuotaExceeded,
+    /// `quota_check: authz` and the counter store failed (fail closed).
+    RatelimitUnavailable,
     /// The audit sink cannot record (storage full): nothing is let through.
     AuditUnavailable,
 }
@@ -95,6 +97,7 @@ impl Reason {
             Reason::JwtNotConfigured => "jwt-not-configured",
             Reason::AgentDisabled => "agent-disabled",
             Reason::QuotaExceeded => "quota-exceeded",
+            Reason::RatelimitUnavailable => "ratelimit-unavailable",
             Reason::AuditUnavailable => "audit-unavailable",
         }
     }
@@ -119,6 +122,7 @@ impl Reason {
             Reason::JwtNotConfigured => "This gateway accepts no bearer tokens; ask the operator for an API key or to configure a JWT issuer.",
             Reason::AgentDisabled => "This agent is disabled; ask the gateway operator to re-enable it.",
             Reason::QuotaExceeded => "This agent is over its request quota; wait for the Retry-After period or ask the operator to raise the quota.",
+            Reason::RatelimitUnavailable => "The gateway's rate-limit store is unavailable; retry later or contact the operator.",
             Reason::AuditUnavailable => "The gateway cannot record requests right now (audit storage is full); retry later, the operator has been alerted.",
         }
     }
@@ -131,6 +135,7 @@ impl Reason {
             | Reason::MalformedCredentials
             | Reason::Token(TokenFailure::Malformed) => 407,
             Reason::QuotaExceeded => 429,
+            Reason::RatelimitUnavailable => 503,
             Reason::AuditUnavailable => 503,
             _ => 403,
         }
