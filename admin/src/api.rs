@@ -144,7 +144,7 @@ impl<const MIN: u8> FromRequestParts<Ctl> for Auth<MIN> {
 #[openapi(
     info(title = "Clawgress admin API", description = "The control plane of DESIGN.md §7: candidate, configure, commit, rollback, revisions, agents, tokens."),
     paths(candidate, put_candidate, set, delete, active, show, compare, configure, commit,
-          confirm, rollback, lockdown, revisions, revision, import, events, rollout, bundle, agents,
+          confirm, rollback, lockdown, revisions, revision, import, events, rollout, bundle, commits, profiles, agents,
           add_agent, rotate_key, revoke_key, policies, quotas, add_token, audit, alerts, stats, openapi),
     modifiers(&BearerAuth)
 )]
@@ -195,6 +195,8 @@ pub fn router(ctl: Ctl) -> Router {
         .route("/api/v1/import", post(import))
         .route("/api/v1/events", get(events))
         .route("/api/v1/rollout", get(rollout))
+        .route("/api/v1/commits", get(commits))
+        .route("/api/v1/profiles", get(profiles))
         .route("/api/v1/bundle", get(bundle))
         .route("/api/v1/agents", get(agents).post(add_agent))
         .route("/api/v1/agents/{id}/rotate-key", post(rotate_key))
@@ -1002,4 +1004,48 @@ async fn bundle(
             }
         }
     }
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/commits",
+    summary = "Commits, newest first (the first names the active revision)",
+    description = "Role: viewer.",
+    params(Limit),
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
+async fn commits(State(ctl): State<Ctl>, _: Auth<VIEWER>, Query(q): Query<Limit>) -> Answer {
+    let list = ctl
+        .store()
+        .commits(q.limit.unwrap_or(100).clamp(1, 1000))
+        .await
+        .map_err(ControlError::from)?;
+    to_json(json!({"commits": list}))
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/profiles",
+    summary = "The named profiles an agent can be given, with the rules each becomes",
+    description = "Role: viewer.",
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
+async fn profiles(_: Auth<VIEWER>) -> Answer {
+    let described = [
+        ("none", "No external access at all: denies everything at the highest precedence, whatever other policies say."),
+        ("training-updates", "The public package registries: HTTPS on 443 and GET/HEAD on 80, below every policy so an operator's deny still wins."),
+        ("external-api", "HTTPS only: plain HTTP is denied at the highest precedence; the agent's policies name the API hosts."),
+        ("custom", "The agent's own policies only."),
+    ];
+    let mut out = Vec::new();
+    for (name, what) in described {
+        let doc = json!({"agents": [{"agent_id": "AGENT", "auth_type": "jwt", "profile": name}]});
+        let rules = crate::control::validate(&doc)
+            .map(|d| clawgress_policy::profiles::policies(&d))
+            .unwrap_or_default();
+        out.push(json!({"name": name, "description": what, "policies": rules}));
+    }
+    to_json(json!({"profiles": out}))
 }

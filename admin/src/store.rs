@@ -78,6 +78,8 @@ pub trait Store: Send + Sync + 'static {
     async fn add_commit(&self, c: &Commit) -> Result<i64, StoreError>;
     /// The newest commit: it names the active revision.
     async fn last_commit(&self) -> Result<Option<Commit>, StoreError>;
+    /// Commits, newest first.
+    async fn commits(&self, limit: i64) -> Result<Vec<Commit>, StoreError>;
     async fn confirm(&self, commit: i64) -> Result<(), StoreError>;
     /// Undo a commit row whose bundle could not be published.
     async fn delete_commit(&self, commit: i64) -> Result<(), StoreError>;
@@ -216,18 +218,26 @@ impl Store for SqliteStore {
     }
 
     async fn last_commit(&self) -> Result<Option<Commit>, StoreError> {
-        let row = sqlx::query("SELECT * FROM commits ORDER BY id DESC LIMIT 1")
-            .fetch_optional(&self.pool)
+        Ok(self.commits(1).await?.into_iter().next())
+    }
+
+    async fn commits(&self, limit: i64) -> Result<Vec<Commit>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM commits ORDER BY id DESC LIMIT ?1")
+            .bind(limit)
+            .fetch_all(&self.pool)
             .await?;
-        Ok(row.map(|r| Commit {
-            id: r.get("id"),
-            revision: r.get("revision"),
-            previous: r.get("previous"),
-            actor: r.get("actor"),
-            at: r.get("at"),
-            confirm_by: r.get("confirm_by"),
-            confirmed: r.get("confirmed"),
-        }))
+        Ok(rows
+            .iter()
+            .map(|r| Commit {
+                id: r.get("id"),
+                revision: r.get("revision"),
+                previous: r.get("previous"),
+                actor: r.get("actor"),
+                at: r.get("at"),
+                confirm_by: r.get("confirm_by"),
+                confirmed: r.get("confirmed"),
+            })
+            .collect())
     }
 
     async fn confirm(&self, commit: i64) -> Result<(), StoreError> {

@@ -132,6 +132,8 @@ const ROUTES: &[(&str, &str, Role)] = &[
     ("GET", "/api/v1/events", Role::Viewer),
     ("GET", "/api/v1/rollout", Role::Viewer),
     ("GET", "/api/v1/bundle", Role::Viewer),
+    ("GET", "/api/v1/commits", Role::Viewer),
+    ("GET", "/api/v1/profiles", Role::Viewer),
     ("GET", "/api/v1/agents", Role::Viewer),
     ("GET", "/api/v1/policies", Role::Viewer),
     ("GET", "/api/v1/quotas", Role::Viewer),
@@ -736,4 +738,26 @@ async fn the_bundle_is_served_with_its_revision_as_etag_and_long_polls() {
         .expect("join");
     assert_eq!(s, StatusCode::OK);
     assert_eq!(etag2.as_deref(), Some(format!("\"{r2}\"").as_str()));
+}
+
+#[tokio::test]
+async fn profiles_are_listed_with_the_rules_they_become() {
+    let a = app().await;
+    let (s, p) = a
+        .call(Some(&a.viewer), "GET", "/api/v1/profiles", None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let names: Vec<&str> = p["profiles"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["none", "training-updates", "external-api", "custom"]
+    );
+    let tu = &p["profiles"][1]["policies"];
+    assert!(tu.to_string().contains("pypi.org"), "{tu}");
+    assert_eq!(p["profiles"][3]["policies"], json!([]));
 }
