@@ -156,8 +156,11 @@ pub fn verify(p: &Paths, json: bool) -> Result<bool> {
 #[derive(Debug, Default)]
 pub struct Query {
     pub limit: usize,
-    /// `request` (default), `alert`, `admin` or `all`.
+    /// `request` (default), `alert`, `admin`, `gap` or `all`.
     pub kind: String,
+    /// Only records at or after this time: a duration back from now (`1h`,
+    /// `15m`) or an RFC 3339 time.
+    pub since: Option<String>,
     pub agent: Option<String>,
     pub decision: Option<String>,
     pub host: Option<String>,
@@ -179,6 +182,16 @@ pub fn query(p: &Paths, q: &Query, json: bool) -> Result<()> {
     let log = std::fs::read_to_string(&log_path)
         .with_context(|| format!("cannot read {}", log_path.display()))?;
     let want = |f: &Option<String>, v: &str| f.as_deref().is_none_or(|x| x == v);
+    let since = match q.since.as_deref() {
+        None => None,
+        Some(s) => Some(match humantime::parse_duration(s) {
+            Ok(d) => std::time::SystemTime::now() - d,
+            Err(_) => humantime::parse_rfc3339_weak(s).map_err(|_| {
+                anyhow::anyhow!("--since {s:?}: a duration (1h, 15m) or an RFC 3339 time")
+            })?,
+        }),
+    };
+    let since = since.map(|t| humantime::format_rfc3339_millis(t).to_string());
     let rows: Vec<AuditRecord> = log
         .lines()
         .rev()
@@ -186,6 +199,7 @@ pub fn query(p: &Paths, q: &Query, json: bool) -> Result<()> {
         .filter(|r| {
             let kind = r.kind.as_str();
             (q.kind == "all" || q.kind == kind)
+                && since.as_deref().is_none_or(|t| r.timestamp.as_str() >= t)
                 && want(&q.agent, &r.agent_id)
                 && want(&q.decision, &r.decision)
                 && want(&q.host, &r.destination_host)

@@ -171,9 +171,13 @@ enum AuditCommand {
         host: Option<String>,
         #[arg(long)]
         request_id: Option<String>,
-        /// request (default), alert, admin, or all.
+        /// request (default), alert, admin, gap, or all.
         #[arg(long, default_value = "request")]
         kind: String,
+        /// Only records since: a duration back from now (1h, 15m) or an
+        /// RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
     },
 }
 
@@ -396,6 +400,7 @@ fn main() -> ExitCode {
                     host,
                     request_id,
                     kind,
+                    since,
                 },
         } => audit::paths(node.config.as_deref(), node.state_dir.as_deref()).and_then(|p| {
             audit::query(
@@ -403,6 +408,7 @@ fn main() -> ExitCode {
                 &audit::Query {
                     limit,
                     kind,
+                    since,
                     agent,
                     decision,
                     host,

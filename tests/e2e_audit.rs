@@ -236,6 +236,23 @@ fn audit_verify_names_tampering_and_query_reads_newest_first() {
     ]);
     let rows: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert_eq!(rows.as_array().map(|a| a.len()), Some(6));
+    for (since, n) in [("1h", 7), ("2099-01-01T00:00:00Z", 0)] {
+        let (code, out) = clawgress(&[
+            "audit", "query", "--config", &cfg, "--since", since, "--json",
+        ]);
+        assert_eq!(code, 0, "{out}");
+        let rows: serde_json::Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(rows.as_array().map(|a| a.len()), Some(n), "--since {since}");
+    }
+    let (code, _) = clawgress(&[
+        "audit",
+        "query",
+        "--config",
+        &cfg,
+        "--since",
+        "yesterday-ish",
+    ]);
+    assert_ne!(code, 0, "a bad --since is an error");
 
     let log = stack.state().join("audit").join("audit.jsonl");
     let original = std::fs::read_to_string(&log).expect("log");
