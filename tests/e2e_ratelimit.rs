@@ -6,14 +6,15 @@ use common::*;
 
 #[test]
 fn over_quota_gets_429_with_retry_after_and_body() {
-    over_quota("");
+    over_quota("  quota_check: rls\n");
 }
 
-/// `gateway.quota_check: authz`: the same answers, from inside Check (no
-/// rate-limit filter, no RLS call), and `quota_applied` in the audit record.
+/// `gateway.quota_check: authz` (the default): the same answers, from
+/// inside Check (no rate-limit filter, no RLS call), and `quota_applied` in
+/// the audit record.
 #[test]
 fn over_quota_gets_the_same_429_when_authz_checks_quotas() {
-    let stack = over_quota("  quota_check: authz\n");
+    let stack = over_quota("");
     let rendered =
         std::fs::read_to_string(stack.state().join("run/envoy.yaml")).expect("envoy.yaml");
     assert!(
@@ -84,13 +85,18 @@ fn over_quota(gateway: &str) -> Stack {
     stack
 }
 
+/// `quota_check: rls`: Envoy's rate-limit filter must fail closed when
+/// our RLS does not answer (the known trap of §10).
 #[test]
 fn ratelimit_down_fails_closed_with_503_not_429() {
     let up = Upstream::http();
-    let stack = Stack::start(&config_allowing(
-        &[up.addr.port()],
-        "quotas:\n  - {agent_id: bot, rps_limit: 1000}\n",
-    ));
+    let stack = Stack::start_with_gateway(
+        "  quota_check: rls\n",
+        &config_allowing(
+            &[up.addr.port()],
+            "quotas:\n  - {agent_id: bot, rps_limit: 1000}\n",
+        ),
+    );
     let target = format!("http://{}/", up.addr);
     assert_eq!(
         curl(&["-x", &stack.proxy_url(AGENT, KEY), &target], &[]).status,

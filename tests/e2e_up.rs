@@ -250,9 +250,9 @@ fn admin_listen_serves_merged_metrics_health_and_readiness() {
     for want in [
         r#"clawgress_decisions_total{service="authz",decision="allow",reason="policy-allow"} 3"#,
         r#"clawgress_decisions_total{service="authz",decision="deny",reason="default-deny"} 1"#,
-        r#"clawgress_ratelimit_total{service="ratelimit",mode="alert_only",result="ok"} 1"#,
-        r#"clawgress_ratelimit_total{service="ratelimit",mode="alert_only",result="over_limit"} 2"#,
-        r#"clawgress_alerts_total{service="ratelimit",kind="quota-alert-only"} 1"#,
+        r#"clawgress_ratelimit_total{service="authz",mode="alert_only",result="ok"} 1"#,
+        r#"clawgress_ratelimit_total{service="authz",mode="alert_only",result="over_limit"} 2"#,
+        r#"clawgress_alerts_total{service="authz",kind="quota-alert-only"} 1"#,
         "clawgress_check_duration_seconds_bucket",
         "clawgress_bundle_revision{service=\"authz\",revision=\"1\"}",
         "# EOF",
