@@ -216,26 +216,19 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
     let status_file = crate::status::file(&run);
     let up_started = std::time::SystemTime::now();
     write_status(&status_file, up_started, &slots);
-    banner(
+    banner(&Banner {
         proxy,
-        admin_addr,
-        &state,
-        &node::audit_dir(&doc, &state),
-        &config_path,
-        args.config.is_none(),
-        demo_key.as_deref(),
-    );
-    if !token_existed {
-        if let Ok(t) = std::fs::read_to_string(&token_file) {
-            println!(
-                "Admin token (shown once; kept in {} for the CLI):",
-                token_file.display()
-            );
-            println!("  {}", t.trim());
-            println!("Try: clawgress show active   |   clawgress set ... && clawgress commit");
-            println!();
-        }
-    }
+        admin: admin_addr,
+        state: &state,
+        audit: &node::audit_dir(&doc, &state),
+        config: &config_path,
+        embedded: args.config.is_none(),
+        key: demo_key.as_deref(),
+        admin_token: (!token_existed)
+            .then(|| std::fs::read_to_string(&token_file).ok())
+            .flatten()
+            .map(|t| (token_file.clone(), t.trim().to_string())),
+    });
     serve_admin(
         admin_listener,
         run.clone(),
@@ -723,15 +716,31 @@ fn python_scripts_dir() -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
-fn banner(
+/// What `up` tells the user once it is up.
+struct Banner<'a> {
     proxy: SocketAddr,
     admin: SocketAddr,
-    state: &Path,
-    audit: &Path,
-    config: &Path,
+    state: &'a Path,
+    audit: &'a Path,
+    config: &'a Path,
     embedded: bool,
-    key: Option<&str>,
-) {
+    key: Option<&'a str>,
+    /// A token created at this start: (file, token), shown once.
+    admin_token: Option<(PathBuf, String)>,
+}
+
+fn banner(b: &Banner<'_>) {
+    let Banner {
+        proxy,
+        admin,
+        state,
+        audit,
+        config,
+        embedded,
+        key,
+        ..
+    } = *b;
+    let admin_token = b.admin_token.clone();
     let url = format!("http://{proxy}");
     println!("clawgress is up.");
     println!("  proxy:     {url}   (HTTP_PROXY / HTTPS_PROXY)");
@@ -762,6 +771,16 @@ fn banner(
             println!();
             println!("Agents use http://AGENT_ID:API_KEY@{proxy} as their proxy URL.");
         }
+    }
+    if let Some((file, token)) = admin_token {
+        println!();
+        println!(
+            "Admin token (shown once; kept in {} for the CLI):",
+            file.display()
+        );
+        println!("  {token}");
+        println!("Try: clawgress show active   |   clawgress set ... && clawgress commit");
+        println!("     web console: http://{admin}/ui/");
     }
     println!();
     println!("Ctrl-C stops everything.");
