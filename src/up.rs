@@ -213,6 +213,12 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
             state.join("envoy.log").display()
         )));
     }
+    // Before the banner: a CLI started as soon as `up` says it is up
+    // finds the admin URL here.
+    node::write_private(
+        &run.join("admin.url"),
+        format!("http://{admin_addr}\n").as_bytes(),
+    )?;
     let status_file = crate::status::file(&run);
     let up_started = std::time::SystemTime::now();
     write_status(&status_file, up_started, &slots);
@@ -235,10 +241,6 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
         boot.admin_socket.clone(),
         registry,
     );
-    node::write_private(
-        &run.join("admin.url"),
-        format!("http://{admin_addr}\n").as_bytes(),
-    )?;
     let pidfile = run.join("up.pid");
     node::write_private(&pidfile, format!("{}\n", std::process::id()).as_bytes())?;
 
