@@ -52,9 +52,14 @@ impl Source {
         self.dir.join("last-good")
     }
 
-    fn read(&self, path: &Path) -> Option<Result<Bundle, String>> {
+    /// The file's bytes and the bundle they verify as.
+    fn read(&self, path: &Path) -> Option<Result<(Vec<u8>, Bundle), String>> {
         match std::fs::read(path) {
-            Ok(bytes) => Some(Bundle::verify(&bytes, &self.key).map_err(|e| e.to_string())),
+            Ok(bytes) => Some(
+                Bundle::verify(&bytes, &self.key)
+                    .map(|b| (bytes, b))
+                    .map_err(|e| e.to_string()),
+            ),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => Some(Err(format!("cannot read: {e}"))),
         }
@@ -63,11 +68,13 @@ impl Source {
     /// The bundle to start from: the active one if it verifies, else the
     /// last good one; `None` when neither exists or verifies.
     pub fn initial(&self) -> Option<InForce> {
-        let mut best: Option<Bundle> = None;
+        let mut best: Option<(Vec<u8>, Bundle)> = None;
         for path in [self.active(), self.last_good()] {
             match self.read(&path) {
-                Some(Ok(b)) if best.as_ref().is_none_or(|x| b.revision > x.revision) => {
-                    best = Some(b);
+                Some(Ok((bytes, b)))
+                    if best.as_ref().is_none_or(|(_, x)| b.revision > x.revision) =>
+                {
+                    best = Some((bytes, b));
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => tracing::error!(
@@ -77,8 +84,8 @@ impl Source {
                 None => {}
             }
         }
-        let b = best?;
-        self.keep_last_good(&b);
+        let (bytes, b) = best?;
+        self.keep_last_good(&bytes);
         tracing::info!(revision = b.revision, "policy bundle loaded");
         Some(InForce {
             revision: b.revision,
@@ -86,16 +93,11 @@ impl Source {
         })
     }
 
-    /// Copy the accepted bundle's bytes to `last-good` (atomically).
-    fn keep_last_good(&self, b: &Bundle) {
-        let Ok(bytes) = std::fs::read(self.active()) else {
-            return;
-        };
-        // Only keep what is exactly the bundle in force.
-        if Bundle::verify(&bytes, &self.key).is_ok_and(|x| x.revision == b.revision) {
-            if let Err(e) = crate::node::write_private(&self.last_good(), &bytes) {
-                tracing::warn!(error = %e, "cannot keep the last good bundle");
-            }
+    /// Keep the accepted bundle's own bytes (already verified) as
+    /// `last-good`, atomically.
+    fn keep_last_good(&self, bytes: &[u8]) {
+        if let Err(e) = crate::node::write_private(&self.last_good(), bytes) {
+            tracing::warn!(error = %e, "cannot keep the last good bundle");
         }
     }
 
@@ -122,8 +124,8 @@ impl Source {
                         "new bundle rejected; the policy in force stays"
                     ),
                     // The same revision again (rewritten): nothing to do.
-                    Some(Ok(b)) if current == Some(b.revision) => {}
-                    Some(Ok(b)) if current.is_some_and(|c| b.revision < c) => {
+                    Some(Ok((_, b))) if current == Some(b.revision) => {}
+                    Some(Ok((_, b))) if current.is_some_and(|c| b.revision < c) => {
                         tracing::error!(
                             alert = "bundle-rejected",
                             revision = b.revision,
@@ -131,15 +133,15 @@ impl Source {
                             "bundle older than the one in force rejected"
                         );
                     }
-                    Some(Ok(b)) => {
+                    Some(Ok((bytes, b))) => {
                         let f = InForce {
                             revision: b.revision,
-                            document: b.document.clone(),
+                            document: b.document,
                         };
                         apply(&f);
-                        current = Some(b.revision);
-                        self.keep_last_good(&b);
-                        tracing::info!(revision = b.revision, "policy bundle applied");
+                        current = Some(f.revision);
+                        self.keep_last_good(&bytes);
+                        tracing::info!(revision = f.revision, "policy bundle applied");
                     }
                 }
             }

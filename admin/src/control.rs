@@ -350,10 +350,14 @@ impl Control {
         }
         self.published.send_replace(rev);
         // The candidate follows what is active now.
-        let _ = self
+        if let Err(e) = self
             .store
             .put_candidate(&canonical(&doc).to_string(), None)
-            .await;
+            .await
+        {
+            // The commit stands; only the candidate lags behind it.
+            tracing::warn!(error = %e, "commit done, but the candidate could not be reset to it");
+        }
         let summary = format!(
             "revision {rev} (was {}): {} change(s){}",
             active
@@ -520,10 +524,8 @@ impl Control {
     pub async fn last_import(&self, actor: &str) -> Result<Option<Value>, ControlError> {
         Ok(self
             .store
-            .revisions(1000)
+            .last_revision_by(actor)
             .await?
-            .into_iter()
-            .find(|r| r.actor == actor)
             .map(|r| doc_value(&r)))
     }
 

@@ -109,6 +109,16 @@ impl Store for PgStore {
         Ok(rows.iter().map(revision_row).collect())
     }
 
+    async fn last_revision_by(&self, actor: &str) -> Result<Option<Revision>, StoreError> {
+        Ok(
+            sqlx::query("SELECT * FROM revisions WHERE actor = $1 ORDER BY id DESC LIMIT 1")
+                .bind(actor)
+                .fetch_optional(&self.pool)
+                .await?
+                .map(|r| revision_row(&r)),
+        )
+    }
+
     async fn add_commit(&self, c: &Commit) -> Result<i64, StoreError> {
         let r = sqlx::query(
             "INSERT INTO commits (revision, previous, actor, at, confirm_by, confirmed)

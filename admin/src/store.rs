@@ -75,6 +75,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<i64, StoreError>;
     async fn revision(&self, id: i64) -> Result<Revision, StoreError>;
     async fn revisions(&self, limit: i64) -> Result<Vec<Revision>, StoreError>;
+    /// The newest revision made by `actor` (e.g. `file:FILE`), however old.
+    async fn last_revision_by(&self, actor: &str) -> Result<Option<Revision>, StoreError>;
     async fn add_commit(&self, c: &Commit) -> Result<i64, StoreError>;
     /// The newest commit: it names the active revision.
     async fn last_commit(&self) -> Result<Option<Commit>, StoreError>;
@@ -199,6 +201,16 @@ impl Store for SqliteStore {
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.iter().map(revision_row).collect())
+    }
+
+    async fn last_revision_by(&self, actor: &str) -> Result<Option<Revision>, StoreError> {
+        Ok(
+            sqlx::query("SELECT * FROM revisions WHERE actor = ?1 ORDER BY id DESC LIMIT 1")
+                .bind(actor)
+                .fetch_optional(&self.pool)
+                .await?
+                .map(|r| revision_row(&r)),
+        )
     }
 
     async fn add_commit(&self, c: &Commit) -> Result<i64, StoreError> {

@@ -183,12 +183,25 @@ where
     let (tx, rx) = mpsc::channel(QUEUE);
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
     let m = metrics.clone();
-    let (qpath, qlog) = (extras.query_store.clone(), extras.log.clone());
+    // The query store has a thread of its own, fed the batches the writer
+    // has synced: the chain's append never waits on SQLite, only a full
+    // hand-over queue (persistent backlog) slows it down.
+    let (query_tx, query_thread) = match extras.query_store.clone() {
+        Some(path) => {
+            let (qtx, qrx) = std::sync::mpsc::sync_channel::<Vec<AuditRecord>>(QUERY_QUEUE);
+            let log = extras.log.clone();
+            let t = std::thread::Builder::new()
+                .name("audit-query".into())
+                .spawn(move || query_loop(&path, log.as_deref(), qrx))
+                .map_err(|e| Error::Writer(WriterError::Io(e)))?;
+            (Some(qtx), Some(t))
+        }
+        None => (None, None),
+    };
     let writer_thread = std::thread::Builder::new()
         .name("audit-writer".into())
         .spawn(move || {
-            let query = qpath.and_then(|p| open_query_store(&p, qlog.as_deref()));
-            let r = write_loop(writer, rx, &m, guard, query);
+            let r = write_loop(writer, rx, &m, guard, query_tx);
             let _ = stopped_tx.send(());
             r
         })
@@ -273,6 +286,10 @@ where
         .await
         .map_err(|_| Error::WriterPanicked)?
         .map_err(|_| Error::WriterPanicked)?;
+    // The writer dropped its hand-over queue: the query thread finishes.
+    if let Some(t) = query_thread {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
     written?;
     tailed?;
     served?;
@@ -330,10 +347,9 @@ fn write_loop<W: RecordWriter>(
     mut rx: mpsc::Receiver<Msg>,
     metrics: &AuditMetrics,
     mut guard: Option<DiskGuard>,
-    query: Option<query::QueryStore>,
+    query: Option<std::sync::mpsc::SyncSender<Vec<AuditRecord>>>,
 ) -> Result<(), WriterError> {
     let mut recent = Recent::new(writer.recent_request_ids());
-    let mut last_query_alert: Option<std::time::Instant> = None;
     let mut gap = Gap::default();
     let mut batch = Vec::new();
     let mut checkpoint: Option<Checkpoint> = None;
@@ -389,19 +405,6 @@ fn write_loop<W: RecordWriter>(
                 }
             }
             metrics.records.inc_by(batch.len() as u64);
-            if let Some(q) = &query {
-                // The log is the record of truth; a failed insert here is
-                // caught up from it at the next start. Alerted at most once
-                // a minute: the alert is itself an event that comes back here.
-                if let Err(e) = q.insert(&batch) {
-                    if last_query_alert.is_none_or(|t: std::time::Instant| {
-                        t.elapsed() > std::time::Duration::from_secs(60)
-                    }) {
-                        tracing::error!(alert = "audit-query-store-failed", error = %e, "query store insert failed");
-                        last_query_alert = Some(std::time::Instant::now());
-                    }
-                }
-            }
             if let Some(t) = batch
                 .last()
                 .and_then(|r| humantime::parse_rfc3339(&r.timestamp).ok())
@@ -411,7 +414,15 @@ fn write_loop<W: RecordWriter>(
                     .unwrap_or_default();
                 metrics.lag_seconds.set(age.as_secs_f64());
             }
-            batch.clear();
+            match &query {
+                // On disk now: hand the batch to the query store. If that
+                // thread is gone, the store catches up from the log at the
+                // next start.
+                Some(q) => {
+                    let _ = q.send(std::mem::take(&mut batch));
+                }
+                None => batch.clear(),
+            }
         }
         if let Some(c) = checkpoint.take() {
             c.save()?;
@@ -426,12 +437,21 @@ fn write_loop<W: RecordWriter>(
     Ok(())
 }
 
-fn open_query_store(path: &Path, log: Option<&Path>) -> Option<query::QueryStore> {
+/// Batches waiting for the query store.
+const QUERY_QUEUE: usize = 64;
+
+/// The query store's own loop: catch up from the log, then insert every
+/// batch the writer hands over. The log is the record of truth: a failed
+/// insert is caught up at the next start. Alerts at most once a minute (an
+/// alert is itself an event that comes back here).
+fn query_loop(path: &Path, log: Option<&Path>, rx: std::sync::mpsc::Receiver<Vec<AuditRecord>>) {
     let q = match query::QueryStore::open(path) {
         Ok(q) => q,
         Err(e) => {
             tracing::error!(alert = "audit-query-store-failed", path = %path.display(), error = %e, "cannot open the query store");
-            return None;
+            // Keep draining so the writer is never held up.
+            for _ in rx {}
+            return;
         }
     };
     if let Some(log) = log {
@@ -443,7 +463,15 @@ fn open_query_store(path: &Path, log: Option<&Path>) -> Option<query::QueryStore
             }
         }
     }
-    Some(q)
+    let mut last_alert: Option<std::time::Instant> = None;
+    for batch in rx {
+        if let Err(e) = q.insert(&batch) {
+            if last_alert.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(60)) {
+                tracing::error!(alert = "audit-query-store-failed", error = %e, "query store insert failed");
+                last_alert = Some(std::time::Instant::now());
+            }
+        }
+    }
 }
 
 /// What could not be kept while storage was full (`on_full: allow`).
