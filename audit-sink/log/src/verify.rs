@@ -4,7 +4,10 @@
 use ed25519_dalek::VerifyingKey;
 use serde::Serialize;
 
-use crate::chain::{leaf_hash, line_hash, Checkpoint, MerkleAccumulator, GENESIS};
+use crate::chain::{
+    consistency_proof, leaf_hash, line_hash, verify_consistency, Checkpoint, Hash,
+    MerkleAccumulator, GENESIS,
+};
 use crate::AuditRecord;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -36,19 +39,62 @@ pub struct Report {
     pub covered: u64,
     /// Partial records left by a crash mid-write (kept, skipped).
     pub torn_lines: Vec<usize>,
+    /// Consistency proofs checked: between each pair of successive
+    /// checkpoints, and from `--from` to the latest.
+    pub consistency_proofs: usize,
+    /// With `--from`: the held checkpoint's size, the latest's, and the
+    /// proof that the first is a prefix of the second.
+    pub from: Option<FromCheck>,
     pub problem: Option<Problem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FromCheck {
+    pub from_size: u64,
+    pub to_size: u64,
+    /// Base64 hashes (RFC 6962 consistency proof).
+    pub proof: Vec<String>,
 }
 
 /// Verify `log` (the text of `audit.jsonl`) against `notes` (signed
 /// checkpoints), with the log's public key.
 pub fn verify(log: &str, notes: &[String], key_name: &str, key: &VerifyingKey) -> Report {
+    verify_from(log, notes, key_name, key, None)
+}
+
+/// [`verify`], and with `from` (a signed checkpoint someone kept from
+/// earlier), also prove that the log at that checkpoint is a prefix of the
+/// log now (an RFC 6962 consistency proof to the latest checkpoint): the
+/// check a third party makes without trusting the operator's files.
+pub fn verify_from(
+    log: &str,
+    notes: &[String],
+    key_name: &str,
+    key: &VerifyingKey,
+    from: Option<&str>,
+) -> Report {
     let mut report = Report {
         ok: false,
         records: 0,
         checkpoints_verified: 0,
         covered: 0,
         torn_lines: Vec::new(),
+        consistency_proofs: 0,
+        from: None,
         problem: None,
+    };
+    let held = match from.map(|n| Checkpoint::verify(n, key_name, key)) {
+        None => None,
+        Some(Ok(c)) => Some(c),
+        Some(Err(e)) => {
+            report.problem = Some(Problem {
+                kind: ProblemKind::BadCheckpoint,
+                line: 0,
+                seq: None,
+                detail: format!("the checkpoint given with --from: {e}"),
+            });
+            return report;
+        }
     };
     // Checkpoints first: their signatures, sorted by size.
     let mut cps: Vec<Checkpoint> = Vec::new();
@@ -71,6 +117,7 @@ pub fn verify(log: &str, notes: &[String], key_name: &str, key: &VerifyingKey) -
     let mut next_cp = cps.iter().peekable();
 
     let mut acc = MerkleAccumulator::default();
+    let mut leaves: Vec<Hash> = Vec::new();
     let mut prev_hash = GENESIS.to_string();
     let mut prev_seq = 0u64;
     let mut prev_line = 0usize;
@@ -163,7 +210,9 @@ pub fn verify(log: &str, notes: &[String], key_name: &str, key: &VerifyingKey) -
         prev_hash = line_hash(line);
         prev_seq = r.seq;
         prev_line = n;
-        acc.push(leaf_hash(line));
+        let leaf = leaf_hash(line);
+        acc.push(leaf);
+        leaves.push(leaf);
         while let Some(cp) = next_cp.peek() {
             if cp.size != acc.size() {
                 break;
@@ -193,6 +242,74 @@ pub fn verify(log: &str, notes: &[String], key_name: &str, key: &VerifyingKey) -
             format!("the log ends after {have} records but a signed checkpoint covers {size}: records from seq {} on were cut off", have + 1),
         );
         return report;
+    }
+    // Each checkpoint's tree is a prefix of the next one's.
+    for w in cps.windows(2) {
+        let (a, b) = (&w[0], &w[1]);
+        let proof = consistency_proof(&leaves[..b.size as usize], a.size as usize);
+        if !verify_consistency(a.size, b.size, a.root, b.root, &proof) {
+            fail(
+                &mut report,
+                ProblemKind::BadCheckpoint,
+                0,
+                None,
+                format!(
+                    "checkpoints of {} and {} records are not consistent",
+                    a.size, b.size
+                ),
+            );
+            return report;
+        }
+        report.consistency_proofs += 1;
+    }
+    if let Some(held) = held {
+        let Some(latest) = cps.last() else {
+            fail(
+                &mut report,
+                ProblemKind::CutOff,
+                0,
+                None,
+                format!("the log has no signed checkpoint, but the one given with --from covers {} records", held.size),
+            );
+            return report;
+        };
+        if held.size > latest.size {
+            fail(
+                &mut report,
+                ProblemKind::CutOff,
+                0,
+                Some(latest.size + 1),
+                format!(
+                    "the checkpoint given with --from covers {} records, the log's latest only {}: records were cut off",
+                    held.size, latest.size
+                ),
+            );
+            return report;
+        }
+        let proof = consistency_proof(&leaves[..latest.size as usize], held.size as usize);
+        if !verify_consistency(held.size, latest.size, held.root, latest.root, &proof) {
+            fail(
+                &mut report,
+                ProblemKind::Altered,
+                0,
+                None,
+                format!(
+                    "the log's first {} records are not the ones the checkpoint given with --from signed: the log was rewritten since",
+                    held.size
+                ),
+            );
+            return report;
+        }
+        report.consistency_proofs += 1;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        report.from = Some(FromCheck {
+            from_size: held.size,
+            to_size: latest.size,
+            proof: proof
+                .iter()
+                .map(|h| base64::Engine::encode(&b64, h))
+                .collect(),
+        });
     }
     report.ok = true;
     report
@@ -233,6 +350,54 @@ mod tests {
 
     fn text(lines: &[String]) -> String {
         lines.iter().map(|l| format!("{l}\n")).collect()
+    }
+
+    #[test]
+    fn a_held_checkpoint_catches_history_rewritten_with_the_signing_key() {
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let vk = key.verifying_key();
+        let lines = build(10);
+        let held = note(&lines, 6, &key);
+        let notes = vec![note(&lines, 4, &key), note(&lines, 10, &key)];
+        let r = verify_from(&text(&lines), &notes, "k", &vk, Some(&held));
+        assert!(r.ok, "{r:?}");
+        assert_eq!(r.consistency_proofs, 2);
+        assert_eq!(
+            r.from.as_ref().map(|f| (f.from_size, f.to_size)),
+            Some((6, 10))
+        );
+
+        // Someone with the signing key rebuilds the log from record 3 on,
+        // re-chains it and signs fresh checkpoints: it verifies on its own…
+        let mut prev = line_hash(&lines[1]);
+        let forged: Vec<String> = lines[..2]
+            .iter()
+            .cloned()
+            .chain((3..=10).map(|seq| {
+                let r = AuditRecord {
+                    seq,
+                    request_id: format!("forged{seq}"),
+                    prev_hash: prev.clone(),
+                    ..Default::default()
+                };
+                let l = r.to_json_line();
+                prev = line_hash(&l);
+                l
+            }))
+            .collect();
+        let fnotes = vec![note(&forged, 10, &key)];
+        assert!(verify(&text(&forged), &fnotes, "k", &vk).ok);
+        // …but not against the checkpoint a third party kept.
+        let r = verify_from(&text(&forged), &fnotes, "k", &vk, Some(&held));
+        assert_eq!(r.problem.map(|p| p.kind), Some(ProblemKind::Altered));
+        // A log cut back below the held checkpoint, re-signed, is caught too.
+        let short = vec![note(&lines, 5, &key)];
+        let r = verify_from(&text(&lines[..5]), &short, "k", &vk, Some(&held));
+        assert_eq!(r.problem.map(|p| p.kind), Some(ProblemKind::CutOff));
+        // A held checkpoint signed by another key is refused.
+        let other = note(&lines, 6, &SigningKey::from_bytes(&[2; 32]));
+        let r = verify_from(&text(&lines), &notes, "k", &vk, Some(&other));
+        assert_eq!(r.problem.map(|p| p.kind), Some(ProblemKind::BadCheckpoint));
     }
 
     #[test]
