@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clawgress_audit_log::AuditRecord;
-use clawgress_audit_sink::{read_checkpoints, JsonlWriter, KEY_NAME};
+use clawgress_audit_sink::{read_checkpoints, read_log, JsonlWriter, LogText, KEY_NAME};
 
 use crate::node;
 
@@ -46,17 +46,21 @@ pub fn prove(p: &Paths, request_id: &str, json: bool) -> Result<bool> {
     use base64::Engine;
     use clawgress_audit_log::chain;
     let b64 = base64::engine::general_purpose::STANDARD;
-    let log_path = p.audit_dir.join(JsonlWriter::FILE);
-    let log = std::fs::read_to_string(&log_path)
-        .with_context(|| format!("cannot read {}", log_path.display()))?;
-    let lines: Vec<&str> = log.lines().collect();
+    let log = load(p)?;
+    // The Merkle tree's leaves are the whole records; partial lines a crash
+    // left are not among them.
+    let lines: Vec<&str> = log
+        .text
+        .lines()
+        .filter(|l| AuditRecord::from_json_line(l).is_ok())
+        .collect();
     let Some(index) = lines
         .iter()
         .position(|l| AuditRecord::from_json_line(l).is_ok_and(|r| r.request_id == request_id))
     else {
         anyhow::bail!(
-            "no record with request_id {request_id:?} in {}",
-            log_path.display()
+            "no record with request_id {request_id:?} in the audit log in {}",
+            p.audit_dir.display()
         );
     };
     let key = audit_key(p)?;
@@ -118,34 +122,97 @@ pub fn prove(p: &Paths, request_id: &str, json: bool) -> Result<bool> {
     Ok(true)
 }
 
-/// Verify the chain and every signed checkpoint. Exit status: 0 intact,
-/// 1 tampered (the first problem is named).
-pub fn verify(p: &Paths, json: bool) -> Result<bool> {
-    let log_path = p.audit_dir.join(JsonlWriter::FILE);
-    let log = std::fs::read_to_string(&log_path)
-        .with_context(|| format!("cannot read {}", log_path.display()))?;
+/// Every segment of this node's log, joined.
+fn load(p: &Paths) -> Result<LogText> {
+    let log = read_log(&p.audit_dir)
+        .with_context(|| format!("cannot read the audit log in {}", p.audit_dir.display()))?;
+    if log.segments.is_empty() {
+        anyhow::bail!(
+            "no audit log in {} (no segment files yet: has `clawgress up` or `serve audit` run with this --config/--state-dir?)",
+            p.audit_dir.display()
+        );
+    }
+    Ok(log)
+}
+
+/// Verify the chain across segments, every signed checkpoint and the
+/// consistency between them (and from a held checkpoint). Exit status:
+/// 0 intact, 1 tampered (the first problem is named, with its segment).
+pub fn verify(p: &Paths, from: Option<&Path>, json: bool) -> Result<bool> {
+    let log = load(p)?;
     let notes = read_checkpoints(&p.audit_dir.join(JsonlWriter::CHECKPOINTS))?;
     let key = audit_key(p)?;
-    let report = clawgress_audit_log::verify::verify(&log, &notes, KEY_NAME, &key);
+    let held = from
+        .map(|f| {
+            std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read the checkpoint {}", f.display()))
+        })
+        .transpose()?;
+    let mut report = clawgress_audit_log::verify::verify_from(
+        &log.text,
+        &notes,
+        KEY_NAME,
+        &key,
+        held.as_deref(),
+    );
+    // A segment whose name does not match its first record was renamed,
+    // swapped or had its start cut: say so even when the chain alone would
+    // name a record.
+    let misnamed = log.misnamed();
+    let mut location = None;
+    if let Some(prob) = report.problem.as_mut() {
+        if let Some((seg, line)) = log.locate(prob.line).filter(|_| prob.line > 0) {
+            location = Some(format!("{seg} line {line}"));
+        }
+    } else if let Some((name, seq)) = misnamed.first() {
+        report.ok = false;
+        report.problem = Some(clawgress_audit_log::verify::Problem {
+            kind: clawgress_audit_log::verify::ProblemKind::Altered,
+            line: 0,
+            seq: *seq,
+            detail: format!(
+                "segment {name} begins with seq {} but its name says otherwise: it was renamed or its start removed",
+                seq.map_or("(none)".to_string(), |s| s.to_string())
+            ),
+        });
+    }
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else if let Some(p) = &report.problem {
-        println!("FAIL: {} ({:?})", p.detail, p.kind);
+        let mut v = serde_json::to_value(&report)?;
+        v["segments"] = serde_json::to_value(&log.segments)?;
+        v["location"] = serde_json::json!(location);
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if let Some(prob) = &report.problem {
+        match &location {
+            Some(at) => println!("FAIL: {} ({:?}; {at})", prob.detail, prob.kind),
+            None => println!("FAIL: {} ({:?})", prob.detail, prob.kind),
+        }
     } else {
+        let sealed = log.segments.iter().filter(|s| s.sealed).count();
         println!(
-            "ok: {} records, hash chain intact, {} signed checkpoints verified (the latest covers {} records){}",
+            "ok: {} records in {} segments ({sealed} sealed), hash chain intact, {} signed checkpoints verified (the latest covers {} records), {} consistency proofs hold{}",
             report.records,
+            log.segments.len(),
             report.checkpoints_verified,
             report.covered,
+            report.consistency_proofs,
             if report.covered < report.records {
                 format!("; the last {} are chained but not yet under a checkpoint", report.records - report.covered)
             } else {
                 String::new()
             }
         );
-        for l in &report.torn_lines {
+        if let Some(f) = &report.from {
             println!(
-                "note: line {l} is a partial record left by a crash mid-write (kept, skipped)"
+                "ok: the log of {} records the given checkpoint signed is a prefix of the log of {} now (consistency proof of {} hashes)",
+                f.from_size,
+                f.to_size,
+                f.proof.len()
+            );
+        }
+        for l in &report.torn_lines {
+            let (seg, line) = log.locate(*l).unwrap_or(("?", *l));
+            println!(
+                "note: {seg} line {line} is a partial record left by a crash mid-write (kept, skipped)"
             );
         }
     }
@@ -178,9 +245,7 @@ pub fn query(p: &Paths, q: &Query, json: bool) -> Result<()> {
             q.kind
         );
     }
-    let log_path = p.audit_dir.join(JsonlWriter::FILE);
-    let log = std::fs::read_to_string(&log_path)
-        .with_context(|| format!("cannot read {}", log_path.display()))?;
+    let log = load(p)?.text;
     let want = |f: &Option<String>, v: &str| f.as_deref().is_none_or(|x| x == v);
     let since = match q.since.as_deref() {
         None => None,

@@ -147,12 +147,18 @@ enum AuditCommand {
         #[command(flatten)]
         node: NodeArgs,
     },
-    /// Check the hash chain and every signed checkpoint; name the first
-    /// record that was altered, inserted, removed or cut off. Exit 0 when
-    /// intact, 1 when not.
+    /// Check the hash chain across every segment file, every signed
+    /// checkpoint and the consistency proofs between them; name the first
+    /// record that was altered, inserted, removed or cut off (and its
+    /// segment file). Exit 0 when intact, 1 when not.
     Verify {
         #[command(flatten)]
         node: NodeArgs,
+        /// A signed checkpoint kept from earlier (a file holding the note,
+        /// e.g. the `checkpoint` of `audit prove --json`): also prove that
+        /// the log now extends the log it signed (RFC 6962 consistency).
+        #[arg(long, value_name = "CHECKPOINT")]
+        from: Option<std::path::PathBuf>,
     },
     /// Print audit records, newest first.
     Query {
@@ -382,9 +388,9 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Audit {
-            command: AuditCommand::Verify { node },
+            command: AuditCommand::Verify { node, from },
         } => match audit::paths(node.config.as_deref(), node.state_dir.as_deref())
-            .and_then(|p| audit::verify(&p, node.json))
+            .and_then(|p| audit::verify(&p, from.as_deref(), node.json))
         {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),

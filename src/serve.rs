@@ -452,8 +452,12 @@ pub async fn serve(
             let dir = node::audit_dir(&doc, &state);
             let key = clawgress_audit_sink::AuditKey::load_or_create(&node::keys_dir(&state))
                 .context("audit signing key")?;
-            let writer = clawgress_audit_sink::JsonlWriter::open(&dir, Some(key))
-                .with_context(|| format!("cannot open audit log in {}", dir.display()))?;
+            let writer = clawgress_audit_sink::JsonlWriter::open_with(
+                &dir,
+                Some(key),
+                doc.audit.segment_records,
+            )
+            .with_context(|| format!("cannot open audit log in {}", dir.display()))?;
             let input = match doc.gateway.audit_input {
                 clawgress_policy::config::AuditInput::Grpc => clawgress_audit_sink::Input::Grpc,
                 clawgress_policy::config::AuditInput::File => {
@@ -488,7 +492,7 @@ pub async fn serve(
                     node::spool_dir(&doc, &state).join("events.checkpoint"),
                 )),
                 query_store: Some(node::audit_query_db(&state)),
-                log: Some(dir.join("audit.jsonl")),
+                log: Some(dir.clone()),
             };
             serve_on!(listen, |inc, sd| clawgress_audit_sink::run(
                 writer,

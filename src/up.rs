@@ -749,7 +749,10 @@ fn banner(b: &Banner<'_>) {
     println!("  admin API: http://{admin}/api/v1/   (metrics at /metrics; /healthz, /readyz)");
     println!("  config:    {}", config.display());
     println!("  state dir: {}", state.display());
-    println!("  audit log: {}", audit.join("audit.jsonl").display());
+    println!(
+        "  audit log: {}   (segment-*.jsonl; `clawgress audit verify`)",
+        audit.display()
+    );
     match (embedded, key) {
         (true, Some(k)) => {
             println!();

@@ -102,4 +102,3 @@ impl Drop for Postgres {
         let _ = self.child.wait();
     }
 }
-

@@ -254,7 +254,10 @@ fn audit_verify_names_tampering_and_query_reads_newest_first() {
     ]);
     assert_ne!(code, 0, "a bad --since is an error");
 
-    let log = stack.state().join("audit").join("audit.jsonl");
+    let log = stack
+        .state()
+        .join("audit")
+        .join(clawgress_audit_sink::segment_name(1));
     let original = std::fs::read_to_string(&log).expect("log");
     let lines: Vec<&str> = original.lines().collect();
 
@@ -497,4 +500,95 @@ fn audit_prove_gives_an_inclusion_proof_an_independent_verifier_accepts() {
     // An unknown request id is an error, not a proof.
     let (code, _) = clawgress(&["audit", "prove", "no-such-id", "--config", &cfg]);
     assert_ne!(code, 0);
+}
+
+#[test]
+fn sealed_segments_verify_and_a_swapped_or_missing_segment_is_named() {
+    use std::os::unix::fs::PermissionsExt;
+    let up = Upstream::http();
+    let mut stack = Stack::start(&format!(
+        "audit:\n  segment_records: 3\n{}",
+        config_allowing(&[up.addr.port()], "")
+    ));
+    let proxy = stack.proxy_url(AGENT, KEY);
+    for i in 0..10 {
+        assert_eq!(
+            curl(&["-x", &proxy, &format!("http://{}/s{i}", up.addr)], &[]).status,
+            200
+        );
+        // Separate batches, so segments fill one record at a time.
+        stack.wait_audit(i + 1);
+    }
+    stack.stop();
+    let audit = stack.state().join("audit");
+    let cfg = stack.config.display().to_string();
+    let segments = clawgress_audit_sink::list_segments(&audit).expect("segments");
+    assert!(segments.len() >= 4, "{segments:?}");
+    let mode =
+        |p: &std::path::Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+    for (_, p) in &segments[..segments.len() - 1] {
+        assert_eq!(mode(p), 0o400, "{} sealed read-only", p.display());
+    }
+
+    // A checkpoint a third party kept (the first one) is extended by the log.
+    let cps = std::fs::read_to_string(audit.join("checkpoints.jsonl")).expect("checkpoints");
+    let first: serde_json::Value =
+        serde_json::from_str(cps.lines().next().expect("a checkpoint")).expect("json");
+    let held = stack.state().join("held-checkpoint");
+    std::fs::write(&held, first["note"].as_str().expect("note")).expect("write");
+    let held_s = held.display().to_string();
+    let (code, out) = clawgress(&["audit", "verify", "--config", &cfg, "--from", &held_s]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("is a prefix of the log"), "{out}");
+    assert!(
+        out.contains(&format!("in {} segments", segments.len())),
+        "{out}"
+    );
+
+    // A held checkpoint whose signature does not hold is refused.
+    std::fs::write(
+        &held,
+        first["note"]
+            .as_str()
+            .expect("note")
+            .replace("clawgress/audit", "clawgress/other"),
+    )
+    .expect("write");
+    let (code, out) = clawgress(&["audit", "verify", "--config", &cfg, "--from", &held_s]);
+    assert_eq!(code, 1, "{out}");
+
+    // Two sealed segments swapped: named.
+    let (a, b) = (&segments[0].1, &segments[1].1);
+    let (ta, tb) = (std::fs::read(a).expect("a"), std::fs::read(b).expect("b"));
+    let put = |p: &std::path::Path, t: &[u8]| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        std::fs::write(p, t).expect("write");
+    };
+    put(a, &tb);
+    put(b, &ta);
+    let (code, out) = clawgress(&["audit", "verify", "--config", &cfg]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("segment-"), "the segment is named: {out}");
+    put(a, &ta);
+    put(b, &tb);
+    let (code, out) = clawgress(&["audit", "verify", "--config", &cfg]);
+    assert_eq!(code, 0, "restored: {out}");
+
+    // A middle segment deleted: records removed, where they were.
+    std::fs::remove_file(&segments[1].1).expect("rm");
+    let (code, out) = clawgress(&["audit", "verify", "--config", &cfg, "--json"]);
+    assert_eq!(code, 1, "{out}");
+    let r: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(r["problem"]["kind"], "removed", "{out}");
+    assert_eq!(r["problem"]["seq"].as_u64(), Some(segments[1].0), "{out}");
+    let name = segments[2]
+        .1
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .to_string();
+    assert!(
+        r["location"].as_str().is_some_and(|l| l.starts_with(&name)),
+        "{out}"
+    );
 }

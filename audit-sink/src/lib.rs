@@ -39,7 +39,8 @@ pub use disk::{free_bytes, DiskGuard};
 pub use entry::{record_from_entry, Entry};
 pub use tail::{Checkpoint, Position};
 pub use writer::{
-    read_checkpoints, AuditKey, JsonlWriter, RecordWriter, WriterError, KEY_NAME, ORIGIN,
+    list_segments, read_checkpoints, read_log, segment_name, AuditKey, JsonlWriter, LogText,
+    RecordWriter, SegmentInfo, WriterError, KEY_NAME, ORIGIN,
 };
 
 /// What flows to the writer thread.
@@ -106,14 +107,14 @@ pub struct Extras {
     pub events: Option<(PathBuf, PathBuf)>,
     /// The SQLite query store (`state_dir/audit.db`).
     pub query_store: Option<PathBuf>,
-    /// The log the query store catches up from (`audit_dir/audit.jsonl`).
+    /// The log the query store catches up from (`audit_dir`).
     pub log: Option<PathBuf>,
 }
 
 /// Where records go.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// `stores.audit_dir`: holds `audit.jsonl`.
+    /// `stores.audit_dir`: holds the segment files.
     pub audit_dir: PathBuf,
 }
 

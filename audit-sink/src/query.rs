@@ -143,31 +143,42 @@ impl QueryStore {
         })
     }
 
-    /// Bring the store up to the log: insert every record of `log` (the
-    /// JSON-lines file) whose `seq` is above what the store has.
-    pub fn catch_up(&self, log: &Path) -> Result<usize, sqlx::Error> {
+    /// Bring the store up to the log: insert every record of the log in
+    /// `dir` (its segment files) whose `seq` is above what the store has.
+    pub fn catch_up(&self, dir: &Path) -> Result<usize, sqlx::Error> {
         use std::io::BufRead;
         let have = self.max_seq()?;
-        let file = match std::fs::File::open(log) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(sqlx::Error::Io(e)),
-        };
+        let segments = crate::writer::list_segments(dir)
+            .map_err(|e| sqlx::Error::Io(std::io::Error::other(e.to_string())))?;
         let mut batch = Vec::new();
         let mut added = 0;
-        for line in std::io::BufReader::new(file).lines() {
-            let Ok(line) = line else { break };
-            // A torn last line is skipped, as the writer does.
-            let Ok(r) = AuditRecord::from_json_line(&line) else {
+        for (i, (_, path)) in segments.iter().enumerate() {
+            // Skip segments wholly stored already.
+            if segments
+                .get(i + 1)
+                .is_some_and(|(next, _)| *next <= have + 1)
+            {
                 continue;
-            };
-            if r.seq > have {
-                batch.push(r);
             }
-            if batch.len() >= 10_000 {
-                self.insert(&batch)?;
-                added += batch.len();
-                batch.clear();
+            let file = match std::fs::File::open(path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(sqlx::Error::Io(e)),
+            };
+            for line in std::io::BufReader::new(file).lines() {
+                let Ok(line) = line else { break };
+                // A torn line is skipped, as the writer does.
+                let Ok(r) = AuditRecord::from_json_line(&line) else {
+                    continue;
+                };
+                if r.seq > have {
+                    batch.push(r);
+                }
+                if batch.len() >= 10_000 {
+                    self.insert(&batch)?;
+                    added += batch.len();
+                    batch.clear();
+                }
             }
         }
         self.insert(&batch)?;
@@ -197,12 +208,13 @@ mod tests {
         q.insert(&[rec(1, "a"), rec(2, "b")]).expect("insert");
         q.insert(&[rec(2, "b")]).expect("again");
         assert_eq!(q.max_seq().expect("max"), 2);
-        let log = dir.path().join("audit.jsonl");
+        let log = dir.path().join("audit");
+        std::fs::create_dir(&log).expect("mkdir");
         let text: String = (1..=5)
             .map(|i| rec(i, "a").to_json_line() + "\n")
             .collect::<String>()
             + "{\"torn";
-        std::fs::write(&log, text).expect("write");
+        std::fs::write(log.join(crate::writer::segment_name(1)), text).expect("write");
         assert_eq!(q.catch_up(&log).expect("catch up"), 3);
         assert_eq!(q.max_seq().expect("max"), 5);
         assert_eq!(q.catch_up(&log).expect("again"), 0);

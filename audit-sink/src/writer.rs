@@ -4,7 +4,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use clawgress_audit_log::chain::{leaf_hash, line_hash, Checkpoint, MerkleAccumulator, GENESIS};
@@ -103,12 +103,19 @@ impl AuditKey {
     }
 }
 
-/// `audit_dir/audit.jsonl`: one JSON record per line, append-only, each
-/// chained to its predecessor; `audit_dir/checkpoints.jsonl`: signed
-/// checkpoints over the Merkle tree of the lines. Files 0600 in a 0700
-/// directory, synced after every batch.
+/// The log in `audit_dir`: append-only segment files
+/// `segment-<first seq>.jsonl`, one JSON record per line, each chained to its
+/// predecessor across segment boundaries; a segment is sealed (a signed
+/// checkpoint, then made read-only, never opened for writing again) once it
+/// holds `segment_records` records. `audit_dir/checkpoints.jsonl`: signed
+/// checkpoints over the Merkle tree of all lines. Files 0600 (sealed
+/// segments 0400) in a 0700 directory, synced after every batch.
 pub struct JsonlWriter {
+    dir: PathBuf,
     file: File,
+    /// Records in the segment being written.
+    active_records: u64,
+    segment_records: u64,
     checkpoints: PathBuf,
     next_seq: u64,
     last_hash: String,
@@ -132,6 +139,9 @@ impl std::fmt::Debug for JsonlWriter {
 
 /// What a scan of an existing log found.
 struct Scan {
+    /// Records in the last segment, and whether it is sealed.
+    active_records: u64,
+    active_sealed: bool,
     last_seq: u64,
     last_hash: String,
     tree: MerkleAccumulator,
@@ -140,35 +150,59 @@ struct Scan {
 }
 
 impl JsonlWriter {
-    pub const FILE: &'static str = "audit.jsonl";
+    /// The single log file of earlier versions; adopted as the first
+    /// segment on open.
+    pub const LEGACY_FILE: &'static str = "audit.jsonl";
     pub const CHECKPOINTS: &'static str = "checkpoints.jsonl";
+    /// Records per segment unless configured (`audit.segment_records`).
+    pub const SEGMENT_RECORDS: u64 = 100_000;
 
     /// Open (or create) the log in `dir`, continuing its sequence and chain.
     /// With `key`, checkpoints are signed and written.
     pub fn open(dir: &Path, key: Option<AuditKey>) -> Result<JsonlWriter, WriterError> {
+        Self::open_with(dir, key, Self::SEGMENT_RECORDS)
+    }
+
+    /// [`JsonlWriter::open`], sealing segments at `segment_records` records.
+    pub fn open_with(
+        dir: &Path,
+        key: Option<AuditKey>,
+        segment_records: u64,
+    ) -> Result<JsonlWriter, WriterError> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)?;
-        let path = dir.join(Self::FILE);
-        let scan = scan(&path)?;
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&path)?;
-        if scan.torn_end {
-            file.write_all(b"\n")?;
+        let legacy = dir.join(Self::LEGACY_FILE);
+        if legacy.exists() && list_segments(dir)?.is_empty() {
+            std::fs::rename(&legacy, dir.join(segment_name(1)))?;
+            tracing::info!(dir = %dir.display(), "audit log adopted as its first segment");
         }
+        let scan = scan(dir)?;
+        let next_seq = scan.last_seq + 1;
+        let segments = list_segments(dir)?;
+        let (file, active_records) = match segments.last() {
+            Some((_, path)) if !scan.active_sealed => {
+                let mut file = OpenOptions::new().append(true).open(path)?;
+                if scan.torn_end {
+                    file.write_all(b"\n")?;
+                }
+                (file, scan.active_records)
+            }
+            _ => (new_segment(dir, next_seq)?, 0),
+        };
         let checkpoints = dir.join(Self::CHECKPOINTS);
         let sealed = read_checkpoints(&checkpoints)?
             .last()
             .and_then(|n| n.lines().nth(1).and_then(|s| s.parse().ok()))
             .unwrap_or(0);
         Ok(JsonlWriter {
+            dir: dir.to_path_buf(),
             file,
+            active_records,
+            segment_records: segment_records.max(1),
             checkpoints,
-            next_seq: scan.last_seq + 1,
+            next_seq,
             last_hash: scan.last_hash,
             tree: scan.tree,
             sealed,
@@ -177,6 +211,160 @@ impl JsonlWriter {
             needs_newline: false,
         })
     }
+
+    /// Seal the full segment: a signed checkpoint over everything so far,
+    /// the file made read-only, and a new segment begun.
+    fn seal_segment(&mut self) -> Result<(), WriterError> {
+        if self.needs_newline {
+            self.file.write_all(b"\n")?;
+            self.needs_newline = false;
+        }
+        self.checkpoint()?;
+        let first = self.next_seq - self.active_records;
+        let path = self.dir.join(segment_name(first));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400))?;
+        self.file = new_segment(&self.dir, self.next_seq)?;
+        self.active_records = 0;
+        tracing::info!(segment = %path.display(), last_seq = self.next_seq - 1, "audit segment sealed");
+        Ok(())
+    }
+}
+
+/// `segment-<first seq, 12 digits>.jsonl`.
+pub fn segment_name(first_seq: u64) -> String {
+    format!("segment-{first_seq:012}.jsonl")
+}
+
+fn new_segment(dir: &Path, first_seq: u64) -> Result<File, WriterError> {
+    let path = dir.join(segment_name(first_seq));
+    let f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&path)?;
+    // The new name must survive a crash as much as the records in it.
+    File::open(dir)?.sync_all()?;
+    Ok(f)
+}
+
+/// The segment files in `dir`, by the first seq their names carry. A log of
+/// an earlier version (one `audit.jsonl`, no segments) reads as one segment.
+pub fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WriterError> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e.into()),
+    };
+    for e in entries {
+        let e = e?;
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(n) = name
+            .strip_prefix("segment-")
+            .and_then(|r| r.strip_suffix(".jsonl"))
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            out.push((n, e.path()));
+        }
+    }
+    out.sort();
+    if out.is_empty() {
+        let legacy = dir.join(JsonlWriter::LEGACY_FILE);
+        if legacy.exists() {
+            out.push((1, legacy));
+        }
+    }
+    Ok(out)
+}
+
+/// One segment's place in the joined log text.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SegmentInfo {
+    pub name: String,
+    /// The seq its name says it begins with.
+    pub first_seq: u64,
+    /// Its first line's number in the joined text (1-based).
+    pub first_line: usize,
+    pub lines: usize,
+    pub sealed: bool,
+}
+
+/// The whole log: every segment's text, oldest first, joined.
+#[derive(Debug, Default)]
+pub struct LogText {
+    pub text: String,
+    pub segments: Vec<SegmentInfo>,
+}
+
+impl LogText {
+    /// The segment and line within it of line `line` of the joined text.
+    pub fn locate(&self, line: usize) -> Option<(&str, usize)> {
+        self.segments
+            .iter()
+            .rev()
+            .find(|s| s.first_line <= line)
+            .map(|s| (s.name.as_str(), line - s.first_line + 1))
+    }
+
+    /// Segments whose name does not match the seq of their first record:
+    /// renamed, swapped or with their start cut (name, seq found).
+    pub fn misnamed(&self) -> Vec<(String, Option<u64>)> {
+        let lines: Vec<&str> = self.text.split('\n').collect();
+        self.segments
+            .iter()
+            .filter_map(|s| {
+                let first = lines
+                    .iter()
+                    .skip(s.first_line - 1)
+                    .take(s.lines)
+                    .find_map(|l| AuditRecord::from_json_line(l).ok())
+                    .map(|r| r.seq);
+                match first {
+                    Some(seq) if seq == s.first_seq => None,
+                    // An empty segment just begun.
+                    None if s.lines == 0 => None,
+                    other => Some((s.name.clone(), other)),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Read every segment of the log in `dir`, in order. Each but the last ends
+/// with a newline in the joined text, so a partial line never runs into the
+/// next segment.
+pub fn read_log(dir: &Path) -> Result<LogText, WriterError> {
+    let segments = list_segments(dir)?;
+    let mut log = LogText::default();
+    let mut line = 1;
+    let count = segments.len();
+    for (i, (first_seq, path)) in segments.into_iter().enumerate() {
+        let bytes = std::fs::read(&path)?;
+        let text = String::from_utf8(bytes).map_err(|e| WriterError::Corrupt {
+            path: path.clone(),
+            line: 0,
+            reason: format!("not UTF-8: {e}"),
+        })?;
+        let lines = text.lines().count();
+        let sealed = std::fs::metadata(&path)?.permissions().mode() & 0o222 == 0;
+        log.segments.push(SegmentInfo {
+            name: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            first_seq,
+            first_line: line,
+            lines,
+            sealed,
+        });
+        log.text.push_str(&text);
+        if i + 1 < count && !text.is_empty() && !text.ends_with('\n') {
+            log.text.push('\n');
+        }
+        line += lines;
+    }
+    Ok(log)
 }
 
 /// The signed checkpoint notes in `path`, oldest first.
@@ -215,19 +403,23 @@ const RECENT_IDS: usize = 100_000;
 /// last line (a crash mid-write) is kept as evidence for `audit verify`; new
 /// records start on the next line and chain to the last whole record.
 /// Anything else that does not parse is corruption and stops the writer.
-fn scan(path: &Path) -> Result<Scan, WriterError> {
+fn scan(dir: &Path) -> Result<Scan, WriterError> {
     let mut s = Scan {
+        active_records: 0,
+        active_sealed: false,
         last_seq: 0,
         last_hash: GENESIS.to_string(),
         tree: MerkleAccumulator::default(),
         torn_end: false,
         recent: Vec::new(),
     };
-    let text = match std::fs::read(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(s),
-        Err(e) => return Err(e.into()),
+    let log = read_log(dir)?;
+    let Some(last) = log.segments.last() else {
+        return Ok(s);
     };
+    s.active_sealed = last.sealed;
+    let last_first_line = last.first_line;
+    let text = log.text.as_bytes();
     s.torn_end = !text.is_empty() && !text.ends_with(b"\n");
     let mut recent = std::collections::VecDeque::new();
     let lines: Vec<&[u8]> = text.split(|b| *b == b'\n').collect();
@@ -247,6 +439,9 @@ fn scan(path: &Path) -> Result<Scan, WriterError> {
                 s.last_seq = r.seq;
                 s.last_hash = line_hash(line);
                 s.tree.push(leaf_hash(line));
+                if i + 1 >= last_first_line {
+                    s.active_records += 1;
+                }
                 if !r.request_id.is_empty() {
                     recent.push_back(r.request_id);
                     if recent.len() > RECENT_IDS {
@@ -255,14 +450,18 @@ fn scan(path: &Path) -> Result<Scan, WriterError> {
                 }
             }
             Err(_) if s.torn_end && i + 1 == lines.len() => {
-                tracing::warn!(alert = "audit-torn-record", path = %path.display(), line = i + 1, "audit log ends in a partial record; continuing after it");
+                tracing::warn!(alert = "audit-torn-record", dir = %dir.display(), line = i + 1, "audit log ends in a partial record; continuing after it");
             }
+            // A partial record an earlier crash left, already followed by
+            // whole ones (`audit verify` checks they chain past it).
+            Err(_) if !raw.ends_with(b"}") => {}
             Err(reason) => {
+                let (segment, line) = log.locate(i + 1).unwrap_or(("?", i + 1));
                 return Err(WriterError::Corrupt {
-                    path: path.to_path_buf(),
-                    line: i + 1,
+                    path: dir.join(segment),
+                    line,
                     reason,
-                })
+                });
             }
         }
     }
@@ -276,6 +475,9 @@ impl RecordWriter for JsonlWriter {
     }
 
     fn append(&mut self, batch: &mut [AuditRecord]) -> Result<(), WriterError> {
+        if self.active_records >= self.segment_records {
+            self.seal_segment()?;
+        }
         let mut buf = String::new();
         if self.needs_newline {
             buf.push('\n');
@@ -303,6 +505,7 @@ impl RecordWriter for JsonlWriter {
         self.needs_newline = false;
         // Only once the batch is on disk does the chain move on.
         (self.next_seq, self.last_hash, self.tree) = (seq, prev, tree);
+        self.active_records += batch.len() as u64;
         Ok(())
     }
 
@@ -345,7 +548,7 @@ mod tests {
     }
 
     fn verify(dir: &Path) -> clawgress_audit_log::verify::Report {
-        let log = std::fs::read_to_string(dir.join("audit").join(JsonlWriter::FILE)).expect("log");
+        let log = read_log(&dir.join("audit")).expect("log").text;
         let notes =
             read_checkpoints(&dir.join("audit").join(JsonlWriter::CHECKPOINTS)).expect("cps");
         let k = key(dir);
@@ -366,7 +569,7 @@ mod tests {
         let mut w = JsonlWriter::open(&audit, Some(key(dir.path()))).expect("reopen");
         w.append(&mut [AuditRecord::default()]).expect("append");
         w.checkpoint().expect("checkpoint");
-        let text = std::fs::read_to_string(audit.join(JsonlWriter::FILE)).expect("read");
+        let text = read_log(&audit).expect("read").text;
         let recs: Vec<AuditRecord> = text
             .lines()
             .map(|l| AuditRecord::from_json_line(l).expect("record"))
@@ -385,7 +588,7 @@ mod tests {
         assert_eq!((report.checkpoints_verified, report.covered), (2, 3));
         let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
         assert_eq!(mode(&audit), 0o700);
-        assert_eq!(mode(&audit.join(JsonlWriter::FILE)), 0o600);
+        assert_eq!(mode(&audit.join(segment_name(1))), 0o600);
         assert_eq!(mode(&audit.join(JsonlWriter::CHECKPOINTS)), 0o600);
         assert_eq!(mode(&dir.path().join("keys/audit.key")), 0o600);
     }
@@ -394,7 +597,7 @@ mod tests {
     fn corrupt_log_is_refused_with_its_line() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(
-            dir.path().join(JsonlWriter::FILE),
+            dir.path().join(JsonlWriter::LEGACY_FILE),
             "{\"kind\":\"request\"}\nnot json\n",
         )
         .expect("write");
@@ -409,7 +612,7 @@ mod tests {
         let mut w = JsonlWriter::open(&audit, Some(key(dir.path()))).expect("open");
         w.append(&mut [AuditRecord::default()]).expect("append");
         drop(w);
-        let path = audit.join(JsonlWriter::FILE);
+        let path = audit.join(segment_name(1));
         let mut f = OpenOptions::new().append(true).open(&path).expect("open");
         f.write_all(b"{\"kind\":\"req").expect("torn write");
         let mut w =
@@ -426,5 +629,114 @@ mod tests {
         let report = verify(dir.path());
         assert!(report.ok, "{report:?}");
         assert_eq!(report.torn_lines, vec![2]);
+    }
+
+    #[test]
+    fn a_log_with_an_old_torn_line_reopens_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let audit = dir.path().join("audit");
+        let mut w = JsonlWriter::open(&audit, Some(key(dir.path()))).expect("open");
+        w.append(&mut [AuditRecord::default()]).expect("append");
+        drop(w);
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(audit.join(segment_name(1)))
+            .expect("open");
+        f.write_all(b"{\"kind\":\"req").expect("torn write");
+        for _ in 0..2 {
+            let mut w = JsonlWriter::open(&audit, Some(key(dir.path()))).expect("reopen");
+            w.append(&mut [AuditRecord::default()]).expect("append");
+        }
+        let report = verify(dir.path());
+        assert!(report.ok, "{report:?}");
+        assert_eq!(report.records, 3);
+    }
+
+    fn records(n: usize) -> Vec<AuditRecord> {
+        (0..n)
+            .map(|i| AuditRecord {
+                request_id: format!("r{i}"),
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn full_segments_are_sealed_read_only_and_never_written_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let audit = dir.path().join("audit");
+        let mut w = JsonlWriter::open_with(&audit, Some(key(dir.path())), 3).expect("open");
+        w.append(&mut records(3)).expect("append");
+        let first = std::fs::read(audit.join(segment_name(1))).expect("segment 1");
+        w.append(&mut records(2)).expect("append");
+        drop(w);
+        // Reopened with the second segment not full: it continues there.
+        let mut w = JsonlWriter::open_with(&audit, Some(key(dir.path())), 3).expect("reopen");
+        w.append(&mut records(1)).expect("append");
+        w.append(&mut records(1)).expect("append");
+        w.checkpoint().expect("checkpoint");
+        let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        let segs: Vec<u64> = list_segments(&audit)
+            .expect("list")
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(segs, vec![1, 4, 7]);
+        assert_eq!(mode(&audit.join(segment_name(1))), 0o400);
+        assert_eq!(mode(&audit.join(segment_name(4))), 0o400);
+        assert_eq!(mode(&audit.join(segment_name(7))), 0o600);
+        assert_eq!(
+            std::fs::read(audit.join(segment_name(1))).expect("segment 1"),
+            first
+        );
+        let log = read_log(&audit).expect("log");
+        assert!(log.misnamed().is_empty());
+        assert_eq!(log.locate(5), Some((segment_name(4).as_str(), 2)));
+        let report = verify(dir.path());
+        assert!(report.ok, "{report:?}");
+        // A checkpoint at each seal and one at the end.
+        assert_eq!((report.records, report.checkpoints_verified), (7, 3));
+        assert_eq!(report.consistency_proofs, 2);
+    }
+
+    #[test]
+    fn swapped_removed_or_inserted_segments_are_caught() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let audit = dir.path().join("audit");
+        let mut w = JsonlWriter::open_with(&audit, Some(key(dir.path())), 2).expect("open");
+        for _ in 0..3 {
+            w.append(&mut records(2)).expect("append");
+        }
+        w.checkpoint().expect("checkpoint");
+        drop(w);
+        let (a, b) = (audit.join(segment_name(1)), audit.join(segment_name(3)));
+        let (ta, tb) = (std::fs::read(&a).expect("a"), std::fs::read(&b).expect("b"));
+        let put = |p: &Path, t: &[u8]| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+            std::fs::write(p, t).expect("write");
+        };
+        // Swapped contents.
+        put(&a, &tb);
+        put(&b, &ta);
+        let log = read_log(&audit).expect("log");
+        assert_eq!(log.misnamed().len(), 2);
+        let r = verify(dir.path());
+        assert!(!r.ok, "swap accepted: {r:?}");
+        put(&a, &ta);
+        put(&b, &tb);
+        assert!(verify(dir.path()).ok);
+        // A whole segment removed.
+        std::fs::rename(&b, dir.path().join("aside")).expect("move");
+        let r = verify(dir.path());
+        assert_eq!(
+            r.problem.map(|p| p.kind),
+            Some(clawgress_audit_log::verify::ProblemKind::Removed)
+        );
+        // A segment inserted: a copy of the first under a later name.
+        std::fs::rename(dir.path().join("aside"), &b).expect("back");
+        std::fs::write(audit.join(segment_name(5)), &ta).expect("insert");
+        std::fs::rename(audit.join(segment_name(5)), audit.join(segment_name(4))).expect("mv");
+        let r = verify(dir.path());
+        assert!(!r.ok, "insertion accepted: {r:?}");
     }
 }

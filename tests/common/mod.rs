@@ -155,8 +155,8 @@ impl Stack {
 
     /// Every audit record written so far, in log order.
     pub fn all_audit_records(&self) -> Vec<serde_json::Value> {
-        let path = self.state().join("audit").join("audit.jsonl");
-        std::fs::read_to_string(path)
+        clawgress_audit_sink::read_log(&self.state().join("audit"))
+            .map(|l| l.text)
             .unwrap_or_default()
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())

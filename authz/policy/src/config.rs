@@ -250,6 +250,10 @@ pub struct AuditSettings {
     pub min_free_mb: u64,
     #[serde(default)]
     pub on_full: OnFull,
+    /// Records per audit segment file; a full segment is sealed (signed
+    /// checkpoint, read-only) and a new one begun.
+    #[serde(default = "default_segment_records")]
+    pub segment_records: u64,
 }
 
 impl Default for AuditSettings {
@@ -257,8 +261,13 @@ impl Default for AuditSettings {
         AuditSettings {
             min_free_mb: default_min_free_mb(),
             on_full: OnFull::default(),
+            segment_records: default_segment_records(),
         }
     }
+}
+
+fn default_segment_records() -> u64 {
+    100_000
 }
 
 fn default_min_free_mb() -> u64 {
@@ -884,15 +893,8 @@ impl Document {
             ("stores.audit_query", &self.stores.audit_query),
         ] {
             let pg = v.starts_with("postgres://") || v.starts_with("postgresql://");
-            if pg && path == "stores.control_plane" {
-                // Built: the control plane's PostgreSQL store.
-            } else if pg {
-                push(
-                    path.into(),
-                    Some(path.rsplit('.').next().unwrap_or(path)),
-                    "PostgreSQL for the audit query store is not available yet; use `sqlite`"
-                        .into(),
-                );
+            if pg {
+                // Both stores have a PostgreSQL implementation.
             } else if v != "sqlite" {
                 push(
                     path.into(),
@@ -900,6 +902,13 @@ impl Document {
                     format!("{v:?} is not `sqlite` or a postgres:// URL"),
                 );
             }
+        }
+        if self.audit.segment_records == 0 {
+            push(
+                "audit.segment_records".into(),
+                Some("segment_records"),
+                "must be at least 1".into(),
+            );
         }
         let policy_errs = self.policy().validate_inner(text);
         errs.extend(policy_errs);
@@ -1323,7 +1332,8 @@ quotas:
             ("agents:\n  - {agent_id: x, auth_type: source_ip}\n", "required for auth_type source_ip"),
             ("agents:\n  - {agent_id: x, auth_type: jwt, source_cidrs: [10.0.0.0/8]}\n", "only for auth_type source_ip"),
             ("agents:\n  - {agent_id: x, auth_type: source_ip, source_cidrs: [10.0.0.0/8]}\n  - {agent_id: y, auth_type: source_ip, source_cidrs: [10.0.0.0/8]}\n", "bound to agent"),
-            ("stores: {audit_query: \"postgres://u@h/db\"}\nagents: []\n", "PostgreSQL"),
+            ("stores: {audit_query: \"mysql://u@h/db\"}\nagents: []\n", "not `sqlite` or a postgres"),
+            ("audit: {segment_records: 0}\nagents: []\n", "segment_records"),
             ("audit: {on_full: maybe}\nagents: []\n", "on_full"),
             ("audit: {min_free_mb: -1}\nagents: []\n", "min_free_mb"),
             ("gateway: {admin_listen: \"127.0.0.1:10000\"}\nagents: []\n", "must differ"),
