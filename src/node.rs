@@ -125,6 +125,20 @@ pub fn audit_query_db(state_dir: &Path) -> PathBuf {
     state_dir.join("audit.db")
 }
 
+/// Where the audit query store is (`stores.audit_query`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditQuery {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+pub fn audit_query(doc: &Document, state_dir: &Path) -> AuditQuery {
+    match doc.stores.audit_query.as_str() {
+        "sqlite" => AuditQuery::Sqlite(audit_query_db(state_dir)),
+        url => AuditQuery::Postgres(url.to_string()),
+    }
+}
+
 /// The access-log file Envoy writes and the sink follows.
 pub fn access_log_file(doc: &Document, state_dir: &Path) -> PathBuf {
     spool_dir(doc, state_dir).join("envoy-access.log")

@@ -491,7 +491,12 @@ pub async fn serve(
                     node::events_spool(&doc, &state),
                     node::spool_dir(&doc, &state).join("events.checkpoint"),
                 )),
-                query_store: Some(node::audit_query_db(&state)),
+                query_store: Some(match node::audit_query(&doc, &state) {
+                    node::AuditQuery::Sqlite(p) => clawgress_audit_sink::query::Target::Sqlite(p),
+                    node::AuditQuery::Postgres(u) => {
+                        clawgress_audit_sink::query::Target::Postgres(u)
+                    }
+                }),
                 log: Some(dir.clone()),
             };
             serve_on!(listen, |inc, sd| clawgress_audit_sink::run(
@@ -563,7 +568,10 @@ async fn admin_control(
             bundle_dir,
             rollout_wait: std::time::Duration::from_secs(3),
             on_event: Some(Box::new(on_event)),
-            audit_db: Some(node::audit_query_db(state)),
+            audit_db: Some(match node::audit_query(doc, state) {
+                node::AuditQuery::Sqlite(p) => clawgress_admin::audit::AuditStore::Sqlite(p),
+                node::AuditQuery::Postgres(u) => clawgress_admin::audit::AuditStore::Postgres(u),
+            }),
         },
     )))
 }

@@ -57,31 +57,36 @@ impl Postgres {
             .local_addr()
             .ok()?
             .port();
-        let child = Command::new("runuser")
-            .args(["-u", "postgres", "--"])
-            .arg(bin.join("postgres"))
-            .arg("-D")
-            .arg(&data)
-            .args([
-                "-p",
-                &port.to_string(),
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                "fsync=off",
-                "-k",
-            ])
-            .arg(dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .ok()?;
+        let child = spawn(&bin, dir.path(), port)?;
         Some(Postgres {
             bin,
             dir,
             child,
             port,
         })
+    }
+
+    /// Stop the server (fast shutdown); [`Postgres::restart`] brings it
+    /// back on the same port with the same data.
+    pub fn stop(&mut self) {
+        let out = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .args(["-m", "fast", "-D"])
+            .arg(self.dir.path().join("data"))
+            .arg("stop")
+            .output()
+            .expect("pg_ctl");
+        assert!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let _ = self.child.wait();
+    }
+
+    pub fn restart(&mut self) {
+        self.child = spawn(&self.bin, self.dir.path(), self.port).expect("restart postgres");
     }
 
     pub fn url(&self) -> String {
@@ -101,4 +106,26 @@ impl Drop for Postgres {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn spawn(bin: &std::path::Path, dir: &std::path::Path, port: u16) -> Option<Child> {
+    Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(bin.join("postgres"))
+        .arg("-D")
+        .arg(dir.join("data"))
+        .args([
+            "-p",
+            &port.to_string(),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+            "-k",
+        ])
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()
 }

@@ -1,8 +1,11 @@
 //! One audit record per request, keyed by Envoy's request id.
 
 mod common;
+#[path = "../testkit/postgres.rs"]
+mod postgres;
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use common::*;
 
@@ -591,4 +594,99 @@ fn sealed_segments_verify_and_a_swapped_or_missing_segment_is_named() {
         r["location"].as_str().is_some_and(|l| l.starts_with(&name)),
         "{out}"
     );
+}
+
+/// Rows in PostgreSQL's `audit_records` of kind request: (all, distinct ids).
+fn pg_request_rows(url: &str) -> Option<(i64, i64)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    rt.block_on(async {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(std::time::Duration::from_secs(2))
+            .connect(url)
+            .await
+            .ok()?;
+        let row: (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COUNT(DISTINCT request_id) FROM audit_records WHERE kind = 'request'",
+        )
+        .fetch_one(&pool)
+        .await
+        .ok()?;
+        Some(row)
+    })
+}
+
+#[test]
+fn postgres_query_store_through_envoy_catches_up_after_a_database_restart() {
+    let Some(mut pg) = postgres::Postgres::start() else {
+        eprintln!("skipped: needs root and Debian's postgresql (scripts/test.sh installs it)");
+        return;
+    };
+    let url = pg.url();
+    let up = Upstream::http();
+    let stack = Stack::start(&format!(
+        "stores:\n  audit_query: \"{url}\"\n{}",
+        config_allowing(&[up.addr.port()], "")
+    ));
+    let proxy = stack.proxy_url(AGENT, KEY);
+    let send = |from: usize, to: usize| {
+        for i in from..to {
+            assert_eq!(
+                curl(&["-x", &proxy, &format!("http://{}/pg{i}", up.addr)], &[]).status,
+                200
+            );
+        }
+    };
+    send(0, 5);
+    assert!(
+        eventually(Duration::from_secs(20), || pg_request_rows(&url)
+            == Some((5, 5))),
+        "5 rows in PostgreSQL: {:?}",
+        pg_request_rows(&url)
+    );
+    // The database goes away: requests still flow and reach the log.
+    pg.stop();
+    send(5, 10);
+    assert_eq!(stack.wait_audit(10).len(), 10);
+    // Longer than the store waits for a connection (5 s): the insert fails.
+    assert!(
+        eventually(Duration::from_secs(15), || stack
+            .stderr()
+            .contains("audit-query-store-failed")),
+        "the outage raised an alert: {}",
+        stack.stderr()
+    );
+    // It comes back: the sink catches up from the log, nothing twice.
+    pg.restart();
+    assert!(
+        eventually(Duration::from_secs(30), || pg_request_rows(&url)
+            == Some((10, 10))),
+        "10 rows after the restart: {:?}\n{}",
+        pg_request_rows(&url),
+        stack.stderr()
+    );
+    // The admin API reads the same store.
+    let token = std::fs::read_to_string(stack.state().join("admin.token")).expect("token");
+    let reply = curl(
+        &[
+            "-H",
+            &format!("Authorization: Bearer {}", token.trim()),
+            &format!("http://{}/api/v1/audit?limit=100", stack.admin),
+        ],
+        &[],
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let v = reply.json();
+    let paths: HashSet<&str> = v["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .filter_map(|r| r["path"].as_str())
+        .collect();
+    for i in 0..10 {
+        assert!(paths.contains(format!("/pg{i}").as_str()), "{v}");
+    }
 }

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde_json::{json, Value};
+use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
-use sqlx::{Row, SqlitePool};
+use sqlx::{PgPool, Row, SqlitePool};
 
 /// The §6 fields and the rest of the table, in the order they are shown.
 const COLUMNS: &[&str] = &[
@@ -39,9 +40,120 @@ const COLUMNS: &[&str] = &[
     "detail",
 ];
 
-fn json_object() -> String {
-    let pairs: Vec<String> = COLUMNS.iter().map(|c| format!("'{c}', {c}")).collect();
-    format!("json_object({})", pairs.join(", "))
+/// Where the sink writes the query store (`stores.audit_query`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditStore {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+enum Db {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// One value bound to a statement.
+enum Arg {
+    Text(String),
+    Int(i64),
+}
+
+/// A statement built for one dialect: `?` for SQLite, `$n` for PostgreSQL
+/// (where times are cast to `timestamptz`).
+struct Sql {
+    pg: bool,
+    text: String,
+    args: Vec<Arg>,
+}
+
+impl Sql {
+    fn new(pg: bool, text: impl Into<String>) -> Sql {
+        Sql {
+            pg,
+            text: text.into(),
+            args: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, s: &str) -> &mut Self {
+        self.text.push_str(s);
+        self
+    }
+
+    fn bind(&mut self, a: Arg) -> &mut Self {
+        self.args.push(a);
+        if self.pg {
+            self.text.push_str(&format!("${}", self.args.len()));
+        } else {
+            self.text.push('?');
+        }
+        self
+    }
+
+    /// A time (RFC 3339 text): compared as text in SQLite, where the store
+    /// keeps one form, and as `timestamptz` in PostgreSQL.
+    fn bind_time(&mut self, t: String) -> &mut Self {
+        self.bind(Arg::Text(t));
+        if self.pg {
+            self.text.push_str("::timestamptz");
+        }
+        self
+    }
+
+    /// The one text column `j` (or the named text columns and count `n`)
+    /// of every row.
+    async fn rows(&self, db: &Db, cols: &[&str]) -> Result<Vec<Value>, sqlx::Error> {
+        macro_rules! run {
+            ($pool:expr) => {{
+                let mut q = sqlx::query(&self.text);
+                for a in &self.args {
+                    q = match a {
+                        Arg::Text(t) => q.bind(t.clone()),
+                        Arg::Int(i) => q.bind(*i),
+                    };
+                }
+                q.fetch_all($pool)
+                    .await?
+                    .iter()
+                    .map(|r| {
+                        if cols.is_empty() {
+                            return serde_json::from_str(r.get::<&str, _>("j"))
+                                .unwrap_or(Value::Null);
+                        }
+                        let mut m = serde_json::Map::new();
+                        for c in cols {
+                            m.insert((*c).into(), Value::String(r.get::<String, _>(*c)));
+                        }
+                        m.insert("count".into(), json!(r.get::<i64, _>("n")));
+                        Value::Object(m)
+                    })
+                    .filter(|v| !v.is_null())
+                    .collect()
+            }};
+        }
+        Ok(match db {
+            Db::Sqlite(p) => run!(p),
+            Db::Postgres(p) => run!(p),
+        })
+    }
+}
+
+/// Every column as one JSON object (text), in the store's dialect; times
+/// as RFC 3339 UTC with milliseconds in both.
+fn json_object(pg: bool) -> String {
+    let pairs: Vec<String> = COLUMNS
+        .iter()
+        .map(|c| match (*c, pg) {
+            ("timestamp", true) => "'timestamp', to_char(\"timestamp\" AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')".to_string(),
+            ("timestamp", false) => "'timestamp', \"timestamp\"".to_string(),
+            (c, _) => format!("'{c}', {c}"),
+        })
+        .collect();
+    if pg {
+        format!("json_build_object({})::text", pairs.join(", "))
+    } else {
+        format!("json_object({})", pairs.join(", "))
+    }
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -67,8 +179,8 @@ pub struct AuditQuery {
 }
 
 pub struct AuditReader {
-    path: Option<PathBuf>,
-    pool: tokio::sync::OnceCell<SqlitePool>,
+    store: Option<AuditStore>,
+    db: tokio::sync::OnceCell<Db>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,29 +196,33 @@ pub enum AuditError {
 }
 
 impl AuditReader {
-    pub fn new(path: Option<PathBuf>) -> AuditReader {
+    pub fn new(store: Option<AuditStore>) -> AuditReader {
         AuditReader {
-            path,
-            pool: tokio::sync::OnceCell::new(),
+            store,
+            db: tokio::sync::OnceCell::new(),
         }
     }
 
-    async fn pool(&self) -> Result<&SqlitePool, AuditError> {
-        let path = self.path.as_deref().ok_or(AuditError::NotConfigured)?;
-        self.pool.get_or_try_init(|| open(path)).await
+    async fn db(&self) -> Result<(&Db, bool), AuditError> {
+        let store = self.store.as_ref().ok_or(AuditError::NotConfigured)?;
+        let db = self.db.get_or_try_init(|| open(store)).await?;
+        Ok((db, matches!(db, Db::Postgres(_))))
     }
 
     /// Records newest first, filtered; with the cursor for the next page.
     pub async fn query(&self, q: &AuditQuery) -> Result<Value, AuditError> {
-        let pool = self.pool().await?;
-        let mut sql = sqlx::QueryBuilder::new(format!(
-            "SELECT {} AS j FROM audit_records WHERE 1=1",
-            json_object()
-        ));
+        let (db, pg) = self.db().await?;
+        let mut sql = Sql::new(
+            pg,
+            format!(
+                "SELECT {} AS j FROM audit_records WHERE 1=1",
+                json_object(pg)
+            ),
+        );
         match q.kind.as_deref().unwrap_or("request") {
             "all" => {}
             k @ ("request" | "alert" | "admin" | "gap") => {
-                sql.push(" AND kind = ").push_bind(k.to_string());
+                sql.push(" AND kind = ").bind(Arg::Text(k.to_string()));
             }
             other => {
                 return Err(AuditError::BadQuery(format!(
@@ -123,25 +239,23 @@ impl AuditReader {
             ("request_id", &q.request_id),
         ] {
             if let Some(v) = v {
-                sql.push(format!(" AND {col} = ")).push_bind(v.clone());
+                sql.push(&format!(" AND {col} = "))
+                    .bind(Arg::Text(v.clone()));
             }
         }
         if let Some(t) = &q.since {
-            sql.push(" AND timestamp >= ").push_bind(normal_time(t)?);
+            sql.push(" AND \"timestamp\" >= ")
+                .bind_time(normal_time(t)?);
         }
         if let Some(t) = &q.until {
-            sql.push(" AND timestamp < ").push_bind(normal_time(t)?);
+            sql.push(" AND \"timestamp\" < ").bind_time(normal_time(t)?);
         }
         if let Some(b) = q.before_seq {
-            sql.push(" AND seq < ").push_bind(b);
+            sql.push(" AND seq < ").bind(Arg::Int(b));
         }
         let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-        sql.push(" ORDER BY seq DESC LIMIT ").push_bind(limit);
-        let rows = sql.build().fetch_all(pool).await?;
-        let records: Vec<Value> = rows
-            .iter()
-            .filter_map(|r| serde_json::from_str(r.get::<&str, _>("j")).ok())
-            .collect();
+        sql.push(" ORDER BY seq DESC LIMIT ").bind(Arg::Int(limit));
+        let records = sql.rows(db, &[]).await?;
         let next = if records.len() as i64 == limit {
             records.last().and_then(|r| r["seq"].as_i64())
         } else {
@@ -153,38 +267,24 @@ impl AuditReader {
     /// Decisions over the last `window_s` seconds: by decision and reason,
     /// the busiest agents and the policies that decided most.
     pub async fn stats(&self, window_s: u64) -> Result<Value, AuditError> {
-        let pool = self.pool().await?;
+        let (db, pg) = self.db().await?;
         let since = humantime::format_rfc3339_millis(
             std::time::SystemTime::now() - std::time::Duration::from_secs(window_s),
         )
         .to_string();
-        let group = |cols: &str, limit: i64| {
-            format!(
-                "SELECT {cols}, COUNT(*) AS n FROM audit_records WHERE kind = 'request' AND timestamp >= ?1 \
-                 GROUP BY {cols} ORDER BY n DESC LIMIT {limit}"
-            )
+        let fetch = |cols: &'static [&'static str], limit: i64| {
+            let list = cols.join(", ");
+            let mut sql = Sql::new(
+                pg,
+                format!("SELECT {list}, COUNT(*) AS n FROM audit_records WHERE kind = 'request' AND \"timestamp\" >= "),
+            );
+            sql.bind_time(since.clone());
+            sql.push(&format!(" GROUP BY {list} ORDER BY n DESC LIMIT {limit}"));
+            async move { sql.rows(db, cols).await }
         };
-        let fetch = |sql: String, cols: &'static [&'static str]| {
-            let since = since.clone();
-            async move {
-                let rows = sqlx::query(&sql).bind(since).fetch_all(pool).await?;
-                Ok::<Vec<Value>, sqlx::Error>(
-                    rows.iter()
-                        .map(|r| {
-                            let mut m = serde_json::Map::new();
-                            for c in cols {
-                                m.insert((*c).into(), Value::String(r.get::<String, _>(*c)));
-                            }
-                            m.insert("count".into(), json!(r.get::<i64, _>("n")));
-                            Value::Object(m)
-                        })
-                        .collect(),
-                )
-            }
-        };
-        let by_decision = fetch(group("decision, reason", 100), &["decision", "reason"]).await?;
-        let by_agent = fetch(group("agent_id, decision", 20), &["agent_id", "decision"]).await?;
-        let by_policy = fetch(group("policy_id, decision", 20), &["policy_id", "decision"]).await?;
+        let by_decision = fetch(&["decision", "reason"], 100).await?;
+        let by_agent = fetch(&["agent_id", "decision"], 20).await?;
+        let by_policy = fetch(&["policy_id", "decision"], 20).await?;
         let total: i64 = by_decision.iter().filter_map(|v| v["count"].as_i64()).sum();
         Ok(json!({
             "window_s": window_s,
@@ -208,7 +308,20 @@ fn normal_time(t: &str) -> Result<String, AuditError> {
         })
 }
 
-async fn open(path: &Path) -> Result<SqlitePool, AuditError> {
+async fn open(store: &AuditStore) -> Result<Db, AuditError> {
+    match store {
+        AuditStore::Sqlite(path) => open_sqlite(path).await.map(Db::Sqlite),
+        AuditStore::Postgres(url) => Ok(Db::Postgres(
+            PgPoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(std::time::Duration::from_secs(5))
+                .connect(url)
+                .await?,
+        )),
+    }
+}
+
+async fn open_sqlite(path: &Path) -> Result<SqlitePool, AuditError> {
     if !path.exists() {
         return Err(AuditError::NotYet);
     }

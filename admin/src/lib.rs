@@ -73,7 +73,7 @@ pub struct Config {
     /// log through the events spool).
     pub on_event: Option<EventHook>,
     /// The audit query store to read (`GET /api/v1/audit`, `alerts`, `stats`).
-    pub audit_db: Option<PathBuf>,
+    pub audit_db: Option<audit::AuditStore>,
 }
 
 /// SHA-256 of a token, as stored.

@@ -105,8 +105,9 @@ pub enum Input {
 pub struct Extras {
     /// The events spool and its checkpoint file.
     pub events: Option<(PathBuf, PathBuf)>,
-    /// The SQLite query store (`state_dir/audit.db`).
-    pub query_store: Option<PathBuf>,
+    /// The query store (`stores.audit_query`: SQLite `state_dir/audit.db`
+    /// or PostgreSQL).
+    pub query_store: Option<query::Target>,
     /// The log the query store catches up from (`audit_dir`).
     pub log: Option<PathBuf>,
 }
@@ -188,14 +189,16 @@ where
     // has synced: the chain's append never waits on SQLite, only a full
     // hand-over queue (persistent backlog) slows it down.
     let (query_tx, query_thread) = match extras.query_store.clone() {
-        Some(path) => {
+        Some(target) => {
             let (qtx, qrx) = std::sync::mpsc::sync_channel::<Vec<AuditRecord>>(QUERY_QUEUE);
             let log = extras.log.clone();
+            let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let d = dropped.clone();
             let t = std::thread::Builder::new()
                 .name("audit-query".into())
-                .spawn(move || query_loop(&path, log.as_deref(), qrx))
+                .spawn(move || query_loop(&target, log.as_deref(), qrx, &d))
                 .map_err(|e| Error::Writer(WriterError::Io(e)))?;
-            (Some(qtx), Some(t))
+            (Some((qtx, dropped)), Some(t))
         }
         None => (None, None),
     };
@@ -340,6 +343,13 @@ impl Recent {
     }
 }
 
+/// Batches on their way to the query store's thread, and the flag that
+/// tells it one was not taken (it then catches up from the log).
+type QueryHandOver = (
+    std::sync::mpsc::SyncSender<Vec<AuditRecord>>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+);
+
 /// Write records in batches: block for one message, take what else is
 /// queued, append and sync the records together, then save any checkpoint
 /// that came after them.
@@ -348,7 +358,7 @@ fn write_loop<W: RecordWriter>(
     mut rx: mpsc::Receiver<Msg>,
     metrics: &AuditMetrics,
     mut guard: Option<DiskGuard>,
-    query: Option<std::sync::mpsc::SyncSender<Vec<AuditRecord>>>,
+    query: Option<QueryHandOver>,
 ) -> Result<(), WriterError> {
     let mut recent = Recent::new(writer.recent_request_ids());
     let mut gap = Gap::default();
@@ -419,8 +429,12 @@ fn write_loop<W: RecordWriter>(
                 // On disk now: hand the batch to the query store. If that
                 // thread is gone, the store catches up from the log at the
                 // next start.
-                Some(q) => {
-                    let _ = q.send(std::mem::take(&mut batch));
+                Some((q, dropped)) => {
+                    if q.try_send(std::mem::take(&mut batch)).is_err() {
+                        // The store is slow or away: it catches up from
+                        // the log instead; the chain never waits for it.
+                        dropped.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
                 }
                 None => batch.clear(),
             }
@@ -442,34 +456,84 @@ fn write_loop<W: RecordWriter>(
 const QUERY_QUEUE: usize = 64;
 
 /// The query store's own loop: catch up from the log, then insert every
-/// batch the writer hands over. The log is the record of truth: a failed
-/// insert is caught up at the next start. Alerts at most once a minute (an
-/// alert is itself an event that comes back here).
-fn query_loop(path: &Path, log: Option<&Path>, rx: std::sync::mpsc::Receiver<Vec<AuditRecord>>) {
-    let q = match query::QueryStore::open(path) {
-        Ok(q) => q,
-        Err(e) => {
-            tracing::error!(alert = "audit-query-store-failed", path = %path.display(), error = %e, "cannot open the query store");
-            // Keep draining so the writer is never held up.
-            for _ in rx {}
-            return;
+/// batch the writer hands over. The log is the record of truth: when the
+/// store is unreachable or an insert fails (PostgreSQL restarting, say), the
+/// loop keeps draining so the writer is never held up, retries every few
+/// seconds, and once the store answers catches up from the log — nothing is
+/// lost and nothing is stored twice (`seq` is the key). Alerts at most once a
+/// minute (an alert is itself an event that comes back here).
+fn query_loop(
+    target: &query::Target,
+    log: Option<&Path>,
+    rx: std::sync::mpsc::Receiver<Vec<AuditRecord>>,
+    dropped: &std::sync::atomic::AtomicBool,
+) {
+    use std::sync::mpsc::RecvTimeoutError;
+    use std::time::{Duration, Instant};
+    const RETRY: Duration = Duration::from_secs(3);
+    let mut store: Option<query::QueryStore> = None;
+    // Start behind: whatever the log has that the store lacks goes in first.
+    let mut behind = true;
+    let mut last_try: Option<Instant> = None;
+    let mut last_catch_up: Option<Instant> = None;
+    let mut last_alert: Option<Instant> = None;
+    let mut alert = |what: &str, e: &dyn std::fmt::Display| {
+        if last_alert.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+            tracing::error!(alert = "audit-query-store-failed", store = %target, error = %e, "{what}");
+            last_alert = Some(Instant::now());
         }
     };
-    if let Some(log) = log {
-        match q.catch_up(log) {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(records = n, "query store caught up from the log"),
-            Err(e) => {
-                tracing::error!(alert = "audit-query-store-failed", error = %e, "query store catch-up failed")
+    loop {
+        let batch = match rx.recv_timeout(RETRY) {
+            Ok(b) => Some(b),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        if store.is_none() {
+            if last_try.is_some_and(|t| t.elapsed() < RETRY) {
+                continue;
+            }
+            last_try = Some(Instant::now());
+            match query::QueryStore::open_target(target) {
+                Ok(q) => {
+                    tracing::info!(store = %target, "audit query store open");
+                    store = Some(q);
+                }
+                Err(e) => {
+                    alert("cannot open the audit query store; records stay in the log and go in once it answers", &e);
+                    continue;
+                }
             }
         }
-    }
-    let mut last_alert: Option<std::time::Instant> = None;
-    for batch in rx {
-        if let Err(e) = q.insert(&batch) {
-            if last_alert.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(60)) {
-                tracing::error!(alert = "audit-query-store-failed", error = %e, "query store insert failed");
-                last_alert = Some(std::time::Instant::now());
+        let Some(q) = &store else { continue };
+        if dropped.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            behind = true;
+        }
+        if behind {
+            if last_catch_up.is_some_and(|t| t.elapsed() < RETRY) {
+                continue;
+            }
+            let Some(log) = log else {
+                behind = false;
+                continue;
+            };
+            // The batch in hand is in the log already: catch-up covers it.
+            match q.catch_up(log) {
+                Ok(n) => {
+                    if n > 0 {
+                        tracing::info!(records = n, store = %target, "query store caught up from the log");
+                    }
+                    behind = false;
+                }
+                Err(e) => {
+                    last_catch_up = Some(Instant::now());
+                    alert("query store catch-up failed", &e);
+                }
+            }
+        } else if let Some(batch) = batch {
+            if let Err(e) = q.insert(&batch) {
+                alert("query store insert failed; will catch up from the log", &e);
+                behind = true;
             }
         }
     }

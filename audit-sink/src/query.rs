@@ -8,11 +8,12 @@
 //! crash between the two loses nothing and inserts nothing twice (`seq` is
 //! the primary key).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use clawgress_audit_log::AuditRecord;
+use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::{PgPool, Row, SqlitePool};
 
 /// The table, as the admin API and dashboards read it.
 pub const SCHEMA: &str = r#"
@@ -52,94 +53,194 @@ CREATE INDEX IF NOT EXISTS audit_records_policy   ON audit_records (policy_id, t
 CREATE INDEX IF NOT EXISTS audit_records_kind     ON audit_records (kind, seq);
 "#;
 
+/// The same table in PostgreSQL (`timestamp` with time zone).
+pub const PG_SCHEMA: &str = include_str!("../sql/postgres.sql");
+
 const COLUMNS: usize = 26;
 
-/// The query store, used from the (synchronous) writer thread: it owns a
+/// Where the query store lives (`stores.audit_query`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A SQLite file (`state_dir/audit.db`), the one-host default.
+    Sqlite(PathBuf),
+    /// A PostgreSQL URL, for fleets and Grafana.
+    Postgres(String),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Sqlite(p) => write!(f, "sqlite:{}", p.display()),
+            // Never print a password.
+            Target::Postgres(url) => match url.split_once('@') {
+                Some((_, host)) => write!(f, "postgres://…@{host}"),
+                None => f.write_str(url),
+            },
+        }
+    }
+}
+
+enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// The query store, used from its own (synchronous) thread: it owns a
 /// small runtime to drive sqlx.
 pub struct QueryStore {
     rt: tokio::runtime::Runtime,
-    pool: SqlitePool,
+    pool: Pool,
+}
+
+/// Bind one record's columns, in the order of the INSERT below; `$ts` is
+/// appended after the timestamp (a cast where the column is typed).
+macro_rules! bind_record {
+    ($b:expr, $r:expr, $ts:expr) => {{
+        let r = $r;
+        $b.push_bind(r.seq as i64)
+            .push_bind(r.kind.as_str())
+            .push_bind(store_time(&r.timestamp))
+            .push_unseparated($ts)
+            .push_bind(&r.request_id)
+            .push_bind(&r.agent_id)
+            .push_bind(&r.team_id)
+            .push_bind(&r.project_id)
+            .push_bind(&r.environment)
+            .push_bind(&r.destination_host)
+            .push_bind(i64::from(r.destination_port))
+            .push_bind(&r.http_method)
+            .push_bind(&r.path)
+            .push_bind(&r.decision)
+            .push_bind(&r.reason)
+            .push_bind(&r.policy_id)
+            .push_bind(&r.bundle_revision)
+            .push_bind(&r.quota_applied)
+            .push_bind(i64::from(r.response_code))
+            .push_bind(r.latency_ms as i64)
+            .push_bind(r.bytes_out as i64)
+            .push_bind(r.bytes_in as i64)
+            .push_bind(&r.source_address)
+            .push_bind(&r.shadow_decision)
+            .push_bind(&r.shadow_policy_id)
+            .push_bind(&r.actor)
+            .push_bind(&r.detail);
+    }};
+}
+
+const INSERT: &str = "INSERT INTO audit_records (seq, kind, \"timestamp\", request_id, agent_id, \
+     team_id, project_id, environment, destination_host, destination_port, http_method, \
+     path, decision, reason, policy_id, bundle_revision, quota_applied, response_code, \
+     latency_ms, bytes_out, bytes_in, source_address, shadow_decision, shadow_policy_id, \
+     actor, detail) ";
+
+/// Timestamps as the store keeps them: RFC 3339 UTC with milliseconds (so
+/// text order is time order in SQLite). A record without a readable time
+/// (none is written so) is stored at the epoch rather than refused.
+fn store_time(t: &str) -> String {
+    match humantime::parse_rfc3339_weak(t) {
+        Ok(t) => humantime::format_rfc3339_millis(t).to_string(),
+        Err(_) => "1970-01-01T00:00:00.000Z".to_string(),
+    }
 }
 
 impl QueryStore {
+    /// Open a SQLite query store (created if missing).
     pub fn open(path: &Path) -> Result<QueryStore, sqlx::Error> {
+        Self::open_target(&Target::Sqlite(path.to_path_buf()))
+    }
+
+    /// Open the query store at `target`, creating the table if missing.
+    pub fn open_target(target: &Target) -> Result<QueryStore, sqlx::Error> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(sqlx::Error::Io)?;
-        let opts = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(std::time::Duration::from_secs(5));
-        let pool = rt.block_on(async {
-            let pool = SqlitePoolOptions::new()
-                .max_connections(1)
-                .connect_with(opts)
-                .await?;
-            sqlx::raw_sql(SCHEMA).execute(&pool).await?;
-            Ok::<_, sqlx::Error>(pool)
-        })?;
+        let pool = match target {
+            Target::Sqlite(path) => {
+                let opts = SqliteConnectOptions::new()
+                    .filename(path)
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Normal)
+                    .busy_timeout(std::time::Duration::from_secs(5));
+                Pool::Sqlite(rt.block_on(async {
+                    let pool = SqlitePoolOptions::new()
+                        .max_connections(1)
+                        .connect_with(opts)
+                        .await?;
+                    sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+                    Ok::<_, sqlx::Error>(pool)
+                })?)
+            }
+            Target::Postgres(url) => Pool::Postgres(rt.block_on(async {
+                let pool = PgPoolOptions::new()
+                    .max_connections(2)
+                    .acquire_timeout(std::time::Duration::from_secs(5))
+                    .connect(url)
+                    .await?;
+                // Concurrent sinks of a fleet may race to create it.
+                let mut conn = pool.acquire().await?;
+                sqlx::query("SELECT pg_advisory_lock(7254001)")
+                    .execute(&mut *conn)
+                    .await?;
+                let made = sqlx::raw_sql(PG_SCHEMA).execute(&mut *conn).await;
+                sqlx::query("SELECT pg_advisory_unlock(7254001)")
+                    .execute(&mut *conn)
+                    .await?;
+                made?;
+                drop(conn);
+                Ok::<_, sqlx::Error>(pool)
+            })?),
+        };
         Ok(QueryStore { rt, pool })
     }
 
     /// The highest `seq` stored (0 when empty).
     pub fn max_seq(&self) -> Result<u64, sqlx::Error> {
+        const SQL: &str = "SELECT COALESCE(MAX(seq), 0) AS m FROM audit_records";
         self.rt.block_on(async {
-            let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS m FROM audit_records")
-                .fetch_one(&self.pool)
-                .await?;
-            Ok(row.get::<i64, _>("m") as u64)
+            let m: i64 = match &self.pool {
+                Pool::Sqlite(p) => sqlx::query(SQL).fetch_one(p).await?.get("m"),
+                Pool::Postgres(p) => sqlx::query(SQL).fetch_one(p).await?.get("m"),
+            };
+            Ok(m.max(0) as u64)
         })
     }
 
     /// Insert records (already in the log) in one transaction; records
     /// already there are skipped.
     pub fn insert(&self, batch: &[AuditRecord]) -> Result<(), sqlx::Error> {
+        if batch.is_empty() {
+            return Ok(());
+        }
         self.rt.block_on(async {
-            let mut tx = self.pool.begin().await?;
-            // SQLite allows 32766 variables per statement.
-            for chunk in batch.chunks(32766 / COLUMNS) {
-                let mut q = sqlx::QueryBuilder::new(
-                    "INSERT OR IGNORE INTO audit_records (seq, kind, timestamp, request_id, agent_id, \
-                     team_id, project_id, environment, destination_host, destination_port, http_method, \
-                     path, decision, reason, policy_id, bundle_revision, quota_applied, response_code, \
-                     latency_ms, bytes_out, bytes_in, source_address, shadow_decision, shadow_policy_id, \
-                     actor, detail) ",
-                );
-                q.push_values(chunk, |mut b, r| {
-                    let kind = r.kind.as_str();
-                    b.push_bind(r.seq as i64)
-                        .push_bind(kind)
-                        .push_bind(&r.timestamp)
-                        .push_bind(&r.request_id)
-                        .push_bind(&r.agent_id)
-                        .push_bind(&r.team_id)
-                        .push_bind(&r.project_id)
-                        .push_bind(&r.environment)
-                        .push_bind(&r.destination_host)
-                        .push_bind(i64::from(r.destination_port))
-                        .push_bind(&r.http_method)
-                        .push_bind(&r.path)
-                        .push_bind(&r.decision)
-                        .push_bind(&r.reason)
-                        .push_bind(&r.policy_id)
-                        .push_bind(&r.bundle_revision)
-                        .push_bind(&r.quota_applied)
-                        .push_bind(i64::from(r.response_code))
-                        .push_bind(r.latency_ms as i64)
-                        .push_bind(r.bytes_out as i64)
-                        .push_bind(r.bytes_in as i64)
-                        .push_bind(&r.source_address)
-                        .push_bind(&r.shadow_decision)
-                        .push_bind(&r.shadow_policy_id)
-                        .push_bind(&r.actor)
-                        .push_bind(&r.detail);
-                });
-                q.build().execute(&mut *tx).await?;
+            match &self.pool {
+                Pool::Sqlite(pool) => {
+                    let mut tx = pool.begin().await?;
+                    // SQLite allows 32766 variables per statement.
+                    for chunk in batch.chunks(32766 / COLUMNS) {
+                        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(INSERT.replacen(
+                            "INSERT",
+                            "INSERT OR IGNORE",
+                            1,
+                        ));
+                        q.push_values(chunk, |mut b, r| bind_record!(b, r, ""));
+                        q.build().execute(&mut *tx).await?;
+                    }
+                    tx.commit().await
+                }
+                Pool::Postgres(pool) => {
+                    let mut tx = pool.begin().await?;
+                    // PostgreSQL allows 65535 parameters per statement.
+                    for chunk in batch.chunks(65535 / COLUMNS) {
+                        let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(INSERT);
+                        q.push_values(chunk, |mut b, r| bind_record!(b, r, "::timestamptz"));
+                        q.push(" ON CONFLICT (seq) DO NOTHING");
+                        q.build().execute(&mut *tx).await?;
+                    }
+                    tx.commit().await
+                }
             }
-            tx.commit().await
         })
     }
 
