@@ -300,6 +300,59 @@ fn audit_verify_names_tampering_and_query_reads_newest_first() {
         "{out}"
     );
 
+    // A byte flipped inside a record (not a field rewrite): altered.
+    let mut flipped = original.clone().into_bytes();
+    let off = original.find(lines[2]).expect("line 3") + lines[2].len() / 2;
+    flipped[off] ^= 0x01;
+    std::fs::write(&log, &flipped).expect("write");
+    let (code, out) = clawgress(&["audit", "verify", "--config", &cfg, "--json"]);
+    let r: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        (code, r["problem"]["kind"].as_str()),
+        (1, Some("altered")),
+        "{out}"
+    );
+
+    // Inserted: record 3 written twice.
+    let inserted: String = lines
+        .iter()
+        .enumerate()
+        .flat_map(|(i, l)| if i == 2 { vec![*l, *l] } else { vec![*l] })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&log, &inserted).expect("write");
+    let (code, out) = clawgress(&["audit", "verify", "--config", &cfg, "--json"]);
+    let r: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        (
+            code,
+            r["problem"]["kind"].as_str(),
+            r["problem"]["line"].as_u64()
+        ),
+        (1, Some("inserted"), Some(4)),
+        "{out}"
+    );
+
+    // Reordered: records 3 and 4 swapped.
+    let mut swapped = lines.clone();
+    swapped.swap(2, 3);
+    std::fs::write(
+        &log,
+        swapped.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .expect("write");
+    let (code, out) = clawgress(&["audit", "verify", "--config", &cfg, "--json"]);
+    let r: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        (
+            code,
+            r["problem"]["kind"].as_str(),
+            r["problem"]["seq"].as_u64()
+        ),
+        (1, Some("reordered"), Some(3)),
+        "{out}"
+    );
+
     // Cut off: the last two records gone.
     let cut: String = lines[..total - 2]
         .iter()
@@ -323,6 +376,112 @@ fn audit_verify_names_tampering_and_query_reads_newest_first() {
     let (code, out) = clawgress(&["audit", "verify", "--config", &cfg]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("BadCheckpoint"), "{out}");
+
+    // A well-formed checkpoint over the true log, signed with another key
+    // under the same name: refused.
+    let leaves: Vec<[u8; 32]> = lines.iter().map(|l| rfc6962_leaf(l)).collect();
+    let body = format!(
+        "clawgress/audit\n{}\n{}\n",
+        leaves.len(),
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, mth(&leaves))
+    );
+    let other = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let sig = ed25519_dalek::Signer::sign(&other, body.as_bytes());
+    let mut blob = vec![0u8; 4];
+    blob.extend_from_slice(&sig.to_bytes());
+    let note = format!(
+        "{body}\n\u{2014} clawgress-audit {}\n",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, blob)
+    );
+    std::fs::write(
+        &cps,
+        format!("{text}{}\n", serde_json::json!({ "note": note })),
+    )
+    .expect("write");
+    let (code, out) = clawgress(&["audit", "verify", "--config", &cfg]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("BadCheckpoint"), "{out}");
+    std::fs::write(&cps, &text).expect("restore");
+    let (code, out) = clawgress(&["audit", "verify", "--config", &cfg]);
+    assert_eq!(code, 0, "restored: {out}");
+}
+
+/// RFC 6962 leaf hash, written here from the RFC: SHA-256(0x00 || line).
+fn rfc6962_leaf(line: &str) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update([0u8]);
+    h.update(line.as_bytes());
+    h.finalize().into()
+}
+
+fn rfc6962_node(l: &[u8; 32], r: &[u8; 32]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update([1u8]);
+    h.update(l);
+    h.update(r);
+    h.finalize().into()
+}
+
+/// The Merkle tree hash, by its recursive definition (RFC 6962 §2.1).
+fn mth(leaves: &[[u8; 32]]) -> [u8; 32] {
+    use sha2::Digest;
+    match leaves.len() {
+        0 => sha2::Sha256::digest([]).into(),
+        1 => leaves[0],
+        n => {
+            let k = 1usize << (usize::BITS - 1 - (n - 1).leading_zeros());
+            rfc6962_node(&mth(&leaves[..k]), &mth(&leaves[k..]))
+        }
+    }
+}
+
+/// Consistency proof check (RFC 9162 §2.1.4.2), written here from the RFC.
+fn rfc9162_consistent(
+    m: u64,
+    n: u64,
+    first: [u8; 32],
+    second: [u8; 32],
+    proof: &[[u8; 32]],
+) -> bool {
+    if m == 0 || m > n {
+        return m == 0 && proof.is_empty();
+    }
+    if m == n {
+        return proof.is_empty() && first == second;
+    }
+    let mut path = proof.to_vec();
+    if m.is_power_of_two() {
+        path.insert(0, first);
+    }
+    let (mut fn_, mut sn) = (m - 1, n - 1);
+    while fn_ & 1 == 1 {
+        fn_ >>= 1;
+        sn >>= 1;
+    }
+    let Some((&c0, rest)) = path.split_first() else {
+        return false;
+    };
+    let (mut fr, mut sr) = (c0, c0);
+    for c in rest {
+        if sn == 0 {
+            return false;
+        }
+        if fn_ & 1 == 1 || fn_ == sn {
+            fr = rfc6962_node(c, &fr);
+            sr = rfc6962_node(c, &sr);
+            while fn_ & 1 == 0 && fn_ != 0 {
+                fn_ >>= 1;
+                sn >>= 1;
+            }
+        } else {
+            sr = rfc6962_node(&sr, c);
+        }
+        fn_ >>= 1;
+        sn >>= 1;
+    }
+    fr == first && sr == second && sn == 0
 }
 
 #[test]
@@ -543,8 +702,66 @@ fn sealed_segments_verify_and_a_swapped_or_missing_segment_is_named() {
     let (code, out) = clawgress(&["audit", "verify", "--config", &cfg, "--from", &held_s]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("is a prefix of the log"), "{out}");
-    assert!(
-        out.contains(&format!("in {} segments", segments.len())),
+    // The consistency proof it gives, checked independently: leaves and
+    // roots recomputed from the segment files by the RFC's definitions.
+    let (_, out) = clawgress(&[
+        "audit", "verify", "--config", &cfg, "--from", &held_s, "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let (m, n) = (
+        v["from"]["from_size"].as_u64().expect("from"),
+        v["from"]["to_size"].as_u64().expect("to"),
+    );
+    let leaves: Vec<[u8; 32]> = segments
+        .iter()
+        .flat_map(|(_, p)| {
+            std::fs::read_to_string(p)
+                .expect("segment")
+                .lines()
+                .map(rfc6962_leaf)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(m < n && n as usize <= leaves.len(), "{out}");
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let proof: Vec<[u8; 32]> = v["from"]["proof"]
+        .as_array()
+        .expect("proof")
+        .iter()
+        .map(|h| {
+            base64::Engine::decode(&b64, h.as_str().expect("b64"))
+                .expect("b64")
+                .try_into()
+                .expect("32 bytes")
+        })
+        .collect();
+    let held_note = first["note"].as_str().expect("note");
+    let held_root = held_note.lines().nth(2).expect("root line");
+    assert_eq!(
+        held_root,
+        base64::Engine::encode(&b64, mth(&leaves[..m as usize]))
+    );
+    assert!(rfc9162_consistent(
+        m,
+        n,
+        mth(&leaves[..m as usize]),
+        mth(&leaves[..n as usize]),
+        &proof
+    ));
+    let mut bad = proof.clone();
+    if let Some(h) = bad.last_mut() {
+        h[0] ^= 1;
+        assert!(!rfc9162_consistent(
+            m,
+            n,
+            mth(&leaves[..m as usize]),
+            mth(&leaves[..n as usize]),
+            &bad
+        ));
+    }
+    assert_eq!(
+        v["segments"].as_array().map(Vec::len),
+        Some(segments.len()),
         "{out}"
     );
 

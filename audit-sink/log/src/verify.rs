@@ -16,6 +16,7 @@ pub enum ProblemKind {
     Altered,
     Inserted,
     Removed,
+    Reordered,
     CutOff,
     BadCheckpoint,
 }
@@ -169,6 +170,20 @@ pub fn verify_from(
                     prev_line,
                     Some(prev_seq),
                     format!("record seq {prev_seq} (line {prev_line}) was altered: seq {} does not chain to it", r.seq),
+                )
+            } else if r.seq > expected
+                && lines[i + 1..].iter().any(|l| {
+                    AuditRecord::from_json_line(l).is_ok_and(|later| later.seq == expected)
+                })
+            {
+                (
+                    ProblemKind::Reordered,
+                    n,
+                    Some(expected),
+                    format!(
+                        "records were reordered: seq {} stands at line {n}, where seq {expected} was due (it comes later)",
+                        r.seq
+                    ),
                 )
             } else if r.seq > expected {
                 (
