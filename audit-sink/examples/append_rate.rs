@@ -1,9 +1,12 @@
 //! Sustained audit append rate (issue: ≥ 50,000 records/s): the real
 //! writer (hash chain, Merkle accumulator, fsync per batch, an Ed25519
 //! checkpoint every 1,000 records), batches of 1,024 as the sink forms them,
-//! then the SQLite query-store ingest of the same records. Prints the rates.
+//! then the query-store ingest of the same records: SQLite, and PostgreSQL
+//! when `CLAWGRESS_BENCH_PG` holds a URL. Prints the rates. Segments of
+//! 100,000 records are sealed as the sink seals them.
 //!
 //!   cargo run --release -p clawgress-audit-sink --example append_rate [N]
+//!   CLAWGRESS_BENCH_PG=postgres://user@127.0.0.1:5432/db cargo run … [N]
 
 use std::time::Instant;
 
@@ -62,15 +65,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "append: {n} records in {secs:.2} s = {:.0} records/s (chain + Merkle + fsync per 1,024 + signed checkpoint per 1,000)",
         n as f64 / secs
     );
-    let q = clawgress_audit_sink::query::QueryStore::open(&dir.path().join("audit.db"))?;
-    let start = Instant::now();
-    for chunk in all.chunks(1024) {
-        q.insert(chunk)?;
+    use clawgress_audit_sink::query::{QueryStore, Target};
+    let mut targets = vec![(
+        "SQLite, WAL",
+        Target::Sqlite(dir.path().join("audit.db")),
+    )];
+    if let Ok(url) = std::env::var("CLAWGRESS_BENCH_PG") {
+        targets.push(("PostgreSQL", Target::Postgres(url)));
     }
-    let secs = start.elapsed().as_secs_f64();
-    println!(
-        "query store (SQLite, WAL): {n} records in {secs:.2} s = {:.0} records/s",
-        n as f64 / secs
-    );
+    for (name, target) in targets {
+        let q = QueryStore::open_target(&target)?;
+        let start = Instant::now();
+        for chunk in all.chunks(1024) {
+            q.insert(chunk)?;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "query store ({name}): {n} records in {secs:.2} s = {:.0} records/s",
+            n as f64 / secs
+        );
+    }
     Ok(())
 }
