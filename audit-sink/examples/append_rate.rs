@@ -75,6 +75,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     for (name, target) in targets {
         let q = QueryStore::open_target(&target)?;
+        if q.max_seq()? != 0 {
+            // Records already there would be skipped, not inserted.
+            return Err(format!("{name}: audit_records is not empty; use an empty database").into());
+        }
         let start = Instant::now();
         for chunk in all.chunks(1024) {
             q.insert(chunk)?;
