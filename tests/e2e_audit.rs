@@ -113,6 +113,42 @@ fn n_requests_make_exactly_n_records(input: &str) {
     let all = stack.all_audit_records();
     let seqs: Vec<u64> = all.iter().filter_map(|r| r["seq"].as_u64()).collect();
     assert_eq!(seqs, (1..=all.len() as u64).collect::<Vec<_>>());
+    // The query store holds the same n request records, field for field.
+    let token = std::fs::read_to_string(stack.state().join("admin.token")).expect("token");
+    let from_store = || -> Vec<serde_json::Value> {
+        let reply = curl(
+            &[
+                "-H",
+                &format!("Authorization: Bearer {}", token.trim()),
+                &format!("http://{}/api/v1/audit?limit=1000", stack.admin),
+            ],
+            &[],
+        );
+        reply.json()["records"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert!(
+        eventually(std::time::Duration::from_secs(10), || from_store().len()
+            == n),
+        "query store: {:?}",
+        from_store()
+    );
+    for stored in from_store() {
+        let logged = recs
+            .iter()
+            .find(|r| r["seq"] == stored["seq"])
+            .expect("the stored record is in the log");
+        for (k, v) in stored.as_object().expect("object") {
+            // The log leaves empty fields out; the table has a column each.
+            if logged[k].is_null() {
+                assert!(v == "" || v == 0, "field {k} of seq {}: {v}", stored["seq"]);
+            } else {
+                assert_eq!(&logged[k], v, "field {k} of seq {}", stored["seq"]);
+            }
+        }
+    }
     // The chain and checkpoints survived the kill.
     let mut stack = stack;
     stack.stop();

@@ -66,10 +66,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         n as f64 / secs
     );
     use clawgress_audit_sink::query::{QueryStore, Target};
-    let mut targets = vec![(
-        "SQLite, WAL",
-        Target::Sqlite(dir.path().join("audit.db")),
-    )];
+    let mut targets = vec![("SQLite, WAL", Target::Sqlite(dir.path().join("audit.db")))];
     if let Ok(url) = std::env::var("CLAWGRESS_BENCH_PG") {
         targets.push(("PostgreSQL", Target::Postgres(url)));
     }
@@ -77,7 +74,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let q = QueryStore::open_target(&target)?;
         if q.max_seq()? != 0 {
             // Records already there would be skipped, not inserted.
-            return Err(format!("{name}: audit_records is not empty; use an empty database").into());
+            return Err(
+                format!("{name}: audit_records is not empty; use an empty database").into(),
+            );
         }
         let start = Instant::now();
         for chunk in all.chunks(1024) {

@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS audit_records (
 );
 CREATE INDEX IF NOT EXISTS audit_records_time     ON audit_records (timestamp);
 CREATE INDEX IF NOT EXISTS audit_records_agent    ON audit_records (agent_id, timestamp);
+CREATE INDEX IF NOT EXISTS audit_records_team     ON audit_records (team_id, timestamp);
 CREATE INDEX IF NOT EXISTS audit_records_decision ON audit_records (decision, timestamp);
 CREATE INDEX IF NOT EXISTS audit_records_host     ON audit_records (destination_host, timestamp);
 CREATE INDEX IF NOT EXISTS audit_records_policy   ON audit_records (policy_id, timestamp);
