@@ -32,7 +32,12 @@ fn rec(i: u64) -> AuditRecord {
             now_minus(60 - i)
         },
         request_id: format!("req-{i}"),
-        agent_id: if i.is_multiple_of(2) { "build-bot" } else { "lab-vm" }.into(),
+        agent_id: if i.is_multiple_of(2) {
+            "build-bot"
+        } else {
+            "lab-vm"
+        }
+        .into(),
         team_id: "infra".into(),
         destination_host: if deny { "evil.example" } else { "pypi.org" }.into(),
         destination_port: 443,
