@@ -285,9 +285,10 @@ async fn collect(tasks: Vec<tokio::task::JoinHandle<Outcome>>, start: Instant) -
     all
 }
 
-/// Open `n` connections through the proxy, one request each, hold them all
-/// open at once, then send a second request on every one. `ok` counts
-/// connections whose both requests got 2xx.
+/// Open `n` CONNECT tunnels through the proxy, one request inside each,
+/// hold them all open at once (every one is a request in flight for Envoy),
+/// then send a second request inside every one. `ok` counts tunnels whose
+/// CONNECT and both requests got 2xx.
 pub async fn hold(t: &Target, n: usize, within: Duration) -> Outcome {
     let start = Instant::now();
     let deadline = start + within;
@@ -297,31 +298,36 @@ pub async fn hold(t: &Target, n: usize, within: Duration) -> Outcome {
     for _ in 0..n {
         let (t, gate, opening) = (t.clone(), gate.clone(), opening.clone());
         tasks.push(tokio::spawn(async move {
-            let req = t.get();
+            let (connect, inner) = (t.connect(), t.inner_get());
             let mut out = Outcome::new();
-            let mut conn = None;
             let first = {
                 let _permit = opening.acquire().await;
-                let began = Instant::now();
-                let s = tokio::time::timeout_at(deadline.into(), one_get(&mut conn, &t, &req))
-                    .await
-                    .unwrap_or(Err(()));
-                (s, began.elapsed())
+                tokio::time::timeout_at(deadline.into(), async {
+                    let mut c = Conn::open(t.proxy).await.map_err(|_| ())?;
+                    let (s, _) = c.exchange(&connect).await.map_err(|_| ())?;
+                    if s != 200 {
+                        return Ok((s, None));
+                    }
+                    let (s, _) = c.exchange(&inner).await.map_err(|_| ())?;
+                    Ok((s, Some(c)))
+                })
+                .await
+                .unwrap_or(Err(()))
             };
-            // Everyone holds a connection now (or has failed).
+            // Everyone holds a tunnel now (or has failed).
             gate.wait().await;
             let began = Instant::now();
-            let second = match (&first.0, conn.is_some()) {
-                (Ok(s), true) if (200..300).contains(s) => {
-                    tokio::time::timeout_at(deadline.into(), one_get(&mut conn, &t, &req))
+            let second = match first {
+                Ok((s, Some(mut c))) if (200..300).contains(&s) => {
+                    tokio::time::timeout_at(deadline.into(), c.exchange(&inner))
                         .await
-                        .unwrap_or(Err(()))
+                        .map_err(|_| ())
+                        .and_then(|r| r.map(|(s, _)| s).map_err(|_| ()))
                 }
-                (Ok(s), _) => Ok(*s),
-                (Err(()), _) => Err(()),
+                Ok((s, _)) => Ok(s),
+                Err(()) => Err(()),
             };
             out.record(second, began.elapsed().as_micros() as u64);
-            drop(conn);
             out
         }));
     }

@@ -73,10 +73,10 @@ pub fn verdicts(runs: &[Run]) -> Vec<Verdict> {
     }
     if let Some(h) = runs.iter().find(|r| r.kind.starts_with("hold")) {
         let held = h.ok as f64;
-        let want: f64 = h.kind.trim_start_matches("hold ").parse().unwrap_or(0.0);
+        let want = 10_000.0;
         v.push(Verdict {
             target: format!(
-                "{} concurrent connections through clawgress, all 2xx",
+                "concurrent connections through clawgress, all 2xx (held {})",
                 h.kind.trim_start_matches("hold ")
             ),
             value: held,
