@@ -16,6 +16,10 @@ command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 # PostgreSQL for the control-plane store test (started by the test itself).
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing+=(postgresql)
+# systemd-analyze (unit verification) and promtool + Prometheus (rules,
+# configs, dashboards' PromQL) for the deployment test.
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 # Headless Chromium and its WebDriver for the web-console test.
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)

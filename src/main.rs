@@ -4,6 +4,7 @@
 mod audit;
 mod bundles;
 mod cli;
+mod install;
 mod jwks;
 mod metrics;
 mod nftcmd;
@@ -120,6 +121,11 @@ enum Command {
         #[command(subcommand)]
         command: NftCommand,
     },
+    /// Lay this binary, the systemd units, a default config and the state
+    /// directories onto this host (or under --root DIR). Idempotent; the
+    /// config is never overwritten; starts nothing.
+    #[command(after_help = install::AFTER_HELP)]
+    Install(install::Args),
     #[command(flatten)]
     Ctl(cli::CtlCommand),
 }
@@ -264,6 +270,7 @@ fn main() -> ExitCode {
     let (registry, alerts) = metrics::registry_with_alerts();
     init_tracing(alerts);
     let result = match cli.command {
+        Command::Install(args) => install::run(&args),
         Command::Ctl(c) => {
             return match cli::dispatch(c) {
                 Ok(()) => ExitCode::SUCCESS,
