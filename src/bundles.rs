@@ -6,6 +6,7 @@
 //! enforcement does not change. On start the active bundle is used if it
 //! verifies, else the last good one.
 
+use sha2::Digest;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -170,6 +171,11 @@ pub fn pull(url: String, token: String, source: Source) -> tokio::task::JoinHand
             .into();
         let mut have: Option<u64> = None;
         let mut failing = false;
+        // The last bundle refused (its SHA-256) and how long to wait before
+        // asking again: a control plane that keeps serving a bad or older
+        // bundle answers at once, which must not become a hot loop.
+        let mut refused: Option<Vec<u8>> = None;
+        let mut backoff = Duration::from_secs(2);
         loop {
             if have.is_none() {
                 have = source.initial_quiet();
@@ -197,17 +203,37 @@ pub fn pull(url: String, token: String, source: Source) -> tokio::task::JoinHand
                 Ok(None) => failing = false,
                 Ok(Some(bytes)) => {
                     failing = false;
-                    match Bundle::verify(&bytes, &source.key) {
+                    let digest = sha2::Sha256::digest(&bytes).to_vec();
+                    let again = refused.as_deref() == Some(digest.as_slice());
+                    let verdict = match Bundle::verify(&bytes, &source.key) {
                         Ok(b) if have.is_none_or(|h| b.revision > h) => {
                             if let Err(e) = crate::node::write_private(&source.active(), &bytes) {
                                 tracing::error!(alert = "bundle-fetch-failed", error = %e, "cannot store the fetched bundle");
                             } else {
                                 have = Some(b.revision);
                             }
+                            Ok(())
                         }
-                        Ok(_) => {}
+                        Ok(b) => Err(format!(
+                            "revision {} is not newer than the {} in force",
+                            b.revision,
+                            have.unwrap_or(0)
+                        )),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    match verdict {
+                        Ok(()) => {
+                            refused = None;
+                            backoff = Duration::from_secs(2);
+                        }
                         Err(e) => {
-                            tracing::error!(alert = "bundle-rejected", error = %e, url, "fetched bundle rejected; the policy in force stays")
+                            // One alert per bad bundle, not per poll.
+                            if !again {
+                                tracing::error!(alert = "bundle-rejected", error = %e, url, "fetched bundle rejected; the policy in force stays");
+                            }
+                            refused = Some(digest);
+                            std::thread::sleep(backoff);
+                            backoff = (backoff * 2).min(Duration::from_secs(60));
                         }
                     }
                 }

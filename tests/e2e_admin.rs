@@ -376,7 +376,7 @@ fn a_fleet_node_pulls_bundles_over_http_and_follows_commits() {
         .arg("--bundle-token-file")
         .arg(node.path().join("token"))
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(node.path().join("stderr")).expect("stderr"))
         .spawn()
         .expect("serve ratelimit");
     let loaded = || {
@@ -396,6 +396,59 @@ fn a_fleet_node_pulls_bundles_over_http_and_follows_commits() {
         "commit followed"
     );
     eprintln!("fleet node: commit to loaded in {:?}", t.elapsed());
+
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // The control plane's bundle file is corrupted and a new node (nothing
+    // on disk yet) asks for it: refused, said once, and the server is not
+    // hammered (before, the refused bundle was fetched again at once,
+    // about a thousand times a second, each an alert).
+    let active = stack.state().join("bundle/active");
+    let mut bytes = std::fs::read(&active).expect("active bundle");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x20;
+    std::fs::write(&active, &bytes).expect("corrupt");
+    let node2 = tempfile::tempdir().expect("node dir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_clawgress"))
+        .args(["serve", "ratelimit", "--config"])
+        .arg(&stack.config)
+        .arg("--state-dir")
+        .arg(node2.path().join("state"))
+        .arg("--listen")
+        .arg(format!("unix:{}", node2.path().join("rl.sock").display()))
+        .arg("--bundle-dir")
+        .arg(node2.path().join("bundle"))
+        .arg("--bundle-key")
+        .arg(stack.state().join("keys/bundle.pub"))
+        .arg("--bundle-url")
+        .arg(format!("http://{}/api/v1/bundle", stack.admin))
+        .arg("--bundle-token-file")
+        .arg(node.path().join("token"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(node2.path().join("stderr")).expect("stderr"))
+        .spawn()
+        .expect("serve ratelimit");
+    let rejected = || {
+        std::fs::read_to_string(node2.path().join("stderr"))
+            .unwrap_or_default()
+            .matches("alert=\"bundle-rejected\"")
+            .count()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || rejected() >= 1),
+        "the corrupted bundle was refused"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        rejected(),
+        1,
+        "one alert for one bad bundle, not one per poll"
+    );
+    assert!(
+        !node2.path().join("bundle/active").exists(),
+        "nothing unverified was stored"
+    );
     let _ = child.kill();
     let _ = child.wait();
 }
