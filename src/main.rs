@@ -199,7 +199,7 @@ enum NftCommand {
     /// nft.mode of the config), in one transaction; the table before is
     /// backed up.
     #[command(
-        after_help = "Examples:\n  clawgress nft apply proxy-only --config /etc/clawgress/clawgress.yaml\n  clawgress nft apply sovereign --dry-run      # print the ruleset, change nothing\n  clawgress nft apply connected                # remove everything Clawgress added"
+        after_help = "Examples:\n  clawgress nft apply proxy-only --config /etc/clawgress/config.yaml\n  clawgress nft apply sovereign --dry-run      # print the ruleset, change nothing\n  clawgress nft apply connected                # remove everything Clawgress added"
     )]
     Apply {
         /// sovereign | proxy-only | connected
