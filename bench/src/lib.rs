@@ -513,7 +513,7 @@ impl Bench {
 }
 
 /// One measured run of one arm.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Run {
     pub arm: String,
     /// `open@0.50`, `closed`, `connect`, `hold`.

@@ -45,6 +45,11 @@ enum Cmd {
         #[arg(long)]
         smoke: bool,
     },
+    /// Print the table again from a JSON file a run wrote.
+    Report {
+        #[arg(default_value = "bench/results/latest.json")]
+        json: PathBuf,
+    },
     /// (internal) The do-nothing gRPC services of the floor arm.
     #[command(hide = true)]
     Floor {
@@ -65,6 +70,18 @@ enum Cmd {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Cmd::Report { json } => {
+            let text = std::fs::read_to_string(&json)
+                .with_context(|| format!("cannot read {}", json.display()))?;
+            #[derive(serde::Deserialize)]
+            struct File {
+                runs: Vec<clawgress_bench::Run>,
+            }
+            let f: File = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a bench result", json.display()))?;
+            println!("{}", clawgress_bench::report::markdown(&f.runs));
+            Ok(())
+        }
         Cmd::Floor {
             authz,
             ratelimit,
