@@ -29,6 +29,29 @@ pub struct Source {
     pub key: VerifyingKey,
 }
 
+/// `clawgress_bundle_issued_timestamp_seconds`: when the bundle in force
+/// was committed (Unix seconds); its age is `time() - this`.
+pub static ISSUED: std::sync::LazyLock<
+    prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
+> = std::sync::LazyLock::new(Default::default);
+
+fn note_issued(issued_at: &str) {
+    if let Ok(t) = humantime::parse_rfc3339_weak(issued_at) {
+        if let Ok(d) = t.duration_since(std::time::UNIX_EPOCH) {
+            ISSUED.set(d.as_secs_f64());
+        }
+    }
+}
+
+/// Register the bundle gauge in a service's registry.
+pub fn register_metrics(reg: &mut prometheus_client::registry::Registry) {
+    reg.register(
+        "clawgress_bundle_issued_timestamp_seconds",
+        "When the policy bundle in force was committed (Unix seconds)",
+        ISSUED.clone(),
+    );
+}
+
 /// A policy in force: its document and the revision it is reported under.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InForce {
@@ -88,6 +111,7 @@ impl Source {
         let (bytes, b) = best?;
         self.keep_last_good(&bytes);
         tracing::info!(revision = b.revision, "policy bundle loaded");
+        note_issued(&b.issued_at);
         Some(InForce {
             revision: b.revision,
             document: b.document,
@@ -135,6 +159,7 @@ impl Source {
                         );
                     }
                     Some(Ok((bytes, b))) => {
+                        note_issued(&b.issued_at);
                         let f = InForce {
                             revision: b.revision,
                             document: b.document,

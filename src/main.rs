@@ -243,22 +243,55 @@ enum KeyCommand {
     },
 }
 
-/// Logs to stderr, filtered by `CLAWGRESS_LOG` (default `info`); every
-/// event with an `alert` field also counts in `clawgress_alerts_total`.
-fn init_tracing(alerts: metrics::Alerts) {
+/// Logs to stderr, filtered by `CLAWGRESS_LOG` (default `info`), as text
+/// or, with `CLAWGRESS_LOG_FORMAT=json`, one JSON object per line (`up`'s
+/// children inherit both); every event with an `alert` field also counts
+/// in `clawgress_alerts_total` (and store failures in
+/// `clawgress_store_errors_total`).
+fn init_tracing(alerts: metrics::Alerts, store_errors: metrics::StoreErrors) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_env("CLAWGRESS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match std::env::var("CLAWGRESS_LOG_FORMAT").as_deref() {
+        Ok("json") => true,
+        Ok("text") | Err(_) => false,
+        Ok(other) => {
+            eprintln!(
+                "clawgress: CLAWGRESS_LOG_FORMAT={other:?} is not `text` or `json`; using text"
+            );
+            false
+        }
+    };
+    let (text_layer, json_layer) = if json {
+        (
+            None,
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(false)
+                    .with_writer(std::io::stderr),
+            ),
+        )
+    } else {
+        (
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            ),
+            None,
+        )
+    };
     tracing_subscriber::registry()
         .with(filter)
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
-        )
-        .with(metrics::AlertLayer { alerts })
+        .with(text_layer)
+        .with(json_layer)
+        .with(metrics::AlertLayer {
+            alerts,
+            store_errors,
+        })
         .init();
 }
 
@@ -267,8 +300,8 @@ fn main() -> ExitCode {
     if !matches!(cli.command, Command::Up { .. } | Command::Serve { .. }) {
         sys::quiet_sigpipe();
     }
-    let (registry, alerts) = metrics::registry_with_alerts();
-    init_tracing(alerts);
+    let (registry, alerts, store_errors) = metrics::registry_with_alerts();
+    init_tracing(alerts, store_errors);
     let result = match cli.command {
         Command::Install(args) => install::run(&args),
         Command::Ctl(c) => {

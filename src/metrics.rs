@@ -25,6 +25,25 @@ pub struct AlertLabels {
 /// `clawgress_alerts_total{kind}`.
 pub type Alerts = Family<AlertLabels, Counter>;
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreLabels {
+    pub store: String,
+}
+
+/// `clawgress_store_errors_total{store}`: the alerts that mean a store
+/// failed, by store (`ratelimit`, `audit_query`, `control_plane`).
+pub type StoreErrors = Family<StoreLabels, Counter>;
+
+/// The store an alert kind reports a failure of, if it does.
+fn store_of(kind: &str) -> Option<&'static str> {
+    match kind {
+        "ratelimit-store-unavailable" => Some("ratelimit"),
+        "audit-query-store-failed" => Some("audit_query"),
+        "bundle-fetch-failed" => Some("control_plane"),
+        _ => None,
+    }
+}
+
 /// Where this process appends its alerts as audit events (the events
 /// spool of the audit sink), and the name it signs them with. Set once the
 /// config is loaded; alerts before that are counted and logged only.
@@ -70,6 +89,7 @@ pub fn now_rfc3339() -> String {
 /// handles them all.
 pub struct AlertLayer {
     pub alerts: Alerts,
+    pub store_errors: StoreErrors,
 }
 
 #[derive(Default)]
@@ -106,6 +126,13 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for AlertLayer {
         self.alerts
             .get_or_create(&AlertLabels { kind: kind.clone() })
             .inc();
+        if let Some(store) = store_of(&kind) {
+            self.store_errors
+                .get_or_create(&StoreLabels {
+                    store: store.to_string(),
+                })
+                .inc();
+        }
         if let Some((spool, actor)) = EVENTS.get() {
             let mut detail = v.message;
             for f in v.fields {
@@ -129,7 +156,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for AlertLayer {
 }
 
 /// The process registry with the alert counter in it.
-pub fn registry_with_alerts() -> (Registry, Alerts) {
+pub fn registry_with_alerts() -> (Registry, Alerts, StoreErrors) {
     let mut reg = Registry::default();
     let alerts = Alerts::default();
     reg.register(
@@ -137,7 +164,20 @@ pub fn registry_with_alerts() -> (Registry, Alerts) {
         "Alerts raised (log lines with alert=<kind>)",
         alerts.clone(),
     );
-    (reg, alerts)
+    let store_errors = StoreErrors::default();
+    // Every series exists from the start at 0, so rate() and alerts work
+    // before the first failure.
+    for store in ["ratelimit", "audit_query", "control_plane"] {
+        store_errors.get_or_create(&StoreLabels {
+            store: store.to_string(),
+        });
+    }
+    reg.register(
+        "clawgress_store_errors",
+        "Store failures (ratelimit counters, audit query store, control plane), from their alerts",
+        store_errors.clone(),
+    );
+    (reg, alerts, store_errors)
 }
 
 pub fn encode(reg: &Registry) -> String {
@@ -326,11 +366,15 @@ mod tests {
     #[test]
     fn alert_layer_counts_alert_events() {
         use tracing_subscriber::layer::SubscriberExt;
-        let (reg, alerts) = registry_with_alerts();
-        let sub = tracing_subscriber::registry().with(AlertLayer { alerts });
+        let (reg, alerts, store_errors) = registry_with_alerts();
+        let sub = tracing_subscriber::registry().with(AlertLayer {
+            alerts,
+            store_errors,
+        });
         tracing::subscriber::with_default(sub, || {
             tracing::warn!(alert = "child-restarted", "x");
             tracing::warn!(alert = "child-restarted", "y");
+            tracing::error!(alert = "ratelimit-store-unavailable", "z");
             tracing::info!("not an alert");
         });
         let text = encode(&reg);
@@ -338,5 +382,10 @@ mod tests {
             text.contains("clawgress_alerts_total{kind=\"child-restarted\"} 2"),
             "{text}"
         );
+        assert!(
+            text.contains("clawgress_store_errors_total{store=\"ratelimit\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("store=\"child"), "{text}");
     }
 }

@@ -332,6 +332,7 @@ pub async fn serve(
             };
             let _watch = svc.watch_audit_block(node::audit_blocked_mark(&state));
             svc.register_metrics(&mut registry);
+            crate::bundles::register_metrics(&mut registry);
             expose(metrics_listen, registry).await?;
             let s = svc.clone();
             let _reloader = match bundles {
@@ -394,6 +395,7 @@ pub async fn serve(
             let svc = clawgress_ratelimit::RatelimitService::new(&start_doc.policy(), store)
                 .fail_open(fail_open);
             svc.register_metrics(&mut registry);
+            crate::bundles::register_metrics(&mut registry);
             expose(metrics_listen, registry).await?;
             let s = svc.clone();
             let _reloader = match bundles {

@@ -1773,40 +1773,52 @@ fn fill_audit_records(url: &str) {
         latency: 250,
         shadow: ("", ""),
     });
-    let mut sql = String::from("BEGIN;\n");
-    let mut seq = 0u32;
+    // Written the way the sink writes them: AuditRecords through the
+    // sink's own PostgreSQL query store.
+    use clawgress_audit_log::{AuditRecord, RecordKind};
+    let ago = |min: u32| {
+        humantime::format_rfc3339_millis(
+            std::time::SystemTime::now() - std::time::Duration::from_secs(u64::from(min) * 60),
+        )
+        .to_string()
+    };
+    let mut recs: Vec<AuditRecord> = Vec::new();
+    let mut seq = 0u64;
     for r in &rows {
         seq += 1;
         let (a, t, p, e) = r.agent;
-        sql.push_str(&format!(
-            "INSERT INTO audit_records (seq, kind, \"timestamp\", request_id, agent_id, team_id, project_id, environment, \
-             destination_host, destination_port, http_method, path, decision, reason, policy_id, bundle_revision, \
-             quota_applied, response_code, latency_ms, bytes_out, bytes_in, source_address, shadow_decision, \
-             shadow_policy_id, actor, detail) VALUES ({seq}, 'request', now() - interval '{} minutes', \
-             'req-{seq:04}', '{a}', '{t}', '{p}', '{e}', '{}', {}, '{}', '{}', '{}', '{}', '{}', '7', '{}', {}, {}, {}, {}, \
-             '10.20.0.{}', '{}', '{}', '', '');\n",
-            r.min_ago,
-            r.host,
-            r.port,
-            r.method,
-            r.path,
-            r.decision,
-            r.reason,
-            r.policy,
-            r.quota,
-            r.code,
-            r.latency,
-            300 + seq * 7,
-            if r.code == 200 { 4096 + seq * 100 } else { 210 },
-            seq % 7 + 2,
-            r.shadow.0,
-            r.shadow.1,
-        ));
+        recs.push(AuditRecord {
+            seq,
+            kind: RecordKind::Request,
+            timestamp: ago(r.min_ago),
+            request_id: format!("req-{seq:04}"),
+            agent_id: a.into(),
+            team_id: t.into(),
+            project_id: p.into(),
+            environment: e.into(),
+            destination_host: r.host.into(),
+            destination_port: r.port,
+            http_method: r.method.into(),
+            path: r.path.into(),
+            decision: r.decision.into(),
+            reason: r.reason.into(),
+            policy_id: r.policy.into(),
+            bundle_revision: "7".into(),
+            quota_applied: r.quota.into(),
+            response_code: r.code,
+            latency_ms: u64::from(r.latency),
+            bytes_out: 300 + seq * 7,
+            bytes_in: if r.code == 200 { 4096 + seq * 100 } else { 210 },
+            source_address: format!("10.20.0.{}", seq % 7 + 2),
+            shadow_decision: r.shadow.0.into(),
+            shadow_policy_id: r.shadow.1.into(),
+            ..Default::default()
+        });
     }
     for (min_ago, kind, reason, decision, actor, detail) in [
         (
             30,
-            "alert",
+            RecordKind::Alert,
             "bundle-rejected",
             "",
             "authz",
@@ -1814,7 +1826,7 @@ fn fill_audit_records(url: &str) {
         ),
         (
             70,
-            "alert",
+            RecordKind::Alert,
             "quota-alert-only",
             "",
             "authz",
@@ -1822,7 +1834,7 @@ fn fill_audit_records(url: &str) {
         ),
         (
             90,
-            "admin",
+            RecordKind::Admin,
             "commit",
             "ok",
             "alice",
@@ -1830,7 +1842,7 @@ fn fill_audit_records(url: &str) {
         ),
         (
             95,
-            "admin",
+            RecordKind::Admin,
             "configure",
             "ok",
             "alice",
@@ -1838,7 +1850,7 @@ fn fill_audit_records(url: &str) {
         ),
         (
             100,
-            "admin",
+            RecordKind::Admin,
             "import",
             "ok",
             "file:/etc/clawgress/config.yaml",
@@ -1846,17 +1858,25 @@ fn fill_audit_records(url: &str) {
         ),
     ] {
         seq += 1;
-        sql.push_str(&format!(
-            "INSERT INTO audit_records (seq, kind, \"timestamp\", request_id, agent_id, team_id, project_id, environment, \
-             destination_host, destination_port, http_method, path, decision, reason, policy_id, bundle_revision, \
-             quota_applied, response_code, latency_ms, bytes_out, bytes_in, source_address, shadow_decision, \
-             shadow_policy_id, actor, detail) VALUES ({seq}, '{kind}', now() - interval '{min_ago} minutes', \
-             'evt-{seq:04}', '', '', '', '', '', 0, '', '', '{decision}', '{reason}', '', '', '', 0, 0, 0, 0, '', '', '', \
-             '{actor}', '{detail}');\n"
-        ));
+        recs.push(AuditRecord {
+            seq,
+            kind,
+            timestamp: ago(min_ago),
+            request_id: format!("evt-{seq:04}"),
+            decision: decision.into(),
+            reason: reason.into(),
+            actor: actor.into(),
+            detail: detail.into(),
+            ..Default::default()
+        });
     }
-    sql.push_str("COMMIT;\n");
-    psql(url, &sql);
+    let store = clawgress_audit_sink::query::QueryStore::open_target(
+        &clawgress_audit_sink::query::Target::Postgres(url.to_string()),
+    )
+    .expect("the sink's PostgreSQL query store");
+    store
+        .insert(&recs)
+        .expect("records written by the sink's store");
 }
 
 /// The columns each traffic panel shows (a time series: `time` first).

@@ -67,6 +67,11 @@ pub struct AuditMetrics {
     pub spool_bytes: Gauge,
     /// `clawgress_audit_lag_seconds`: age of the newest record when written.
     pub lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// `clawgress_audit_checkpoint_records`: records under the latest
+    /// signed checkpoint.
+    pub checkpoint_records: Gauge,
+    /// `clawgress_audit_checkpoint_timestamp_seconds`: when it was signed.
+    pub checkpoint_time: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl AuditMetrics {
@@ -85,6 +90,16 @@ impl AuditMetrics {
             "clawgress_audit_lag_seconds",
             "Age of the newest audit record when it was written",
             self.lag_seconds.clone(),
+        );
+        reg.register(
+            "clawgress_audit_checkpoint_records",
+            "Records covered by the latest signed checkpoint",
+            self.checkpoint_records.clone(),
+        );
+        reg.register(
+            "clawgress_audit_checkpoint_timestamp_seconds",
+            "When the latest signed checkpoint was written (Unix seconds)",
+            self.checkpoint_time.clone(),
         );
     }
 }
@@ -361,6 +376,10 @@ fn write_loop<W: RecordWriter>(
     query: Option<QueryHandOver>,
 ) -> Result<(), WriterError> {
     let mut recent = Recent::new(writer.recent_request_ids());
+    let mut last_sealed = writer.sealed();
+    metrics
+        .checkpoint_records
+        .set(i64::try_from(last_sealed).unwrap_or(i64::MAX));
     let mut gap = Gap::default();
     let mut batch = Vec::new();
     let mut checkpoint: Option<Checkpoint> = None;
@@ -446,6 +465,16 @@ fn write_loop<W: RecordWriter>(
             writer.checkpoint()?;
         }
         tick = false;
+        let sealed = writer.sealed();
+        if sealed != last_sealed {
+            last_sealed = sealed;
+            metrics
+                .checkpoint_records
+                .set(i64::try_from(sealed).unwrap_or(i64::MAX));
+            if let Ok(d) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+                metrics.checkpoint_time.set(d.as_secs_f64());
+            }
+        }
     }
     // Seal at close: every record written is covered by a checkpoint.
     writer.checkpoint()?;

@@ -41,6 +41,11 @@ pub trait RecordWriter: Send {
         0
     }
 
+    /// Records covered by the latest checkpoint.
+    fn sealed(&self) -> u64 {
+        0
+    }
+
     /// Request ids of the most recent records already written, oldest first,
     /// so that entries delivered again are not written twice.
     fn recent_request_ids(&self) -> Vec<String> {
@@ -511,6 +516,10 @@ impl RecordWriter for JsonlWriter {
 
     fn unsealed(&self) -> u64 {
         self.tree.size() - self.sealed
+    }
+
+    fn sealed(&self) -> u64 {
+        self.sealed
     }
 
     fn checkpoint(&mut self) -> Result<(), WriterError> {
