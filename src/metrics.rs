@@ -168,7 +168,7 @@ pub fn registry_with_alerts() -> (Registry, Alerts, StoreErrors) {
     // Every series exists from the start at 0, so rate() and alerts work
     // before the first failure.
     for store in ["ratelimit", "audit_query", "control_plane"] {
-        store_errors.get_or_create(&StoreLabels {
+        let _ = store_errors.get_or_create(&StoreLabels {
             store: store.to_string(),
         });
     }
