@@ -203,7 +203,41 @@ struct Index {
     suffix: HashMap<String, Vec<u32>>,
     /// `*`: any name, any public address.
     any: Vec<u32>,
-    nets: Vec<(IpNet, u32)>,
+    /// CIDRs by prefix length, keyed by their network address: an address
+    /// is looked up once per distinct prefix length (a few), not compared
+    /// with every CIDR of the set.
+    nets_v4: Vec<(u8, HashMap<u32, Vec<u32>>)>,
+    nets_v6: Vec<(u8, HashMap<u128, Vec<u32>>)>,
+}
+
+fn mask_v4(a: u32, len: u8) -> u32 {
+    match len {
+        0 => 0,
+        l => a & (u32::MAX << (32 - u32::from(l.min(32)))),
+    }
+}
+
+fn mask_v6(a: u128, len: u8) -> u128 {
+    match len {
+        0 => 0,
+        l => a & (u128::MAX << (128 - u32::from(l.min(128)))),
+    }
+}
+
+fn net_slot<K: std::hash::Hash + Eq>(
+    by_len: &mut Vec<(u8, HashMap<K, Vec<u32>>)>,
+    len: u8,
+    key: K,
+    i: u32,
+) {
+    let at = match by_len.iter().position(|(l, _)| *l == len) {
+        Some(at) => at,
+        None => {
+            by_len.push((len, HashMap::new()));
+            by_len.len() - 1
+        }
+    };
+    by_len[at].1.entry(key).or_default().push(i);
 }
 
 impl Index {
@@ -216,7 +250,18 @@ impl Index {
                     HostPattern::Exact(n) => idx.exact.entry(n.clone()).or_default().push(i),
                     HostPattern::Suffix(s) => idx.suffix.entry(s.clone()).or_default().push(i),
                     HostPattern::Any => idx.any.push(i),
-                    HostPattern::Net(n) => idx.nets.push((*n, i)),
+                    HostPattern::Net(IpNet::V4(n)) => net_slot(
+                        &mut idx.nets_v4,
+                        n.prefix_len(),
+                        mask_v4(u32::from(n.network()), n.prefix_len()),
+                        i,
+                    ),
+                    HostPattern::Net(IpNet::V6(n)) => net_slot(
+                        &mut idx.nets_v6,
+                        n.prefix_len(),
+                        mask_v6(u128::from(n.network()), n.prefix_len()),
+                        i,
+                    ),
                 }
             }
         }
@@ -238,12 +283,22 @@ impl Index {
                     }
                 }
             }
-            Host::Ip(ip) => out.extend(
-                self.nets
-                    .iter()
-                    .filter(|(net, _)| net.contains(ip))
-                    .map(|(_, i)| *i),
-            ),
+            Host::Ip(IpAddr::V4(a)) => {
+                let a = u32::from(*a);
+                for (len, m) in &self.nets_v4 {
+                    if let Some(v) = m.get(&mask_v4(a, *len)) {
+                        out.extend_from_slice(v);
+                    }
+                }
+            }
+            Host::Ip(IpAddr::V6(a)) => {
+                let a = u128::from(*a);
+                for (len, m) in &self.nets_v6 {
+                    if let Some(v) = m.get(&mask_v6(a, *len)) {
+                        out.extend_from_slice(v);
+                    }
+                }
+            }
         }
         out.extend_from_slice(&self.any);
         out.sort_unstable();
@@ -408,6 +463,69 @@ fn host_matches(pattern: &HostPattern, host: &Host, guard: Option<IpNet>) -> boo
 mod tests {
     use super::*;
     use crate::config::{AuthType, Document};
+
+    #[test]
+    fn the_cidr_index_finds_exactly_what_a_scan_finds() {
+        // A small LCG: deterministic, no dependency.
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            x >> 11
+        };
+        let mut y = String::from("policies:\n");
+        let mut nets: Vec<IpNet> = Vec::new();
+        for i in 0..400 {
+            let net: IpNet = if i % 3 == 0 {
+                let a = (next() as u128) << 64 | next() as u128;
+                let len = (next() % 129) as u8;
+                ipnet::Ipv6Net::new(std::net::Ipv6Addr::from(a), len)
+                    .expect("len")
+                    .trunc()
+                    .into()
+            } else {
+                // Few distinct first octets, so nets overlap and nest.
+                let a = ((next() % 4) as u32) << 30 | (next() as u32 & 0x3fff_ffff);
+                let len = (next() % 33) as u8;
+                ipnet::Ipv4Net::new(std::net::Ipv4Addr::from(a), len)
+                    .expect("len")
+                    .trunc()
+                    .into()
+            };
+            nets.push(net);
+            y.push_str(&format!(
+                "  - {{policy_id: p{i:03}, priority: {i}, match: {{destination: {{hosts: [\"{net}\"]}}}}, action: allow}}\n"
+            ));
+        }
+        let doc = Document::from_yaml(&y).expect("doc");
+        let policies = doc.policy().policies;
+        let idx = Index::build(&policies);
+        let mut probes: Vec<IpAddr> = Vec::new();
+        for n in &nets {
+            // The network address, the last address, and a random one.
+            probes.push(n.network());
+            probes.push(n.broadcast());
+        }
+        for _ in 0..2_000 {
+            let a = ((next() % 4) as u32) << 30 | (next() as u32 & 0x3fff_ffff);
+            probes.push(IpAddr::V4(a.into()));
+            probes.push(IpAddr::V6(((next() as u128) << 64 | next() as u128).into()));
+        }
+        for ip in probes {
+            let scan: Vec<u32> = policies
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| {
+                    p.match_
+                        .destination
+                        .hosts
+                        .iter()
+                        .any(|h| matches!(h, HostPattern::Net(n) if n.contains(&ip)))
+                })
+                .map(|(i, _)| i as u32)
+                .collect();
+            assert_eq!(idx.candidates(&Host::Ip(ip)), scan, "{ip}");
+        }
+    }
 
     const DOC: &str = r#"
 policies:
