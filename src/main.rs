@@ -351,7 +351,7 @@ fn main() -> ExitCode {
             bundle_key,
             bundle_url,
             bundle_token_file,
-        } => runtime(true).and_then(|rt| {
+        } => runtime(serve_threads() != 1).and_then(|rt| {
             rt.block_on(serve::serve(
                 service,
                 &config,
@@ -485,6 +485,15 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Worker threads for `serve` (`CLAWGRESS_SERVE_THREADS`, default: one
+/// per core); 1 runs the service on a single thread.
+fn serve_threads() -> usize {
+    std::env::var("CLAWGRESS_SERVE_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// `up` runs on one thread: its children are told to die with that thread
