@@ -244,6 +244,17 @@ fn an_operator_signs_in_adds_an_agent_commits_and_watches_decisions() {
 
     b.click("nav button[data-tab=policies]");
     b.wait_text("#policies-table", "allow-local-upstreams");
+    // What does this request get? The agent's allowed upstream, and a
+    // metadata address it may not reach.
+    b.type_in("#whatif-agent", AGENT);
+    b.type_in("#whatif-url", &format!("http://{}/x", up.addr));
+    b.click("#whatif-go");
+    b.wait_text("#whatif-table", "allow-local-upstreams");
+    let t = b.text("#whatif-table");
+    assert!(t.contains("candidate") && t.contains("active"), "{t}");
+    b.type_in("#whatif-url", "http://169.254.169.254/latest/meta-data/");
+    b.click("#whatif-go");
+    b.wait_text("#whatif-table", "private-destination");
     b.screenshot("4-policies");
 
     // A request through Envoy shows up in the live view.

@@ -145,7 +145,7 @@ impl<const MIN: u8> FromRequestParts<Ctl> for Auth<MIN> {
     info(title = "Clawgress admin API", description = "The control plane of DESIGN.md §7: candidate, configure, commit, rollback, revisions, agents, tokens."),
     paths(candidate, put_candidate, set, delete, active, show, compare, configure, commit,
           confirm, rollback, lockdown, revisions, revision, import, events, rollout, bundle, commits, profiles, agents,
-          add_agent, rotate_key, revoke_key, policies, quotas, add_token, audit, alerts, stats, openapi),
+          add_agent, rotate_key, revoke_key, policies, quotas, add_token, audit, alerts, stats, evaluate, openapi),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -207,6 +207,7 @@ pub fn router(ctl: Ctl) -> Router {
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/alerts", get(alerts))
         .route("/api/v1/stats", get(stats))
+        .route("/api/v1/evaluate", post(evaluate))
         .merge(crate::ui::routes())
         .fallback(|| async { api_err(StatusCode::NOT_FOUND, "no such API route") })
         .with_state(ctl)
@@ -393,6 +394,44 @@ async fn show(State(ctl): State<Ctl>, _: Auth<VIEWER>, Query(q): Query<ShowQuery
             )),
         },
     }
+}
+
+#[utoipa::path(
+    post,
+    path = "/api/v1/evaluate",
+    summary = "What does this request get? A sample (agent, method, URL) decided against the candidate and the active revision",
+    description = "Role: viewer. Decided as authz's Check decides it; node settings (private_destinations_allowed, quotas) are not applied.",
+    request_body = crate::whatif::Sample,
+    responses((status = 200, description = "OK", body = Object), (status = 400, description = "bad sample"), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low"), (status = 422, description = "the candidate does not validate")),
+    security(("bearer" = []))
+)]
+async fn evaluate(
+    State(ctl): State<Ctl>,
+    _: Auth<VIEWER>,
+    Json(sample): Json<crate::whatif::Sample>,
+) -> Answer {
+    let active = ctl.active().await?;
+    let cand = ctl.candidate().await?;
+    let parse = |v: &Value, what: &str| {
+        clawgress_policy::PolicyDocument::from_json(&v.to_string()).map_err(|e| {
+            api_err(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("the {what} does not validate: {e}"),
+            )
+        })
+    };
+    let a_doc = parse(&active.document, "active document")?;
+    let c_doc = parse(&cand.document, "candidate")?;
+    let bad = |e: crate::whatif::SampleError| api_err(StatusCode::BAD_REQUEST, e.to_string());
+    let rev = active.revision.map_or(String::new(), |r| r.to_string());
+    let on_active = crate::whatif::evaluate(&a_doc, &rev, &sample).map_err(bad)?;
+    let on_candidate = crate::whatif::evaluate(&c_doc, "candidate", &sample).map_err(bad)?;
+    to_json(json!({
+        "active": on_active,
+        "candidate": on_candidate,
+        "differs": on_active["decision"] != on_candidate["decision"]
+            || on_active["policy_id"] != on_candidate["policy_id"],
+    }))
 }
 
 #[utoipa::path(

@@ -16,6 +16,7 @@ pub mod paths;
 pub mod pg;
 pub mod store;
 pub mod ui;
+pub mod whatif;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -151,6 +151,7 @@ const ROUTES: &[(&str, &str, Role)] = &[
     ("GET", "/api/v1/audit", Role::Viewer),
     ("GET", "/api/v1/alerts", Role::Viewer),
     ("GET", "/api/v1/stats", Role::Viewer),
+    ("POST", "/api/v1/evaluate", Role::Viewer),
     ("POST", "/api/v1/import", Role::Admin),
     ("POST", "/api/v1/tokens", Role::Admin),
 ];
@@ -219,6 +220,38 @@ async fn set_configure_commit_publishes_a_signed_bundle_with_the_change() {
             .is_some_and(|l| l.starts_with("+ policies.allow-pypi"))),
         "{cmp}"
     );
+
+    // What does this request get? Allowed by the candidate, not yet by
+    // the active revision; a viewer may ask.
+    let sample = json!({"agent_id": "build-bot", "url": "https://pypi.org/simple/"});
+    let (s, ev) = a
+        .call(
+            Some(&a.viewer),
+            "POST",
+            "/api/v1/evaluate",
+            Some(sample.clone()),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{ev}");
+    assert_eq!(
+        (
+            ev["candidate"]["decision"].as_str(),
+            ev["candidate"]["policy_id"].as_str()
+        ),
+        (Some("allow"), Some("allow-pypi")),
+        "{ev}"
+    );
+    assert_eq!(ev["active"]["decision"], "deny", "{ev}");
+    assert_eq!(ev["differs"], true);
+    let (s, ev) = a
+        .call(
+            Some(&a.viewer),
+            "POST",
+            "/api/v1/evaluate",
+            Some(json!({"agent_id": "build-bot", "url": "ftp://pypi.org/"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{ev}");
 
     let (s, conf) = a
         .call(Some(&a.operator), "POST", "/api/v1/configure", None)

@@ -158,6 +158,27 @@ document.addEventListener("DOMContentLoaded", () => {
     $("signin-view").hidden = false;
   });
   for (const b of document.querySelectorAll("nav button")) b.addEventListener("click", () => show(b.dataset.tab));
+  $("whatif-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    showError(null);
+    try {
+      const r = await api("POST", "evaluate", {
+        agent_id: $("whatif-agent").value.trim(),
+        method: $("whatif-method").value,
+        url: $("whatif-url").value.trim(),
+      });
+      const rows = [["active", r.active], ["candidate", r.candidate]].map(([under, d]) => ({ under, ...d }));
+      fill("whatif-table", rows, [
+        (d) => d.under + (d.revision && d.under === "active" ? " (rev " + d.revision + ")" : ""),
+        "decision", "status", "policy_id", "reason",
+        (d) => d.shadow ? d.shadow.decision + " by " + d.shadow.policy_id : "",
+        "hint",
+      ], (d) => d.decision);
+      $("whatif-note").textContent = (r.differs ? "The candidate changes this answer. " : "")
+        + "Seen by authz as " + r.candidate.request.method + " " + r.candidate.request.authority + (r.candidate.request.path || "")
+        + " (node settings such as private_destinations_allowed and quotas are not applied here).";
+    } catch (e) { showError(e); }
+  });
   $("agent-form").addEventListener("submit", async (ev) => {
     ev.preventDefault();
     try {

@@ -15,8 +15,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use clawgress_policy::{
-    normalise_path, AgentDirectory, AuthError, Decision, Destination, Identity, PolicyDocument,
-    PolicySet, Reason, RequestFacts,
+    AgentDirectory, AuthError, Decision, Identity, PolicyDocument, PolicySet, Reason,
 };
 use envoy_types::ext_authz::v3::pb::{
     Authorization, AuthorizationServer, CheckRequest, CheckResponse, DeniedHttpResponse,
@@ -313,42 +312,9 @@ impl AuthzService {
                 };
             }
         };
-        let default_port = if f.connect { 443 } else { 80 };
-        let destination = match Destination::parse_authority(f.authority, default_port) {
-            Ok(d) => d,
-            Err(_) => {
-                return Verdict {
-                    identity: Some(identity),
-                    decision: Decision::deny("", Reason::MalformedDestination),
-                    revision,
-                    quota: None,
-                }
-            }
-        };
-        // Policies see the path as the origin server will: normalised, so
-        // `/x/../admin` cannot dodge a `/admin` rule. CONNECT has no path.
-        let path = if f.connect {
-            String::new()
-        } else {
-            match normalise_path(f.path) {
-                Ok(p) => p,
-                Err(_) => {
-                    return Verdict {
-                        identity: Some(identity),
-                        decision: Decision::deny("", Reason::MalformedPath),
-                        revision,
-                        quota: None,
-                    }
-                }
-            }
-        };
-        let decision = state.policies.evaluate(&RequestFacts {
-            identity: &identity,
-            destination: &destination,
-            method: f.method,
-            path: &path,
-            connect: f.connect,
-        });
+        let decision = state
+            .policies
+            .decide(&identity, f.authority, f.method, f.path, f.connect);
         Verdict {
             identity: Some(identity),
             decision,

@@ -332,6 +332,41 @@ impl PolicySet {
         &self.revision
     }
 
+    /// What an identified agent's request gets: the destination parsed
+    /// (default port 443 for CONNECT, 80 otherwise) and the path normalised
+    /// as the origin server will see it, then [`PolicySet::evaluate`].
+    /// authz's Check and the console's "what does this request get?" both
+    /// decide here.
+    pub fn decide(
+        &self,
+        identity: &Identity,
+        authority: &str,
+        method: &str,
+        raw_path: &str,
+        connect: bool,
+    ) -> Decision {
+        let default_port = if connect { 443 } else { 80 };
+        let Ok(destination) = Destination::parse_authority(authority, default_port) else {
+            return Decision::deny("", Reason::MalformedDestination);
+        };
+        // CONNECT has no path; elsewhere `/x/../admin` cannot dodge `/admin`.
+        let path = if connect {
+            String::new()
+        } else {
+            match crate::normalise_path(raw_path) {
+                Ok(p) => p,
+                Err(_) => return Decision::deny("", Reason::MalformedPath),
+            }
+        };
+        self.evaluate(&RequestFacts {
+            identity,
+            destination: &destination,
+            method,
+            path: &path,
+            connect,
+        })
+    }
+
     pub fn evaluate(&self, req: &RequestFacts<'_>) -> Decision {
         if let Host::Name(n) = &req.destination.host {
             if is_guarded_name(n) {
