@@ -9,6 +9,7 @@ use clawgress_admin::audit::{AuditQuery, AuditReader, AuditStore};
 use clawgress_audit_log::{AuditRecord, RecordKind};
 use clawgress_audit_sink::query::{QueryStore, Target};
 use clawgress_audit_sink::{JsonlWriter, RecordWriter};
+use serde_json::json;
 
 fn now_minus(secs: u64) -> String {
     humantime::format_rfc3339_millis(
@@ -139,6 +140,27 @@ fn exercise(target: Target, reader: AuditStore) {
     let stats = rt.block_on(r.stats(600)).expect("stats");
     // 18 requests in the window (one an hour old, one an alert).
     assert_eq!(stats["total"], 18, "{stats}");
+    // Per agent: requests, denials, 429s, last seen (newest first).
+    let agents = stats["agents"].as_array().expect("agents");
+    assert_eq!(agents[0]["agent_id"], "build-bot", "{stats}");
+    assert_eq!(
+        (
+            &agents[0]["requests"],
+            &agents[0]["denied"],
+            &agents[0]["rate_limited"]
+        ),
+        (&json!(10), &json!(3), &json!(0)),
+        "{stats}"
+    );
+    assert_eq!(
+        agents[0]["last_seen"],
+        recs[19].timestamp.as_str(),
+        "{stats}"
+    );
+    assert_eq!(
+        (&agents[1]["agent_id"], &agents[1]["requests"]),
+        (&json!("lab-vm"), &json!(8))
+    );
     let by_policy = stats["by_policy"].as_array().expect("by_policy");
     assert!(
         by_policy

@@ -273,6 +273,33 @@ fn an_operator_signs_in_adds_an_agent_commits_and_watches_decisions() {
     b.wait_text("#record", "\"request_id\"");
     b.screenshot("5-decisions");
 
+    // Agents: last hour's traffic per agent, and key rotation / disabling
+    // into the candidate.
+    b.click("nav button[data-tab=agents]");
+    b.wait_text("#agents-table", "ui-bot");
+    let row = |id: &str| {
+        b.text("#agents-table")
+            .lines()
+            .find(|l| l.starts_with(&format!("{id}\t")) || l.starts_with(&format!("{id} ")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            b.click("nav button[data-tab=agents]");
+            row(AGENT).contains("T")
+        }),
+        "the agent's last-seen time is shown: {:?}",
+        b.text("#agents-table")
+    );
+    b.click("button[data-agent=ui-bot]");
+    b.wait_text("#agent-key", "New key for ui-bot");
+    assert!(b.text("#agent-key").contains("cg_"));
+    b.screenshot("2b-agents-activity");
+    b.click("nav button[data-tab=revisions]");
+    b.click("#review");
+    b.wait_text("#diff", "agents.ui-bot.api_key_sha256");
+
     let errors = b.console_errors();
     assert!(errors.is_empty(), "console errors: {errors:?}");
 

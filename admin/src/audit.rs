@@ -285,6 +285,7 @@ impl AuditReader {
         let by_decision = fetch(&["decision", "reason"], 100).await?;
         let by_agent = fetch(&["agent_id", "decision"], 20).await?;
         let by_policy = fetch(&["policy_id", "decision"], 20).await?;
+        let agents = self.agents_seen(db, pg, &since).await?;
         let total: i64 = by_decision.iter().filter_map(|v| v["count"].as_i64()).sum();
         Ok(json!({
             "window_s": window_s,
@@ -293,7 +294,60 @@ impl AuditReader {
             "by_decision": by_decision,
             "by_agent": by_agent,
             "by_policy": by_policy,
+            "agents": agents,
         }))
+    }
+}
+
+impl AuditReader {
+    /// Per agent in the window: requests, denials, 429s and when it was
+    /// last seen (newest first, at most 1,000 agents).
+    async fn agents_seen(&self, db: &Db, pg: bool, since: &str) -> Result<Vec<Value>, AuditError> {
+        let last = if pg {
+            "to_char(MAX(\"timestamp\") AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+        } else {
+            "MAX(\"timestamp\")"
+        };
+        let mut sql = Sql::new(
+            pg,
+            format!(
+                "SELECT agent_id, COUNT(*) AS n, \
+                 SUM(CASE WHEN decision = 'deny' THEN 1 ELSE 0 END) AS denied, \
+                 SUM(CASE WHEN response_code = 429 THEN 1 ELSE 0 END) AS limited, \
+                 {last} AS last_seen FROM audit_records \
+                 WHERE kind = 'request' AND agent_id <> '' AND \"timestamp\" >= "
+            ),
+        );
+        sql.bind_time(since.to_string());
+        sql.push(" GROUP BY agent_id ORDER BY last_seen DESC LIMIT 1000");
+        macro_rules! run {
+            ($pool:expr) => {{
+                let mut q = sqlx::query(&sql.text);
+                for a in &sql.args {
+                    q = match a {
+                        Arg::Text(t) => q.bind(t.clone()),
+                        Arg::Int(i) => q.bind(*i),
+                    };
+                }
+                q.fetch_all($pool)
+                    .await?
+                    .iter()
+                    .map(|r| {
+                        json!({
+                            "agent_id": r.get::<String, _>("agent_id"),
+                            "requests": r.get::<i64, _>("n"),
+                            "denied": r.get::<i64, _>("denied"),
+                            "rate_limited": r.get::<i64, _>("limited"),
+                            "last_seen": r.get::<String, _>("last_seen"),
+                        })
+                    })
+                    .collect()
+            }};
+        }
+        Ok(match db {
+            Db::Sqlite(p) => run!(p),
+            Db::Postgres(p) => run!(p),
+        })
     }
 }
 

@@ -83,7 +83,42 @@ async function overview() {
 
 async function agents() {
   const list = await api("GET", "agents");
-  fill("agents-table", list, ["agent_id", "auth_type", "status", "team_id", "project_id", "environment", (a) => a.profile || ""]);
+  const stats = await api("GET", "stats?window_s=3600").catch(() => ({ agents: [] }));
+  const seen = new Map((stats.agents || []).map((x) => [x.agent_id, x]));
+  const n = (a, k) => (seen.get(a.agent_id) || {})[k] ?? "";
+  const body = fill("agents-table", list, [
+    "agent_id", "auth_type", "status", "team_id", "project_id", "environment", (a) => a.profile || "",
+    (a) => n(a, "last_seen"), (a) => n(a, "requests"), (a) => n(a, "denied"), (a) => n(a, "rate_limited"),
+    () => "",
+  ], (a) => a.status === "disabled" ? "deny" : "");
+  if (role === "viewer") return;
+  // Changes go to the candidate, like every edit: review and commit them.
+  body.querySelectorAll("tr").forEach((tr, i) => {
+    const a = list[i];
+    const id = a.agent_id;
+    const quoted = "agents." + JSON.stringify(id);
+    const act = (label, f) => {
+      const b = document.createElement("button");
+      b.textContent = label;
+      b.dataset.agent = id;
+      b.addEventListener("click", async () => {
+        showError(null);
+        try { await f(); await agents(); } catch (e) { showError(e); }
+      });
+      tr.lastChild.appendChild(b);
+    };
+    if (a.auth_type === "api_key") {
+      act("Rotate key", async () => {
+        const r = await api("POST", "agents/" + encodeURIComponent(id) + "/rotate-key");
+        $("agent-key").textContent = "New key for " + id + " (shown once; the old key works until you commit): " + r.api_key;
+      });
+    }
+    const disabled = a.status === "disabled";
+    act(disabled ? "Enable" : "Disable", async () => {
+      await api("POST", "candidate/set", { path: quoted + ".status", value: disabled ? "active" : "disabled" });
+      $("agent-key").textContent = id + (disabled ? " enabled" : " disabled") + " in the candidate: review and commit it under Revisions.";
+    });
+  });
 }
 
 async function policies() {
