@@ -272,6 +272,17 @@ fn an_operator_signs_in_adds_an_agent_commits_and_watches_decisions() {
     b.click("#decisions-table tbody tr");
     b.wait_text("#record", "\"request_id\"");
     b.screenshot("5-decisions");
+    // Pushed as it happens (Server-Sent Events), no reload.
+    assert_eq!(
+        raw_get(
+            stack.proxy,
+            &format!("http://{}/pushed-live", up.addr),
+            AGENT,
+            KEY
+        ),
+        200
+    );
+    b.wait_text("#decisions-table", "/pushed-live");
 
     // Agents: last hour's traffic per agent, and key rotation / disabling
     // into the candidate.

@@ -145,7 +145,7 @@ impl<const MIN: u8> FromRequestParts<Ctl> for Auth<MIN> {
     info(title = "Clawgress admin API", description = "The control plane of DESIGN.md §7: candidate, configure, commit, rollback, revisions, agents, tokens."),
     paths(candidate, put_candidate, set, delete, active, show, compare, configure, commit,
           confirm, rollback, lockdown, revisions, revision, import, events, rollout, bundle, commits, profiles, agents,
-          add_agent, rotate_key, revoke_key, policies, quotas, add_token, audit, alerts, stats, evaluate, openapi),
+          add_agent, rotate_key, revoke_key, policies, quotas, add_token, audit, audit_stream, alerts, stats, evaluate, openapi),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -205,6 +205,7 @@ pub fn router(ctl: Ctl) -> Router {
         .route("/api/v1/quotas", get(quotas))
         .route("/api/v1/tokens", post(add_token))
         .route("/api/v1/audit", get(audit))
+        .route("/api/v1/audit/stream", get(audit_stream))
         .route("/api/v1/alerts", get(alerts))
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/evaluate", post(evaluate))
@@ -844,6 +845,77 @@ async fn audit(
     Query(q): Query<crate::audit::AuditQuery>,
 ) -> Answer {
     Ok(Json(ctl.audit.query(&q).await?))
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct StreamQuery {
+    agent: Option<String>,
+    decision: Option<String>,
+    host: Option<String>,
+    /// Start after this seq (default: the 30 newest matching records first).
+    after_seq: Option<i64>,
+    /// End the stream after this many seconds (default 300, at most 3600);
+    /// an EventSource reconnects by itself.
+    max_s: Option<u64>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/audit/stream",
+    summary = "Live audit records (Server-Sent Events), oldest first as they arrive",
+    description = "Role: viewer. Each event is one record (JSON) with its seq as the event id; the query store is polled every second.",
+    params(StreamQuery),
+    responses((status = 200, description = "text/event-stream"), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
+    security(("bearer" = []))
+)]
+async fn audit_stream(
+    State(ctl): State<Ctl>,
+    _: Auth<VIEWER>,
+    Query(q): Query<StreamQuery>,
+) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let deadline = tokio::time::Instant::now()
+        + std::time::Duration::from_secs(q.max_s.unwrap_or(300).min(3600));
+    tokio::spawn(async move {
+        let mut after = q.after_seq;
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+        while tokio::time::Instant::now() < deadline {
+            every.tick().await;
+            let query = crate::audit::AuditQuery {
+                agent: q.agent.clone(),
+                decision: q.decision.clone(),
+                host: q.host.clone(),
+                after_seq: after,
+                limit: Some(if after.is_some() { 1000 } else { 30 }),
+                ..Default::default()
+            };
+            let records = match ctl.audit.query(&query).await {
+                Ok(v) => v["records"].as_array().cloned().unwrap_or_default(),
+                // Not there yet (no record so far), or a store hiccup: try
+                // again next second.
+                Err(_) => Vec::new(),
+            };
+            if after.is_none() {
+                after = Some(records.first().and_then(|r| r["seq"].as_i64()).unwrap_or(0));
+            }
+            // Newest first from the store; sent oldest first.
+            for r in records.iter().rev() {
+                let seq = r["seq"].as_i64().unwrap_or(0);
+                after = after.max(Some(seq));
+                let ev = Event::default().id(seq.to_string()).data(r.to_string());
+                if tx.send(Ok(ev)).await.is_err() {
+                    return; // the client went away
+                }
+            }
+        }
+    });
+    Sse::new(tokio_stream::wrappers::ReceiverStream::<
+        Result<Event, std::convert::Infallible>,
+    >::new(rx))
+    .keep_alive(KeepAlive::default())
+    .into_response()
 }
 
 #[utoipa::path(

@@ -174,6 +174,8 @@ pub struct AuditQuery {
     /// Page backwards: records with `seq` below this (the previous answer's
     /// `next_before_seq`).
     pub before_seq: Option<i64>,
+    /// Only records with `seq` above this (what a live view has not seen).
+    pub after_seq: Option<i64>,
     /// Default 100, at most 1000.
     pub limit: Option<i64>,
 }
@@ -249,6 +251,9 @@ impl AuditReader {
         }
         if let Some(t) = &q.until {
             sql.push(" AND \"timestamp\" < ").bind_time(normal_time(t)?);
+        }
+        if let Some(a) = q.after_seq {
+            sql.push(" AND seq > ").bind(Arg::Int(a));
         }
         if let Some(b) = q.before_seq {
             sql.push(" AND seq < ").bind(Arg::Int(b));

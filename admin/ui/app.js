@@ -5,7 +5,8 @@
 
 let csrf = null;
 let role = null;
-let timer = null;
+let stream = null;
+let live = [];
 
 const $ = (id) => document.getElementById(id);
 
@@ -63,14 +64,14 @@ function signedIn(me) {
 async function show(tab) {
   for (const s of document.querySelectorAll(".tab")) s.hidden = s.id !== "tab-" + tab;
   for (const b of document.querySelectorAll("nav button")) b.classList.toggle("active", b.dataset.tab === tab);
-  if (timer) { clearInterval(timer); timer = null; }
+  stopStream();
   showError(null);
   try {
     if (tab === "overview") await overview();
     if (tab === "agents") await agents();
     if (tab === "policies") await policies();
     if (tab === "revisions") await revisions();
-    if (tab === "decisions") { await decisions(); timer = setInterval(() => { if (!$("f-pause").checked) decisions().catch(showError); }, 2000); }
+    if (tab === "decisions") startStream();
   } catch (e) { showError(e); }
 }
 
@@ -153,18 +154,39 @@ async function revisions() {
   }
 }
 
-async function decisions() {
-  const q = new URLSearchParams({ limit: "30" });
+// Live decisions: Server-Sent Events from /api/v1/audit/stream (the
+// session cookie goes with them), newest on top, at most 100 kept.
+function stopStream() {
+  if (stream) { stream.close(); stream = null; }
+}
+
+function startStream() {
+  stopStream();
+  live = [];
+  renderDecisions();
+  const q = new URLSearchParams();
   if ($("f-agent").value) q.set("agent", $("f-agent").value);
   if ($("f-decision").value) q.set("decision", $("f-decision").value);
   if ($("f-host").value) q.set("host", $("f-host").value);
-  const d = await api("GET", "audit?" + q.toString()).catch((e) => { if (/not there yet/.test(e.message)) return { records: [] }; throw e; });
-  const body = fill("decisions-table", d.records, [
+  stream = new EventSource("/api/v1/audit/stream?" + q.toString());
+  stream.onmessage = (ev) => {
+    let r;
+    try { r = JSON.parse(ev.data); } catch { return; }
+    if (live.some((x) => x.seq === r.seq)) return;
+    live.unshift(r);
+    if (live.length > 100) live.pop();
+    if (!$("f-pause").checked) renderDecisions();
+  };
+}
+
+function renderDecisions() {
+  const shown = live.slice();
+  const body = fill("decisions-table", shown, [
     "timestamp", "agent_id", "decision", "response_code", "http_method",
     (r) => r.destination_host + ":" + r.destination_port, "path", "policy_id", "reason",
   ], (r) => r.decision + " clickable");
   body.querySelectorAll("tr").forEach((tr, i) => tr.addEventListener("click", () => {
-    $("record").textContent = JSON.stringify(d.records[i], null, 2);
+    $("record").textContent = JSON.stringify(shown[i], null, 2);
   }));
 }
 
@@ -184,7 +206,7 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("signout").addEventListener("click", async () => {
     await fetch("/ui/session", { method: "DELETE", credentials: "same-origin" });
-    if (timer) { clearInterval(timer); timer = null; }
+    stopStream();
     csrf = null; role = null;
     $("who").textContent = "";
     $("signout").hidden = true;
@@ -193,6 +215,8 @@ document.addEventListener("DOMContentLoaded", () => {
     $("signin-view").hidden = false;
   });
   for (const b of document.querySelectorAll("nav button")) b.addEventListener("click", () => show(b.dataset.tab));
+  for (const id of ["f-agent", "f-decision", "f-host"]) $(id).addEventListener("change", startStream);
+  $("f-pause").addEventListener("change", () => { if (!$("f-pause").checked) renderDecisions(); });
   $("whatif-form").addEventListener("submit", async (ev) => {
     ev.preventDefault();
     showError(null);
