@@ -238,6 +238,11 @@ fn an_operator_signs_in_adds_an_agent_commits_and_watches_decisions() {
     b.wait_text("#diff", "+ agents.ui-bot");
     b.click("#commit");
     b.wait_text("#commit-result", "active");
+    // Any two revisions side by side: the commit added ui-bot.
+    b.click("nav button[data-tab=revisions]");
+    b.wait_text("#revisions-table", "(active)");
+    b.click("#sbs-go");
+    b.wait_text("#sbs-table", "agents.ui-bot");
     b.screenshot("3-revisions");
     b.click("nav button[data-tab=agents]");
     b.wait_text("#agents-table", "ui-bot");

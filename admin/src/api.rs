@@ -435,21 +435,46 @@ async fn evaluate(
     }))
 }
 
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct CompareQuery {
+    /// A revision id (default: the active revision).
+    from: Option<i64>,
+    /// A revision id (default: the candidate).
+    to: Option<i64>,
+}
+
 #[utoipa::path(
     get,
     path = "/api/v1/compare",
-    summary = "Diff of candidate against active",
-    description = "Role: viewer.",
+    summary = "Diff of two documents: by default candidate against active; any two revisions with from/to",
+    description = "Role: viewer. `changes` lists each changed path with its value before and after, for side-by-side views.",
+    params(CompareQuery),
     responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low")),
     security(("bearer" = []))
 )]
-async fn compare(State(ctl): State<Ctl>, _: Auth<VIEWER>) -> Answer {
+async fn compare(State(ctl): State<Ctl>, _: Auth<VIEWER>, Query(q): Query<CompareQuery>) -> Answer {
     let a = ctl.active().await?;
     let cand = ctl.candidate().await?;
+    let doc_of = |id: i64| {
+        let ctl = ctl.clone();
+        async move { ctl.revision_document(id).await.map(|(_, d)| d) }
+    };
+    let old = match q.from {
+        Some(id) => doc_of(id).await?,
+        None => a.document.clone(),
+    };
+    let new = match q.to {
+        Some(id) => doc_of(id).await?,
+        None => cand.document.clone(),
+    };
     to_json(json!({
         "active_revision": a.revision,
         "candidate_version": cand.version,
-        "diff": paths::diff(&a.document, &cand.document),
+        "from": q.from.map_or(json!("active"), |r| json!(r)),
+        "to": q.to.map_or(json!("candidate"), |r| json!(r)),
+        "diff": paths::diff(&old, &new),
+        "changes": paths::changes(&old, &new),
     }))
 }
 

@@ -272,12 +272,35 @@ fn quote(seg: &str) -> String {
 /// The changes from `old` to `new`, one line each, addressed by path:
 /// `+ path: value`, `- path`, `~ path: old -> new`.
 pub fn diff(old: &Value, new: &Value) -> Vec<String> {
+    changes(old, new)
+        .into_iter()
+        .map(|c| match (c.old, c.new) {
+            (None, Some(n)) => format!("+ {}: {n}", c.path),
+            (Some(_), None) => format!("- {}", c.path),
+            (Some(o), Some(n)) => format!("~ {}: {o} -> {n}", c.path),
+            (None, None) => format!("? {}", c.path),
+        })
+        .collect()
+}
+
+/// One changed path: its value before (`None`: added) and after (`None`:
+/// removed), for side-by-side views.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Change {
+    pub path: String,
+    pub old: Option<Value>,
+    pub new: Option<Value>,
+}
+
+/// Every changed path between two documents, agents and policies keyed by
+/// id, in document order.
+pub fn changes(old: &Value, new: &Value) -> Vec<Change> {
     let mut out = Vec::new();
     walk(&keyed(old, None), &keyed(new, None), "", &mut out);
     out
 }
 
-fn walk(old: &Value, new: &Value, path: &str, out: &mut Vec<String>) {
+fn walk(old: &Value, new: &Value, path: &str, out: &mut Vec<Change>) {
     let join = |k: &str| {
         if path.is_empty() {
             quote(k)
@@ -290,16 +313,28 @@ fn walk(old: &Value, new: &Value, path: &str, out: &mut Vec<String>) {
             for (k, va) in a {
                 match b.get(k) {
                     Some(vb) => walk(va, vb, &join(k), out),
-                    None => out.push(format!("- {}", join(k))),
+                    None => out.push(Change {
+                        path: join(k),
+                        old: Some(va.clone()),
+                        new: None,
+                    }),
                 }
             }
             for (k, vb) in b {
                 if !a.contains_key(k) {
-                    out.push(format!("+ {}: {vb}", join(k)));
+                    out.push(Change {
+                        path: join(k),
+                        old: None,
+                        new: Some(vb.clone()),
+                    });
                 }
             }
         }
-        (a, b) if a != b => out.push(format!("~ {path}: {a} -> {b}")),
+        (a, b) if a != b => out.push(Change {
+            path: path.to_string(),
+            old: Some(a.clone()),
+            new: Some(b.clone()),
+        }),
         _ => {}
     }
 }

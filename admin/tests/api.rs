@@ -403,6 +403,36 @@ async fn rollback_commits_an_earlier_document_as_a_newer_revision() {
     let r1 = commit_policy(&a, "one").await;
     let r2 = commit_policy(&a, "two").await;
     assert_eq!(a.bundle().document.policies.len(), 2);
+    // Any two revisions side by side: what r2 added to r1, and back.
+    let (s, cmp) = a
+        .call(
+            Some(&a.viewer),
+            "GET",
+            &format!("/api/v1/compare?from={r1}&to={r2}"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{cmp}");
+    let changes = cmp["changes"].as_array().expect("changes");
+    assert_eq!(changes.len(), 1, "{cmp}");
+    assert_eq!(changes[0]["path"], "policies.two");
+    assert!(
+        changes[0]["old"].is_null() && changes[0]["new"]["action"].is_string(),
+        "{cmp}"
+    );
+    let (_, back) = a
+        .call(
+            Some(&a.viewer),
+            "GET",
+            &format!("/api/v1/compare?from={r2}&to={r1}"),
+            None,
+        )
+        .await;
+    assert_eq!(back["diff"], json!(["- policies.two"]), "{back}");
+    let (s, _) = a
+        .call(Some(&a.viewer), "GET", "/api/v1/compare?from=999", None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
     let (s, c) = a
         .call(
             Some(&a.operator),

@@ -137,6 +137,18 @@ async function revisions() {
   $("diff").textContent = cmp.diff.length ? cmp.diff.join("\n") : "(no changes)";
   $("commit").hidden = true;
   const r = await api("GET", "revisions?limit=50");
+  for (const [sel, pick] of [["sbs-from", 1], ["sbs-to", 0]]) {
+    const el = $(sel);
+    el.replaceChildren();
+    r.revisions.forEach((x, i) => {
+      const o = document.createElement("option");
+      o.value = String(x.id);
+      o.textContent = "rev " + x.id + (x.id === r.active ? " (active)" : "");
+      // Default: the revision before the newest against the newest.
+      if (i === Math.min(pick, r.revisions.length - 1)) o.selected = true;
+      el.appendChild(o);
+    });
+  }
   const body = fill("revisions-table", r.revisions, [
     (x) => x.id + (x.id === r.active ? " (active)" : ""), "created_at", "actor", "comment", () => "",
   ]);
@@ -217,6 +229,20 @@ document.addEventListener("DOMContentLoaded", () => {
   for (const b of document.querySelectorAll("nav button")) b.addEventListener("click", () => show(b.dataset.tab));
   for (const id of ["f-agent", "f-decision", "f-host"]) $(id).addEventListener("change", startStream);
   $("f-pause").addEventListener("change", () => { if (!$("f-pause").checked) renderDecisions(); });
+  $("sbs-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    showError(null);
+    try {
+      const from = $("sbs-from").value, to = $("sbs-to").value;
+      const c = await api("GET", "compare?from=" + encodeURIComponent(from) + "&to=" + encodeURIComponent(to));
+      $("sbs-old").textContent = "rev " + from;
+      $("sbs-new").textContent = "rev " + to;
+      const show = (v) => v === null || v === undefined ? "—" : JSON.stringify(v);
+      fill("sbs-table", c.changes, ["path", (x) => show(x.old), (x) => show(x.new)],
+        (x) => x.old === null ? "added" : x.new === null ? "removed" : "changed");
+      if (!c.changes.length) fill("sbs-table", [{ path: "(no differences)" }], ["path", () => "", () => ""]);
+    } catch (e) { showError(e); }
+  });
   $("whatif-form").addEventListener("submit", async (ev) => {
     ev.preventDefault();
     showError(null);
