@@ -338,6 +338,34 @@ fn the_query_store_serves_audit_alerts_admin_actions_and_stats() {
     );
 }
 
+/// `serve ratelimit` as a fleet node in `dir`: pulls bundles from the
+/// stack's admin API with the token in `token_file`; stderr in `dir/stderr`.
+fn fleet_node(
+    stack: &Stack,
+    dir: &std::path::Path,
+    token_file: &std::path::Path,
+) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_clawgress"))
+        .args(["serve", "ratelimit", "--config"])
+        .arg(&stack.config)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--listen")
+        .arg(format!("unix:{}", dir.join("rl.sock").display()))
+        .arg("--bundle-dir")
+        .arg(dir.join("bundle"))
+        .arg("--bundle-key")
+        .arg(stack.state().join("keys/bundle.pub"))
+        .arg("--bundle-url")
+        .arg(format!("http://{}/api/v1/bundle", stack.admin))
+        .arg("--bundle-token-file")
+        .arg(token_file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("stderr")).expect("stderr"))
+        .spawn()
+        .expect("serve ratelimit")
+}
+
 #[test]
 fn a_fleet_node_pulls_bundles_over_http_and_follows_commits() {
     let stack = Stack::start(&config_allowing(&[free_port()], ""));
@@ -360,25 +388,8 @@ fn a_fleet_node_pulls_bundles_over_http_and_follows_commits() {
         .to_string();
     let node = tempfile::tempdir().expect("node dir");
     std::fs::write(node.path().join("token"), &viewer).expect("token file");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_clawgress"))
-        .args(["serve", "ratelimit", "--config"])
-        .arg(&stack.config)
-        .arg("--state-dir")
-        .arg(node.path().join("state"))
-        .arg("--listen")
-        .arg(format!("unix:{}", node.path().join("rl.sock").display()))
-        .arg("--bundle-dir")
-        .arg(node.path().join("bundle"))
-        .arg("--bundle-key")
-        .arg(stack.state().join("keys/bundle.pub"))
-        .arg("--bundle-url")
-        .arg(format!("http://{}/api/v1/bundle", stack.admin))
-        .arg("--bundle-token-file")
-        .arg(node.path().join("token"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(node.path().join("stderr")).expect("stderr"))
-        .spawn()
-        .expect("serve ratelimit");
+    let token_file = node.path().join("token");
+    let mut child = fleet_node(&stack, node.path(), &token_file);
     let loaded = || {
         std::fs::read_to_string(node.path().join("bundle/loaded-ratelimit"))
             .ok()
@@ -410,25 +421,7 @@ fn a_fleet_node_pulls_bundles_over_http_and_follows_commits() {
     bytes[at] ^= 0x20;
     std::fs::write(&active, &bytes).expect("corrupt");
     let node2 = tempfile::tempdir().expect("node dir");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_clawgress"))
-        .args(["serve", "ratelimit", "--config"])
-        .arg(&stack.config)
-        .arg("--state-dir")
-        .arg(node2.path().join("state"))
-        .arg("--listen")
-        .arg(format!("unix:{}", node2.path().join("rl.sock").display()))
-        .arg("--bundle-dir")
-        .arg(node2.path().join("bundle"))
-        .arg("--bundle-key")
-        .arg(stack.state().join("keys/bundle.pub"))
-        .arg("--bundle-url")
-        .arg(format!("http://{}/api/v1/bundle", stack.admin))
-        .arg("--bundle-token-file")
-        .arg(node.path().join("token"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(node2.path().join("stderr")).expect("stderr"))
-        .spawn()
-        .expect("serve ratelimit");
+    let mut child = fleet_node(&stack, node2.path(), &token_file);
     let rejected = || {
         std::fs::read_to_string(node2.path().join("stderr"))
             .unwrap_or_default()

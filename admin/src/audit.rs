@@ -66,6 +66,33 @@ struct Sql {
     args: Vec<Arg>,
 }
 
+/// Run `sql` on whichever database `db` is and map every row with `f`
+/// (rows of SQLite and PostgreSQL are different types; the body is one).
+macro_rules! fetch_rows {
+    ($sql:expr, $db:expr, |$r:ident| $body:expr) => {{
+        macro_rules! run {
+            ($pool:expr) => {{
+                let mut q = sqlx::query(&$sql.text);
+                for a in &$sql.args {
+                    q = match a {
+                        Arg::Text(t) => q.bind(t.clone()),
+                        Arg::Int(i) => q.bind(*i),
+                    };
+                }
+                q.fetch_all($pool)
+                    .await?
+                    .iter()
+                    .map(|$r| $body)
+                    .collect::<Vec<Value>>()
+            }};
+        }
+        match $db {
+            Db::Sqlite(p) => run!(p),
+            Db::Postgres(p) => run!(p),
+        }
+    }};
+}
+
 impl Sql {
     fn new(pg: bool, text: impl Into<String>) -> Sql {
         Sql {
@@ -103,38 +130,21 @@ impl Sql {
     /// The one text column `j` (or the named text columns and count `n`)
     /// of every row.
     async fn rows(&self, db: &Db, cols: &[&str]) -> Result<Vec<Value>, sqlx::Error> {
-        macro_rules! run {
-            ($pool:expr) => {{
-                let mut q = sqlx::query(&self.text);
-                for a in &self.args {
-                    q = match a {
-                        Arg::Text(t) => q.bind(t.clone()),
-                        Arg::Int(i) => q.bind(*i),
-                    };
+        Ok(fetch_rows!(self, db, |r| {
+            if cols.is_empty() {
+                serde_json::from_str(r.get::<&str, _>("j")).unwrap_or(Value::Null)
+            } else {
+                let mut m = serde_json::Map::new();
+                for c in cols {
+                    m.insert((*c).into(), Value::String(r.get::<String, _>(*c)));
                 }
-                q.fetch_all($pool)
-                    .await?
-                    .iter()
-                    .map(|r| {
-                        if cols.is_empty() {
-                            return serde_json::from_str(r.get::<&str, _>("j"))
-                                .unwrap_or(Value::Null);
-                        }
-                        let mut m = serde_json::Map::new();
-                        for c in cols {
-                            m.insert((*c).into(), Value::String(r.get::<String, _>(*c)));
-                        }
-                        m.insert("count".into(), json!(r.get::<i64, _>("n")));
-                        Value::Object(m)
-                    })
-                    .filter(|v| !v.is_null())
-                    .collect()
-            }};
-        }
-        Ok(match db {
-            Db::Sqlite(p) => run!(p),
-            Db::Postgres(p) => run!(p),
+                m.insert("count".into(), json!(r.get::<i64, _>("n")));
+                Value::Object(m)
+            }
         })
+        .into_iter()
+        .filter(|v| !v.is_null())
+        .collect())
     }
 }
 
@@ -325,34 +335,13 @@ impl AuditReader {
         );
         sql.bind_time(since.to_string());
         sql.push(" GROUP BY agent_id ORDER BY last_seen DESC LIMIT 1000");
-        macro_rules! run {
-            ($pool:expr) => {{
-                let mut q = sqlx::query(&sql.text);
-                for a in &sql.args {
-                    q = match a {
-                        Arg::Text(t) => q.bind(t.clone()),
-                        Arg::Int(i) => q.bind(*i),
-                    };
-                }
-                q.fetch_all($pool)
-                    .await?
-                    .iter()
-                    .map(|r| {
-                        json!({
-                            "agent_id": r.get::<String, _>("agent_id"),
-                            "requests": r.get::<i64, _>("n"),
-                            "denied": r.get::<i64, _>("denied"),
-                            "rate_limited": r.get::<i64, _>("limited"),
-                            "last_seen": r.get::<String, _>("last_seen"),
-                        })
-                    })
-                    .collect()
-            }};
-        }
-        Ok(match db {
-            Db::Sqlite(p) => run!(p),
-            Db::Postgres(p) => run!(p),
-        })
+        Ok(fetch_rows!(sql, db, |r| json!({
+            "agent_id": r.get::<String, _>("agent_id"),
+            "requests": r.get::<i64, _>("n"),
+            "denied": r.get::<i64, _>("denied"),
+            "rate_limited": r.get::<i64, _>("limited"),
+            "last_seen": r.get::<String, _>("last_seen"),
+        })))
     }
 }
 
