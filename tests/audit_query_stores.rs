@@ -140,6 +140,23 @@ fn exercise(target: Target, reader: AuditStore) {
     let stats = rt.block_on(r.stats(600)).expect("stats");
     // 18 requests in the window (one an hour old, one an alert).
     assert_eq!(stats["total"], 18, "{stats}");
+    // Requests per minute and the most denied hosts.
+    let minutes = stats["per_minute"].as_array().expect("per_minute");
+    let total: i64 = minutes.iter().filter_map(|m| m["requests"].as_i64()).sum();
+    assert_eq!(total, 18, "{stats}");
+    let denied: i64 = minutes.iter().filter_map(|m| m["denied"].as_i64()).sum();
+    assert_eq!(denied, 6, "{stats}");
+    assert!(
+        minutes.iter().all(|m| m["minute"]
+            .as_str()
+            .is_some_and(|t| t.len() == 16 && &t[10..11] == "T")),
+        "{stats}"
+    );
+    assert_eq!(
+        stats["top_denied_hosts"][0]["destination_host"], "evil.example",
+        "{stats}"
+    );
+    assert_eq!(stats["top_denied_hosts"][0]["count"], 6, "{stats}");
     // Per agent: requests, denials, 429s, last seen (newest first).
     let agents = stats["agents"].as_array().expect("agents");
     assert_eq!(agents[0]["agent_id"], "build-bot", "{stats}");

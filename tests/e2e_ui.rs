@@ -231,6 +231,13 @@ fn an_operator_signs_in_adds_an_agent_commits_and_watches_decisions() {
     b.type_in("#agent-team", "web");
     b.click("#agent-add");
     b.wait_text("#agent-key", "cg_");
+    assert!(b.displayed("#agent-key-copy"), "a copy button for the key");
+    b.click("#agent-key-copy");
+    assert!(
+        eventually(Duration::from_secs(5), || b.text("#agent-key-copy")
+            != "Copy key"),
+        "the copy button answers"
+    );
     b.screenshot("2-agents");
 
     b.click("nav button[data-tab=revisions]");
@@ -288,6 +295,24 @@ fn an_operator_signs_in_adds_an_agent_commits_and_watches_decisions() {
         200
     );
     b.wait_text("#decisions-table", "/pushed-live");
+    // The overview charts what happened: bars per minute, the denied host.
+    assert_eq!(
+        raw_get(stack.proxy, "http://denied.example/", AGENT, KEY),
+        403
+    );
+    b.wait_text("#decisions-table", "denied.example");
+    b.click("nav button[data-tab=overview]");
+    b.wait_text("#overview-hosts", "denied.example");
+    assert!(
+        b.find("#chart-requests rect.bar").is_some(),
+        "a bar is drawn"
+    );
+    assert!(
+        b.find("#chart-requests rect.deny").is_some(),
+        "the denial is red"
+    );
+    b.wait_text("#overview-total", "% denied");
+    b.screenshot("1b-overview-traffic");
 
     // Agents: last hour's traffic per agent, and key rotation / disabling
     // into the candidate.

@@ -301,6 +301,17 @@ impl AuditReader {
         let by_agent = fetch(&["agent_id", "decision"], 20).await?;
         let by_policy = fetch(&["policy_id", "decision"], 20).await?;
         let agents = self.agents_seen(db, pg, &since).await?;
+        let series = self.per_minute(db, pg, &since).await?;
+        let denied_hosts = {
+            let mut sql = Sql::new(
+                pg,
+                "SELECT destination_host, COUNT(*) AS n FROM audit_records \
+                 WHERE kind = 'request' AND decision = 'deny' AND \"timestamp\" >= ",
+            );
+            sql.bind_time(since.clone());
+            sql.push(" GROUP BY destination_host ORDER BY n DESC LIMIT 10");
+            sql.rows(db, &["destination_host"]).await?
+        };
         let total: i64 = by_decision.iter().filter_map(|v| v["count"].as_i64()).sum();
         Ok(json!({
             "window_s": window_s,
@@ -310,11 +321,40 @@ impl AuditReader {
             "by_agent": by_agent,
             "by_policy": by_policy,
             "agents": agents,
+            "per_minute": series,
+            "top_denied_hosts": denied_hosts,
         }))
     }
 }
 
 impl AuditReader {
+    /// Requests per minute in the window (UTC `YYYY-MM-DDTHH:MM`), with
+    /// how many were denied and how many got 429, oldest first.
+    async fn per_minute(&self, db: &Db, pg: bool, since: &str) -> Result<Vec<Value>, AuditError> {
+        let minute = if pg {
+            "to_char(date_trunc('minute', \"timestamp\" AT TIME ZONE 'UTC'), 'YYYY-MM-DD\"T\"HH24:MI')"
+        } else {
+            "substr(\"timestamp\", 1, 16)"
+        };
+        let mut sql = Sql::new(
+            pg,
+            format!(
+                "SELECT {minute} AS minute, COUNT(*) AS n, \
+                 SUM(CASE WHEN decision = 'deny' THEN 1 ELSE 0 END) AS denied, \
+                 SUM(CASE WHEN response_code = 429 THEN 1 ELSE 0 END) AS limited \
+                 FROM audit_records WHERE kind = 'request' AND \"timestamp\" >= "
+            ),
+        );
+        sql.bind_time(since.to_string());
+        sql.push(" GROUP BY minute ORDER BY minute");
+        Ok(fetch_rows!(sql, db, |r| json!({
+            "minute": r.get::<String, _>("minute"),
+            "requests": r.get::<i64, _>("n"),
+            "denied": r.get::<i64, _>("denied"),
+            "rate_limited": r.get::<i64, _>("limited"),
+        })))
+    }
+
     /// Per agent in the window: requests, denials, 429s and when it was
     /// last seen (newest first, at most 1,000 agents).
     async fn agents_seen(&self, db: &Db, pg: bool, since: &str) -> Result<Vec<Value>, AuditError> {

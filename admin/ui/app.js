@@ -76,10 +76,51 @@ async function show(tab) {
 }
 
 async function overview() {
-  const s = await api("GET", "stats?window_s=3600").catch(() => ({ total: 0, by_decision: [], by_agent: [] }));
-  $("overview-total").textContent = s.total + " requests in the last hour";
+  const s = await api("GET", "stats?window_s=3600").catch(() => ({ total: 0, by_decision: [], by_agent: [], per_minute: [], top_denied_hosts: [] }));
+  const minutes = s.per_minute || [];
+  const limited = minutes.reduce((n, m) => n + m.rate_limited, 0);
+  const peak = minutes.reduce((n, m) => Math.max(n, m.requests), 0);
+  $("overview-total").textContent = s.total + " requests in the last hour, "
+    + (s.total ? Math.round(100 * minutes.reduce((n, m) => n + m.denied, 0) / s.total) : 0) + " % denied, "
+    + limited + " over quota (429); busiest minute " + peak + " (" + (peak / 60).toFixed(1) + " req/s)";
+  chart($("chart-requests"), minutes);
   fill("overview-table", s.by_decision, ["decision", "reason", "count"]);
+  fill("overview-hosts", s.top_denied_hosts || [], ["destination_host", "count"]);
   fill("overview-agents", s.by_agent, ["agent_id", "decision", "count"]);
+}
+
+// Bars per minute (the last 60), drawn as SVG elements: no inline style,
+// no script in the markup, so the page's CSP holds.
+function chart(svg, minutes) {
+  const NS = "http://www.w3.org/2000/svg";
+  svg.replaceChildren();
+  const shown = minutes.slice(-60);
+  const peak = Math.max(1, ...shown.map((m) => m.requests));
+  const w = 600 / 60, h = 100;
+  const rect = (x, y, width, height, cls, title) => {
+    const r = document.createElementNS(NS, "rect");
+    r.setAttribute("x", x); r.setAttribute("y", y);
+    r.setAttribute("width", width); r.setAttribute("height", height);
+    r.setAttribute("class", cls);
+    const t = document.createElementNS(NS, "title");
+    t.textContent = title;
+    r.appendChild(t);
+    svg.appendChild(r);
+  };
+  const axis = document.createElementNS(NS, "line");
+  axis.setAttribute("x1", 0); axis.setAttribute("x2", 600);
+  axis.setAttribute("y1", h); axis.setAttribute("y2", h);
+  axis.setAttribute("class", "axis");
+  svg.appendChild(axis);
+  shown.forEach((m, i) => {
+    const x = (60 - shown.length + i) * w;
+    const all = Math.max(1, Math.round(h * m.requests / peak));
+    const denied = Math.round(h * m.denied / peak);
+    const label = m.minute + "Z: " + m.requests + " requests, " + m.denied + " denied, " + m.rate_limited + " 429";
+    rect(x + 1, h - all, w - 2, all, "bar", label);
+    if (denied > 0) rect(x + 1, h - denied, w - 2, denied, "bar deny", label);
+    if (m.rate_limited > 0) rect(x + 1, h + 4, w - 2, 6, "bar quota", label);
+  });
 }
 
 async function agents() {
@@ -112,6 +153,7 @@ async function agents() {
       act("Rotate key", async () => {
         const r = await api("POST", "agents/" + encodeURIComponent(id) + "/rotate-key");
         $("agent-key").textContent = "New key for " + id + " (shown once; the old key works until you commit): " + r.api_key;
+        offerCopy(r.api_key);
       });
     }
     const disabled = a.status === "disabled";
@@ -164,6 +206,14 @@ async function revisions() {
       tr.lastChild.appendChild(b);
     });
   }
+}
+
+// The key just shown, once, for the copy button (not kept anywhere else).
+let shownKey = null;
+function offerCopy(key) {
+  shownKey = key;
+  $("agent-key-copy").hidden = false;
+  $("agent-key-copy").textContent = "Copy key";
 }
 
 // Live decisions: Server-Sent Events from /api/v1/audit/stream (the
@@ -224,6 +274,8 @@ document.addEventListener("DOMContentLoaded", () => {
     $("signout").hidden = true;
     $("app").hidden = true;
     $("agent-key").textContent = "";
+    shownKey = null;
+    $("agent-key-copy").hidden = true;
     $("signin-view").hidden = false;
   });
   for (const b of document.querySelectorAll("nav button")) b.addEventListener("click", () => show(b.dataset.tab));
@@ -242,6 +294,14 @@ document.addEventListener("DOMContentLoaded", () => {
         (x) => x.old === null ? "added" : x.new === null ? "removed" : "changed");
       if (!c.changes.length) fill("sbs-table", [{ path: "(no differences)" }], ["path", () => "", () => ""]);
     } catch (e) { showError(e); }
+  });
+  $("agent-key-copy").addEventListener("click", async () => {
+    try {
+      await navigator.clipboard.writeText(shownKey || "");
+      $("agent-key-copy").textContent = "Copied";
+    } catch (e) {
+      $("agent-key-copy").textContent = "Copy failed: select the key and copy it";
+    }
   });
   $("whatif-form").addEventListener("submit", async (ev) => {
     ev.preventDefault();
@@ -271,6 +331,7 @@ document.addEventListener("DOMContentLoaded", () => {
       if ($("agent-team").value) body.team_id = $("agent-team").value;
       const a = await api("POST", "agents", body);
       $("agent-key").textContent = "Key for " + a.agent_id + " (shown once): " + a.api_key + " — commit to activate.";
+      offerCopy(a.api_key);
       $("agent-id").value = "";
     } catch (e) { showError(e); }
   });
