@@ -43,81 +43,46 @@ fn audit_key(p: &Paths) -> Result<ed25519_dalek::VerifyingKey> {
 /// against the latest signed checkpoint that covers it. Exit status 0 with
 /// the proof; 1 when the record is not (yet) under a checkpoint.
 pub fn prove(p: &Paths, request_id: &str, json: bool) -> Result<bool> {
-    use base64::Engine;
-    use clawgress_audit_log::chain;
-    let b64 = base64::engine::general_purpose::STANDARD;
     let log = load(p)?;
-    // The Merkle tree's leaves are the whole records; partial lines a crash
-    // left are not among them.
-    let lines: Vec<&str> = log
-        .text
-        .lines()
-        .filter(|l| AuditRecord::from_json_line(l).is_ok())
-        .collect();
-    let Some(index) = lines
-        .iter()
-        .position(|l| AuditRecord::from_json_line(l).is_ok_and(|r| r.request_id == request_id))
-    else {
-        anyhow::bail!(
-            "no record with request_id {request_id:?} in the audit log in {}",
-            p.audit_dir.display()
-        );
-    };
     let key = audit_key(p)?;
     let notes = read_checkpoints(&p.audit_dir.join(JsonlWriter::CHECKPOINTS))?;
-    let latest = notes
-        .iter()
-        .rev()
-        .filter_map(|n| {
-            chain::Checkpoint::verify(n, KEY_NAME, &key)
-                .ok()
-                .map(|c| (n, c))
-        })
-        .find(|(_, c)| c.size as usize > index && c.size as usize <= lines.len());
-    let Some((note, cp)) = latest else {
-        println!("record {} is not under a signed checkpoint yet (one is written at least every 5 s while records arrive)", index + 1);
+    let found = clawgress_audit_log::verify::inclusion(&log.text, &notes, KEY_NAME, &key, |r| {
+        r.request_id == request_id
+    })
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "record with request_id {request_id:?}: {e} ({})",
+            p.audit_dir.display()
+        )
+    })?;
+    let Some(inc) = found else {
+        println!("record {request_id} is not under a signed checkpoint yet (one is written at least every 5 s while records arrive)");
         return Ok(false);
     };
-    let leaves: Vec<chain::Hash> = lines[..cp.size as usize]
-        .iter()
-        .map(|l| chain::leaf_hash(l))
-        .collect();
-    let proof = chain::inclusion_proof(&leaves, index);
-    let ok = chain::verify_inclusion(leaves[index], index as u64, cp.size, &proof, cp.root);
-    if !ok {
+    if !inc.verified {
         println!(
             "FAIL: the log does not match checkpoint {} (run `clawgress audit verify`)",
-            cp.size
+            inc.tree_size
         );
         return Ok(false);
     }
-    let out = serde_json::json!({
-        "request_id": request_id,
-        "leaf_index": index,
-        "tree_size": cp.size,
-        "leaf_hash": b64.encode(leaves[index]),
-        "root_hash": b64.encode(cp.root),
-        "proof": proof.iter().map(|h| b64.encode(h)).collect::<Vec<_>>(),
-        "record": lines[index],
-        "checkpoint": note,
-    });
     if json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        let mut v = serde_json::to_value(&inc)?;
+        v["request_id"] = serde_json::json!(request_id);
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
-            "record {} (leaf {index}) is in the log of {} records signed at checkpoint root {}",
-            request_id,
-            cp.size,
-            out["root_hash"].as_str().unwrap_or("")
+            "record {request_id} (leaf {}) is in the log of {} records signed at checkpoint root {}",
+            inc.leaf_index, inc.tree_size, inc.root_hash
         );
         println!(
             "proof ({} hashes, RFC 6962, leaf = SHA-256(0x00 || line)):",
-            proof.len()
+            inc.proof.len()
         );
-        for h in out["proof"].as_array().into_iter().flatten() {
-            println!("  {}", h.as_str().unwrap_or(""));
+        for h in &inc.proof {
+            println!("  {h}");
         }
-        print!("checkpoint:\n{note}");
+        print!("checkpoint:\n{}", inc.checkpoint);
     }
     Ok(true)
 }

@@ -574,6 +574,10 @@ async fn admin_control(
                 node::AuditQuery::Sqlite(p) => clawgress_admin::audit::AuditStore::Sqlite(p),
                 node::AuditQuery::Postgres(u) => clawgress_admin::audit::AuditStore::Postgres(u),
             }),
+            audit_log: Some(clawgress_admin::audit::AuditLog {
+                dir: node::audit_dir(doc, state),
+                public_key: node::keys_dir(state).join("audit.pub"),
+            }),
         },
     )))
 }

@@ -283,6 +283,23 @@ fn an_operator_signs_in_adds_an_agent_commits_and_watches_decisions() {
     b.wait_text("#decisions-table", "/from-ui-test");
     b.click("#decisions-table tbody tr");
     b.wait_text("#record", "\"request_id\"");
+    // Its place in the signed log: proven once a checkpoint covers it
+    // (one is written at least every 5 s while records arrive).
+    b.wait_text("#record-proof", "Tamper evidence:");
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            b.click("#decisions-table tbody tr");
+            std::thread::sleep(Duration::from_millis(300));
+            b.text("#record-proof").contains("proven")
+        }),
+        "{}",
+        b.text("#record-proof")
+    );
+    assert!(
+        b.text("#record-proof").contains("inclusion proof of"),
+        "{}",
+        b.text("#record-proof")
+    );
     b.screenshot("5-decisions");
     // Pushed as it happens (Server-Sent Events), no reload.
     assert_eq!(

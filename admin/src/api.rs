@@ -145,7 +145,7 @@ impl<const MIN: u8> FromRequestParts<Ctl> for Auth<MIN> {
     info(title = "Clawgress admin API", description = "The control plane of DESIGN.md §7: candidate, configure, commit, rollback, revisions, agents, tokens."),
     paths(candidate, put_candidate, set, delete, active, show, compare, configure, commit,
           confirm, rollback, lockdown, revisions, revision, import, events, rollout, bundle, commits, profiles, agents,
-          add_agent, rotate_key, revoke_key, policies, quotas, add_token, audit, audit_stream, alerts, stats, evaluate, openapi),
+          add_agent, rotate_key, revoke_key, policies, quotas, add_token, audit, audit_stream, audit_proof, alerts, stats, evaluate, openapi),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -206,6 +206,7 @@ pub fn router(ctl: Ctl) -> Router {
         .route("/api/v1/tokens", post(add_token))
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/audit/stream", get(audit_stream))
+        .route("/api/v1/audit/proof", get(audit_proof))
         .route("/api/v1/alerts", get(alerts))
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/evaluate", post(evaluate))
@@ -846,6 +847,7 @@ impl From<crate::audit::AuditError> for ApiError {
         use crate::audit::AuditError as E;
         match e {
             E::BadQuery(m) => api_err(StatusCode::BAD_REQUEST, m),
+            E::NotFound(m) => api_err(StatusCode::NOT_FOUND, m),
             E::NotYet | E::NotConfigured => api_err(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
             E::Db(err) => {
                 tracing::error!(error = %err, "audit query failed");
@@ -870,6 +872,36 @@ async fn audit(
     Query(q): Query<crate::audit::AuditQuery>,
 ) -> Answer {
     Ok(Json(ctl.audit.query(&q).await?))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct ProofQuery {
+    /// The record's seq.
+    seq: u64,
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/audit/proof",
+    summary = "A record's place in the tamper-evident log: an RFC 6962 inclusion proof against the latest signed checkpoint, checked",
+    description = "Role: viewer. status: proven, pending (not yet under a checkpoint) or mismatch.",
+    params(ProofQuery),
+    responses((status = 200, description = "OK", body = Object), (status = 401, description = "no or unknown token"), (status = 403, description = "role too low"), (status = 404, description = "no such record")),
+    security(("bearer" = []))
+)]
+async fn audit_proof(
+    State(ctl): State<Ctl>,
+    _: Auth<VIEWER>,
+    Query(q): Query<ProofQuery>,
+) -> Answer {
+    let Some(log) = ctl.audit_log.clone() else {
+        return Err(crate::audit::AuditError::NotConfigured.into());
+    };
+    let v = tokio::task::spawn_blocking(move || log.proof(q.seq))
+        .await
+        .map_err(|_| api_err(StatusCode::INTERNAL_SERVER_ERROR, "proof task failed"))??;
+    to_json(v)
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]

@@ -40,6 +40,59 @@ const COLUMNS: &[&str] = &[
     "detail",
 ];
 
+/// The audit log on this node: its directory (segments, checkpoints) and
+/// the public key its checkpoints are signed with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditLog {
+    pub dir: PathBuf,
+    pub public_key: PathBuf,
+}
+
+impl AuditLog {
+    /// Where record `seq` stands: an inclusion proof against the latest
+    /// signed checkpoint that covers it (checked here), or that none does
+    /// yet. Reads the log; run it off the async threads.
+    pub fn proof(&self, seq: u64) -> Result<Value, AuditError> {
+        use clawgress_audit_log::layout;
+        let text = std::fs::read_to_string(&self.public_key).map_err(|e| {
+            AuditError::BadQuery(format!(
+                "audit public key {}: {e}",
+                self.public_key.display()
+            ))
+        })?;
+        let mut raw = [0u8; 32];
+        hex::decode_to_slice(text.trim(), &mut raw)
+            .map_err(|_| AuditError::BadQuery("the audit public key is not hex".into()))?;
+        let key = ed25519_dalek::VerifyingKey::from_bytes(&raw)
+            .map_err(|_| AuditError::BadQuery("the audit public key is not Ed25519".into()))?;
+        let log = layout::read_log(&self.dir).map_err(|e| AuditError::BadQuery(e.to_string()))?;
+        let notes = layout::read_checkpoints(&self.dir.join(layout::CHECKPOINTS))
+            .map_err(|e| AuditError::BadQuery(e.to_string()))?;
+        match clawgress_audit_log::verify::inclusion(
+            &log.text,
+            &notes,
+            layout::KEY_NAME,
+            &key,
+            |r| r.seq == seq,
+        ) {
+            Err(e) => Err(AuditError::NotFound(format!("seq {seq}: {e}"))),
+            Ok(None) => Ok(
+                json!({"seq": seq, "status": "pending", "detail": "chained, not yet under a signed checkpoint (one is written at least every 5 s while records arrive)"}),
+            ),
+            Ok(Some(inc)) => Ok(json!({
+                "seq": seq,
+                "status": if inc.verified { "proven" } else { "mismatch" },
+                "detail": if inc.verified {
+                    format!("in the log of {} records signed at checkpoint root {}; inclusion proof of {} hashes verified", inc.tree_size, inc.root_hash, inc.proof.len())
+                } else {
+                    format!("the log does not match checkpoint {}: run `clawgress audit verify`", inc.tree_size)
+                },
+                "inclusion": inc,
+            })),
+        }
+    }
+}
+
 /// Where the sink writes the query store (`stores.audit_query`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuditStore {
@@ -203,6 +256,8 @@ pub enum AuditError {
     NotYet,
     #[error("{0}")]
     BadQuery(String),
+    #[error("{0}")]
+    NotFound(String),
     #[error("audit query store: {0}")]
     Db(#[from] sqlx::Error),
 }

@@ -114,6 +114,7 @@ pub struct Control {
     commit_lock: tokio::sync::Mutex<()>,
     on_event: Option<crate::EventHook>,
     pub(crate) audit: crate::audit::AuditReader,
+    pub(crate) audit_log: Option<crate::audit::AuditLog>,
     pub(crate) sessions: crate::ui::Sessions,
     /// The revision last published: bundle long-polls wait on it.
     published: tokio::sync::watch::Sender<i64>,
@@ -142,6 +143,7 @@ impl Control {
             commit_lock: tokio::sync::Mutex::new(()),
             on_event: c.on_event,
             audit: crate::audit::AuditReader::new(c.audit_db),
+            audit_log: c.audit_log,
             sessions: crate::ui::Sessions::default(),
             published: tokio::sync::watch::channel(0).0,
         }

@@ -75,6 +75,9 @@ pub struct Config {
     pub on_event: Option<EventHook>,
     /// The audit query store to read (`GET /api/v1/audit`, `alerts`, `stats`).
     pub audit_db: Option<audit::AuditStore>,
+    /// The audit log's directory and public key, for a record's proof
+    /// status (`GET /api/v1/audit/proof`).
+    pub audit_log: Option<audit::AuditLog>,
 }
 
 /// SHA-256 of a token, as stored.

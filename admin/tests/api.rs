@@ -52,6 +52,7 @@ async fn app() -> App {
         rollout_wait: Duration::from_millis(0),
         on_event: None,
         audit_db: None,
+        audit_log: None,
     }));
     App {
         _dir: dir,
@@ -153,6 +154,7 @@ const ROUTES: &[(&str, &str, Role)] = &[
     ("GET", "/api/v1/stats", Role::Viewer),
     ("POST", "/api/v1/evaluate", Role::Viewer),
     ("GET", "/api/v1/audit/stream?max_s=1", Role::Viewer),
+    ("GET", "/api/v1/audit/proof?seq=1", Role::Viewer),
     ("POST", "/api/v1/import", Role::Admin),
     ("POST", "/api/v1/tokens", Role::Admin),
 ];

@@ -247,9 +247,19 @@ function renderDecisions() {
     "timestamp", "agent_id", "decision", "response_code", "http_method",
     (r) => r.destination_host + ":" + r.destination_port, "path", "policy_id", "reason",
   ], (r) => r.decision + " clickable");
-  body.querySelectorAll("tr").forEach((tr, i) => tr.addEventListener("click", () => {
-    $("record").textContent = JSON.stringify(shown[i], null, 2);
-  }));
+  body.querySelectorAll("tr").forEach((tr, i) => tr.addEventListener("click", () => showRecord(shown[i])));
+}
+
+// The full record, and where it stands in the tamper-evident log.
+async function showRecord(r) {
+  $("record").textContent = JSON.stringify(r, null, 2);
+  $("record-proof").textContent = "checking the record's place in the signed log…";
+  try {
+    const p = await api("GET", "audit/proof?seq=" + encodeURIComponent(r.seq));
+    $("record-proof").textContent = "Tamper evidence: " + p.status + " — " + p.detail;
+  } catch (e) {
+    $("record-proof").textContent = "Tamper evidence: " + e.message;
+  }
 }
 
 document.addEventListener("DOMContentLoaded", () => {

@@ -2,11 +2,13 @@
 //! alert), with the fields of DESIGN.md §6 under the same names the query
 //! store and Grafana use.
 //!
-//! Pure data and its serialised form; no I/O, no dependency on any service
-//! crate. [`chain`] holds the hash chain, Merkle tree and signed
-//! checkpoints; [`verify`] checks a whole log against them.
+//! Data and its serialised form, no dependency on any service crate.
+//! [`chain`] holds the hash chain, Merkle tree and signed checkpoints;
+//! [`verify`] checks a whole log against them (both pure); [`layout`] is the
+//! one place that knows the files on disk and reads them back.
 
 pub mod chain;
+pub mod layout;
 pub mod verify;
 
 use serde::{Deserialize, Serialize};

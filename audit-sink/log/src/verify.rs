@@ -330,6 +330,69 @@ pub fn verify_from(
     report
 }
 
+/// An RFC 6962 inclusion proof of one record against the latest signed
+/// checkpoint that covers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Inclusion {
+    /// 0-based leaf index (partial lines a crash left are not leaves).
+    pub leaf_index: u64,
+    pub tree_size: u64,
+    pub leaf_hash: String,
+    pub root_hash: String,
+    pub proof: Vec<String>,
+    pub record: String,
+    pub checkpoint: String,
+    /// The proof was checked against the signed root here.
+    pub verified: bool,
+}
+
+/// Where the record `pick` selects stands: `Ok(None)` when it is in the
+/// log but no signed checkpoint covers it yet; `Err` when it is not in the
+/// log. Hashes base64, as in the checkpoint notes.
+pub fn inclusion(
+    log: &str,
+    notes: &[String],
+    key_name: &str,
+    key: &VerifyingKey,
+    pick: impl Fn(&AuditRecord) -> bool,
+) -> Result<Option<Inclusion>, String> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| AuditRecord::from_json_line(l).is_ok())
+        .collect();
+    let index = lines
+        .iter()
+        .position(|l| AuditRecord::from_json_line(l).is_ok_and(|r| pick(&r)))
+        .ok_or_else(|| "no such record in the audit log".to_string())?;
+    let best = notes
+        .iter()
+        .rev()
+        .filter_map(|n| Checkpoint::verify(n, key_name, key).ok().map(|c| (n, c)))
+        .find(|(_, c)| c.size as usize > index && c.size as usize <= lines.len());
+    let Some((note, cp)) = best else {
+        return Ok(None);
+    };
+    let leaves: Vec<Hash> = lines[..cp.size as usize]
+        .iter()
+        .map(|l| leaf_hash(l))
+        .collect();
+    let proof = crate::chain::inclusion_proof(&leaves, index);
+    let verified =
+        crate::chain::verify_inclusion(leaves[index], index as u64, cp.size, &proof, cp.root);
+    Ok(Some(Inclusion {
+        leaf_index: index as u64,
+        tree_size: cp.size,
+        leaf_hash: b64.encode(leaves[index]),
+        root_hash: b64.encode(cp.root),
+        proof: proof.iter().map(|h| b64.encode(h)).collect(),
+        record: lines[index].to_string(),
+        checkpoint: note.clone(),
+        verified,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
