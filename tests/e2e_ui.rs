@@ -240,9 +240,23 @@ fn an_operator_signs_in_adds_an_agent_commits_and_watches_decisions() {
     );
     b.screenshot("2-agents");
 
+    // A policy for it, staged from the policies page.
+    b.click("nav button[data-tab=policies]");
+    b.type_in("#policy-id", "ui-web-api");
+    b.type_in("#policy-priority", "200");
+    b.type_in("#policy-hosts", "api.example.com, *.example.net");
+    b.type_in("#policy-ports", "443");
+    b.type_in("#policy-who", "team_id=web");
+    b.click("#policy-add");
+    b.wait_text("#policy-result", "staged");
+    b.type_in("#whatif-agent", "ui-bot");
+    b.type_in("#whatif-url", "https://api.example.com/v1/");
+    b.click("#whatif-go");
+    b.wait_text("#whatif-table", "ui-web-api");
     b.click("nav button[data-tab=revisions]");
     b.click("#review");
     b.wait_text("#diff", "+ agents.ui-bot");
+    b.wait_text("#diff", "+ policies.ui-web-api");
     b.click("#commit");
     b.wait_text("#commit-result", "active");
     // Any two revisions side by side: the commit added ui-bot.

@@ -345,6 +345,37 @@ document.addEventListener("DOMContentLoaded", () => {
       $("agent-id").value = "";
     } catch (e) { showError(e); }
   });
+  $("policy-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    showError(null);
+    const list = (id) => $(id).value.split(",").map((x) => x.trim()).filter((x) => x);
+    try {
+      const id = $("policy-id").value.trim();
+      const policy = {
+        policy_id: id,
+        priority: Number($("policy-priority").value),
+        enabled: true,
+        action: $("policy-action").value,
+        match: { destination: { hosts: list("policy-hosts") } },
+      };
+      const ports = list("policy-ports").map(Number);
+      if (ports.some((p) => !Number.isInteger(p) || p < 1 || p > 65535)) throw new Error("ports: whole numbers 1-65535");
+      if (ports.length) policy.match.destination.ports = ports;
+      const who = $("policy-who").value.trim();
+      if (who) {
+        const [k, v] = who.split("=").map((x) => x.trim());
+        if (!v || !["agent_id", "team_id", "project_id", "environment"].includes(k)) throw new Error("identity: agent_id=…, team_id=…, project_id=… or environment=…");
+        policy.match.identity = { [k]: v };
+      }
+      const methods = list("policy-methods").map((m) => m.toUpperCase());
+      if (methods.length) policy.match.method = methods;
+      if ($("policy-path").value.trim()) policy.match.path_prefix = $("policy-path").value.trim();
+      if ($("policy-shadow").checked) policy.mode = "shadow";
+      // The whole policy at its path: `configure` validates it with the rest.
+      await api("POST", "candidate/set", { path: "policies." + JSON.stringify(id), value: policy });
+      $("policy-result").textContent = "Policy " + id + " staged in the candidate: review, configure and commit it under Revisions.";
+    } catch (e) { showError(e); }
+  });
   $("review").addEventListener("click", async () => {
     try {
       const cmp = await api("GET", "compare");
