@@ -376,16 +376,27 @@ document.addEventListener("DOMContentLoaded", () => {
       $("policy-result").textContent = "Policy " + id + " staged in the candidate: review, configure and commit it under Revisions.";
     } catch (e) { showError(e); }
   });
+  // Review = configure: the candidate is validated and staged as a
+  // revision, its diff shown; Commit publishes exactly that revision.
+  let staged = null;
   $("review").addEventListener("click", async () => {
+    showError(null);
+    staged = null;
+    $("commit").hidden = true;
     try {
       const cmp = await api("GET", "compare");
-      $("diff").textContent = cmp.diff.length ? cmp.diff.join("\n") : "(no changes)";
-      $("commit").hidden = cmp.diff.length === 0;
-    } catch (e) { showError(e); }
+      if (!cmp.diff.length) { $("diff").textContent = "(no changes)"; return; }
+      const c = await api("POST", "configure");
+      staged = c.revision;
+      $("diff").textContent = c.diff.join("\n");
+      $("commit-result").textContent = "revision " + c.revision + " validated and staged; commit it to enforce.";
+      $("commit").hidden = false;
+    } catch (e) { $("diff").textContent = ""; showError(e); }
   });
   $("commit").addEventListener("click", async () => {
     try {
-      const c = await api("POST", "commit", {});
+      const c = await api("POST", "commit", staged ? { revision: staged } : {});
+      staged = null;
       $("commit-result").textContent = "commit " + c.commit_id + ": revision " + c.revision + " active; rollout " + JSON.stringify(c.rollout);
       await revisions();
     } catch (e) { showError(e); }
