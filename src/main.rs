@@ -352,7 +352,7 @@ fn main() -> ExitCode {
             bundle_url,
             bundle_token_file,
         } => runtime(serve_threads() != 1).and_then(|rt| {
-            rt.block_on(serve::serve(
+            let r = rt.block_on(serve::serve(
                 service,
                 &config,
                 state_dir.as_deref(),
@@ -365,7 +365,12 @@ fn main() -> ExitCode {
                     bundle_token_file,
                 },
                 registry,
-            ))
+            ));
+            // A bundle pull blocked in a long-poll (or any blocking task)
+            // must not keep a stopped service alive: dropping the runtime
+            // would wait for it forever, so give it a moment and go.
+            rt.shutdown_timeout(std::time::Duration::from_secs(2));
+            r
         }),
         Command::Nft { command } => {
             let node = match &command {

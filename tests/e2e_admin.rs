@@ -442,6 +442,16 @@ fn a_fleet_node_pulls_bundles_over_http_and_follows_commits() {
         !node2.path().join("bundle/active").exists(),
         "nothing unverified was stored"
     );
+    // SIGTERM stops a fleet node promptly, even with a bundle pull blocked
+    // in its long-poll (before, the runtime waited for it forever).
+    signal(child.id(), "TERM");
+    assert!(
+        eventually(Duration::from_secs(6), || matches!(
+            child.try_wait(),
+            Ok(Some(_))
+        )),
+        "serve ratelimit with --bundle-url did not stop on SIGTERM"
+    );
     let _ = child.kill();
     let _ = child.wait();
 }
