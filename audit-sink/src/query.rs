@@ -267,10 +267,15 @@ impl QueryStore {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(sqlx::Error::Io(e)),
             };
-            for line in std::io::BufReader::new(file).lines() {
-                let Ok(line) = line else { break };
-                // A torn line is skipped, as the writer does.
-                let Ok(r) = AuditRecord::from_json_line(&line) else {
+            // Bytes per line: a read error is an error (the caller retries
+            // the catch-up), while a torn or non-UTF-8 line is skipped, as
+            // the writer skips it — never a silent stop part-way through.
+            for line in std::io::BufReader::new(file).split(b'\n') {
+                let line = line.map_err(sqlx::Error::Io)?;
+                let Some(r) = std::str::from_utf8(&line)
+                    .ok()
+                    .and_then(|l| AuditRecord::from_json_line(l).ok())
+                else {
                     continue;
                 };
                 if r.seq > have {
