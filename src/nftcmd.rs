@@ -43,6 +43,9 @@ pub fn inputs(doc: &Document, mode: Option<Mode>, log: bool) -> Result<Inputs> {
         allowed_private,
         guarded: clawgress_policy::destination::guarded_ranges(),
         log,
+        transparent_port: doc.gateway.transparent_listen.map(|a| a.port()),
+        admin_port: Some(doc.gateway.admin_listen.port()),
+        admin_sources: n.admin_sources.clone(),
     })
 }
 

@@ -83,6 +83,10 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
     // A clear error now beats an Envoy crash loop later.
     std::net::TcpListener::bind(proxy)
         .with_context(|| format!("gateway.proxy_listen {proxy} is not free"))?;
+    if let Some(t) = doc.gateway.transparent_listen {
+        std::net::TcpListener::bind(t)
+            .with_context(|| format!("gateway.transparent_listen {t} is not free"))?;
+    }
     let admin_addr = doc.gateway.admin_listen;
     let admin_listener = tokio::net::TcpListener::bind(admin_addr)
         .await
@@ -105,6 +109,7 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
             }
             clawgress_policy::config::AuditInput::Grpc => clawgress_envoy::AccessLog::Grpc,
         },
+        transparent_listen: doc.gateway.transparent_listen,
     };
     let envoy_yaml = run.join("envoy.yaml");
     node::write_private(&envoy_yaml, boot.render()?.as_bytes())?;

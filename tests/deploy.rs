@@ -926,6 +926,7 @@ fn envoy_configs_validate_and_are_the_template_rendered() {
         access_log: clawgress_envoy::AccessLog::File(
             "/var/lib/clawgress/spool/envoy-access.log".into(),
         ),
+        transparent_listen: None,
     };
     let shipped = normalise(
         yaml(&read("deploy/systemd/envoy.yaml"), "systemd envoy.yaml"),
@@ -947,6 +948,7 @@ fn envoy_configs_validate_and_are_the_template_rendered() {
         ratelimit_fail_open: false,
         ratelimit_filter: false,
         access_log: clawgress_envoy::AccessLog::Grpc,
+        transparent_listen: None,
     };
     let compose_text = read("deploy/compose/envoy/envoy.yaml");
     let shipped = normalise(yaml(&compose_text, "compose envoy.yaml"), None, true);

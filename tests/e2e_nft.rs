@@ -307,3 +307,359 @@ fn check_catches_a_hand_edit_rollback_restores_and_connected_removes_only_ours()
     assert!(dry.contains("\"nftables\""), "{dry}");
     assert!(!ok(&net.nft(&["list", "tables"])).contains("clawgress"));
 }
+
+/// A routed subnet behind a gateway (MVP Mode B): an "agent" namespace
+/// whose only way out is the "gateway" namespace (Envoy and the services,
+/// `clawgress up` there, nft applied there), and an "internet" namespace
+/// with HTTP and HTTPS servers (and the metadata address). Names resolve
+/// through the gateway's own hosts file (`/etc/netns/<gw>/hosts`).
+struct Routed {
+    agent: String,
+    gw: String,
+    inet: String,
+    servers: Vec<std::process::Child>,
+    dir: tempfile::TempDir,
+}
+
+const SERVER_PY: &str = r#"
+import http.server, ssl, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("inet:" + (self.headers.get("Host") or "")).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+srv = http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H)
+if len(sys.argv) > 2:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(sys.argv[2], sys.argv[3])
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+srv.serve_forever()
+"#;
+
+impl Routed {
+    fn new() -> Option<Routed> {
+        if !sh(&["id", "-u"]).stdout.starts_with(b"0") {
+            eprintln!("skipped: needs root for network namespaces");
+            return None;
+        }
+        let id = std::process::id();
+        let (agent, gw, inet) = (format!("cra{id}"), format!("crg{id}"), format!("crn{id}"));
+        for ns in [&agent, &gw, &inet] {
+            must(&["ip", "netns", "add", ns]);
+            must(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        let (va, vga, vgi, vi) = (
+            format!("va{id}"),
+            format!("vga{id}"),
+            format!("vgi{id}"),
+            format!("vi{id}"),
+        );
+        must(&[
+            "ip", "link", "add", &va, "netns", &agent, "type", "veth", "peer", "name", &vga,
+            "netns", &gw,
+        ]);
+        must(&[
+            "ip", "link", "add", &vgi, "netns", &gw, "type", "veth", "peer", "name", &vi, "netns",
+            &inet,
+        ]);
+        for (ns, dev, v4, v6) in [
+            (&agent, &va, "10.20.0.2/24", "fd20::2/64"),
+            (&gw, &vga, "10.20.0.1/24", "fd20::1/64"),
+            (&gw, &vgi, "44.1.0.1/24", "2a99::1/64"),
+            (&inet, &vi, "44.1.0.2/24", "2a99::2/64"),
+        ] {
+            must(&["ip", "-n", ns, "addr", "add", v4, "dev", dev]);
+            must(&["ip", "-n", ns, "addr", "add", v6, "dev", dev, "nodad"]);
+            must(&["ip", "-n", ns, "link", "set", dev, "up"]);
+        }
+        must(&[
+            "ip",
+            "-n",
+            &inet,
+            "addr",
+            "add",
+            "169.254.169.254/32",
+            "dev",
+            &vi,
+        ]);
+        must(&[
+            "ip",
+            "-n",
+            &agent,
+            "route",
+            "add",
+            "default",
+            "via",
+            "10.20.0.1",
+        ]);
+        must(&[
+            "ip", "-n", &agent, "-6", "route", "add", "default", "via", "fd20::1",
+        ]);
+        must(&[
+            "ip",
+            "-n",
+            &inet,
+            "route",
+            "add",
+            "10.20.0.0/24",
+            "via",
+            "44.1.0.1",
+        ]);
+        must(&[
+            "ip",
+            "-n",
+            &inet,
+            "-6",
+            "route",
+            "add",
+            "fd20::/64",
+            "via",
+            "2a99::1",
+        ]);
+        must(&[
+            "ip",
+            "-n",
+            &gw,
+            "route",
+            "add",
+            "169.254.169.254/32",
+            "dev",
+            &vgi,
+        ]);
+        for key in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+            must(&["ip", "netns", "exec", &gw, "sysctl", "-q", "-w", key]);
+        }
+        // The gateway's resolver: `ip netns exec` mounts this over /etc/hosts.
+        let etc = std::path::PathBuf::from(format!("/etc/netns/{gw}"));
+        std::fs::create_dir_all(&etc).expect("/etc/netns");
+        std::fs::write(
+            etc.join("hosts"),
+            "127.0.0.1 localhost\n44.1.0.2 allowed.test denied.test\n169.254.169.254 rebind.test\n",
+        )
+        .expect("hosts");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = dir.path().join("server.py");
+        std::fs::write(&script, SERVER_PY).expect("script");
+        let cert =
+            rcgen::generate_simple_self_signed(vec!["allowed.test".into(), "denied.test".into()])
+                .expect("cert");
+        let (crt, key) = (dir.path().join("crt.pem"), dir.path().join("key.pem"));
+        std::fs::write(&crt, cert.cert.pem()).expect("crt");
+        std::fs::write(&key, cert.signing_key.serialize_pem()).expect("key");
+        let spawn = |args: &[&str]| {
+            Command::new("ip")
+                .args(["netns", "exec", &inet, "python3"])
+                .arg(&script)
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("server")
+        };
+        let servers = vec![
+            spawn(&["80"]),
+            spawn(&["8080"]),
+            spawn(&[
+                "443",
+                crt.to_str().expect("utf-8"),
+                key.to_str().expect("utf-8"),
+            ]),
+        ];
+        let r = Routed {
+            agent,
+            gw,
+            inet,
+            servers,
+            dir,
+        };
+        // Routing works before any rule: the agent reaches the internet directly.
+        assert!(
+            eventually(Duration::from_secs(10), || r
+                .curl(&["http://44.1.0.2:8080/"])
+                .0
+                == "200"),
+            "no route from the agent to the internet host"
+        );
+        Some(r)
+    }
+
+    /// curl from the agent namespace; (status code, body).
+    fn curl(&self, args: &[&str]) -> (String, String) {
+        let out = sh(&[
+            &[
+                "ip",
+                "netns",
+                "exec",
+                &self.agent,
+                "curl",
+                "-sk",
+                "--max-time",
+                "5",
+            ],
+            args,
+            &["-w", "\n%{http_code}"],
+        ]
+        .concat());
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (code.to_string(), body.to_string())
+    }
+
+    fn clawgress(&self, config: &std::path::Path, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.gw, env!("CARGO_BIN_EXE_clawgress")])
+            .args(args)
+            .arg("--config")
+            .arg(config)
+            .output()
+            .expect("clawgress")
+    }
+}
+
+impl Drop for Routed {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        for ns in [&self.agent, &self.gw, &self.inet] {
+            let _ = sh(&["ip", "netns", "del", ns]);
+        }
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.gw));
+        let _ = &self.dir;
+    }
+}
+
+#[test]
+fn transparent_gateway_judges_redirected_http_and_https_by_source_and_guards_envoy() {
+    let Some(net) = Routed::new() else { return };
+    let body = r#"nft:
+  envoy_user: "0"
+  protected_sources: [10.20.0.0/24, "fd20::/64"]
+agents:
+  - {agent_id: lab-vm, team_id: research, auth_type: source_ip, source_cidrs: [10.20.0.0/24]}
+policies:
+  - policy_id: allow-allowed
+    priority: 10
+    match: {destination: {hosts: [allowed.test], ports: [80, 443]}}
+    action: allow
+  - policy_id: allow-rebind
+    priority: 10
+    match: {destination: {hosts: [rebind.test], ports: [80]}}
+    action: allow
+"#;
+    let mut stack = Stack::start_in(
+        Some(&net.gw),
+        "10.20.0.1",
+        "  transparent_listen: 0.0.0.0:15001\n",
+        body,
+    );
+    let proxy = format!("http://{}", stack.proxy);
+
+    // Without nft, Envoy reaches the metadata address through a name that
+    // resolves to it: the hole the kernel closes below.
+    let (code, text) = net.curl(&["-x", &proxy, "http://rebind.test/"]);
+    assert_eq!((code.as_str(), text.as_str()), ("200", "inet:rebind.test"));
+
+    let apply = net.clawgress(&stack.config, &["nft", "apply", "proxy-only"]);
+    assert!(
+        apply.status.success(),
+        "{}",
+        String::from_utf8_lossy(&apply.stderr)
+    );
+
+    // Explicit proxy, named by source address: through Envoy.
+    let (code, text) = net.curl(&["-x", &proxy, "http://allowed.test:8080/"]);
+    assert_eq!(code, "403", "port 8080 is not in the policy: {text}");
+    let (code, text) = net.curl(&["-x", &proxy, "http://allowed.test/"]);
+    assert_eq!((code.as_str(), text.as_str()), ("200", "inet:allowed.test"));
+
+    // Transparent: no proxy settings; HTTP judged by Host, HTTPS by SNI.
+    let resolve = |port: u16, name: &str| format!("{name}:{port}:44.1.0.2");
+    let (code, text) = net.curl(&[
+        "--resolve",
+        &resolve(80, "allowed.test"),
+        "http://allowed.test/",
+    ]);
+    assert_eq!((code.as_str(), text.as_str()), ("200", "inet:allowed.test"));
+    let (code, text) = net.curl(&[
+        "--resolve",
+        &resolve(443, "allowed.test"),
+        "https://allowed.test/",
+    ]);
+    assert_eq!((code.as_str(), text.as_str()), ("200", "inet:allowed.test"));
+    let (code, text) = net.curl(&[
+        "--resolve",
+        &resolve(80, "denied.test"),
+        "http://denied.test/x",
+    ]);
+    assert_eq!(code, "403", "{text}");
+    let deny: serde_json::Value = serde_json::from_str(&text).expect("§3 body");
+    assert_eq!(deny["reason"], "default-deny");
+    let (code, _) = net.curl(&[
+        "--resolve",
+        &resolve(443, "denied.test"),
+        "https://denied.test/",
+    ]);
+    assert_eq!(code, "000", "a refused TLS connection is closed");
+
+    // Everything else the agent sends is dropped, and counted.
+    let dropped = || -> u64 {
+        let out = net.clawgress(&stack.config, &["nft", "status", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["dropped_packets"].as_u64().unwrap_or(0)
+    };
+    let before = dropped();
+    assert_eq!(net.curl(&["http://44.1.0.2:8080/"]).0, "000", "direct TCP");
+    assert_eq!(
+        net.curl(&["http://[2a99::2]:8080/"]).0,
+        "000",
+        "direct IPv6"
+    );
+    let _ = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &net.agent,
+        "bash",
+        "-c",
+        "echo q > /dev/udp/44.1.0.2/53",
+    ]);
+    let after = dropped();
+    assert!(after >= before + 3, "drops counted: {before} -> {after}");
+
+    // DNS rebinding: the policy allows the name, the kernel stops Envoy
+    // at the metadata address it resolves to.
+    let (code, text) = net.curl(&["-x", &proxy, "http://rebind.test/"]);
+    assert_eq!(code, "503", "{text}");
+    assert!(text.contains("upstream-unreachable"), "{text}");
+    assert_eq!(
+        net.clawgress(&stack.config, &["nft", "check"])
+            .status
+            .code(),
+        Some(0)
+    );
+
+    // Every decision has its record, named by the source address.
+    let recs = stack.wait_audit(8);
+    let find = |host: &str, port: u64, decision: &str| {
+        recs.iter().any(|r| {
+            r["destination_host"] == host
+                && r["destination_port"] == port
+                && r["decision"] == decision
+                && r["agent_id"] == "lab-vm"
+                && r["source_address"] == "10.20.0.2"
+        })
+    };
+    assert!(find("allowed.test", 80, "allow"), "{recs:#?}");
+    assert!(find("allowed.test", 443, "allow"), "TLS allow: {recs:#?}");
+    assert!(find("denied.test", 80, "deny"), "{recs:#?}");
+    assert!(find("denied.test", 443, "deny"), "TLS deny: {recs:#?}");
+    let _ = net.clawgress(&stack.config, &["nft", "apply", "connected"]);
+    stack.stop();
+}

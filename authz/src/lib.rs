@@ -356,7 +356,10 @@ pub fn facts(req: &CheckRequest) -> Facts<'_> {
         .and_then(|a| a.request.as_ref())
         .and_then(|r| r.http.as_ref())
     else {
-        return Facts::default();
+        return Facts {
+            source,
+            ..Facts::default()
+        };
     };
     let header = |name: &str| http.headers.get(name).map(String::as_str);
     Facts {
@@ -368,6 +371,38 @@ pub fn facts(req: &CheckRequest) -> Facts<'_> {
         request_id: header("x-request-id").unwrap_or(&http.id),
         source,
     }
+}
+
+/// A connection-level Check (Envoy's network ext_authz on the transparent
+/// listener's TLS chain) carries no HTTP request: its destination is the
+/// TLS SNI name with the port the agent dialled (the original destination).
+/// `None` for an HTTP Check; `Some("")` when a TLS connection named no
+/// server, which then fails as a malformed destination.
+pub fn tls_destination(req: &CheckRequest) -> Option<String> {
+    let a = req.attributes.as_ref()?;
+    if a.request.as_ref().is_some_and(|r| r.http.is_some()) {
+        return None;
+    }
+    let sni = a.tls_session.as_ref().map(|t| t.sni.as_str()).unwrap_or("");
+    let port = a
+        .destination
+        .as_ref()
+        .and_then(|p| p.address.as_ref())
+        .and_then(|a| match &a.address {
+            Some(envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(s)) => {
+                match s.port_specifier {
+                    Some(envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(p)) => Some(p),
+                    _ => None,
+                }
+            }
+            _ => None,
+        })
+        .unwrap_or(443);
+    Some(if sni.is_empty() {
+        String::new()
+    } else {
+        format!("{sni}:{port}")
+    })
 }
 
 /// A decision with who it was for and the revision it was made under.
@@ -525,7 +560,14 @@ impl Authorization for AuthzService {
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
         let req = request.into_inner();
         let started = std::time::Instant::now();
-        let f = facts(&req);
+        let tls = tls_destination(&req);
+        let mut f = facts(&req);
+        if let Some(dest) = tls.as_deref() {
+            // Judged as a tunnel (§3): only host and port rules grant it.
+            f.authority = dest;
+            f.method = "CONNECT";
+            f.connect = true;
+        }
         let mut verdict = self.decide(&f);
         if let (Some(gate), true, Some(id)) = (
             &self.quota,
@@ -688,6 +730,81 @@ policies:
             Some(Kind::StringValue(s)) => s.clone(),
             _ => String::new(),
         }
+    }
+
+    /// The transparent listener's TLS chain: no HTTP request, the SNI name
+    /// and original port are the destination, the source address the agent.
+    fn tls_req(source: &str, sni: &str, port: u32) -> CheckRequest {
+        use envoy_types::pb::envoy::config::core::v3::{
+            address::Address as A, socket_address::PortSpecifier, Address, SocketAddress,
+        };
+        use envoy_types::pb::envoy::service::auth::v3::attribute_context::{Peer, TlsSession};
+        let peer = |ip: &str, port: u32| Peer {
+            address: Some(Address {
+                address: Some(A::SocketAddress(SocketAddress {
+                    address: ip.into(),
+                    port_specifier: Some(PortSpecifier::PortValue(port)),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        };
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                source: Some(peer(source, 40000)),
+                destination: Some(peer("93.184.215.14", port)),
+                tls_session: Some(TlsSession { sni: sni.into() }),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_transparent_tls_connection_is_judged_by_sni_and_source() {
+        let doc = Document::from_yaml(
+            r#"
+agents:
+  - {agent_id: vm, team_id: lab, auth_type: source_ip, source_cidrs: [10.20.0.0/24]}
+policies:
+  - {policy_id: tls-ok, priority: 10, match: {destination: {hosts: ["example.com"], ports: [443]}}, action: allow}
+  - {policy_id: get-only, priority: 10, match: {destination: {hosts: ["api.example"]}, method: [GET]}, action: allow}
+"#,
+        )
+        .expect("valid");
+        let svc = AuthzService::new(&Config {
+            policy: doc.policy(),
+            private_allowed: vec![],
+            revision: "rev-9".into(),
+            jwt: Arc::default(),
+        });
+        let ask = |r: CheckRequest| {
+            let svc = svc.clone();
+            async move {
+                svc.check(tonic::Request::new(r))
+                    .await
+                    .expect("answers")
+                    .into_inner()
+            }
+        };
+        let ok = ask(tls_req("10.20.0.7", "example.com", 443)).await;
+        assert_eq!(ok.status.as_ref().map(|s| s.code), Some(0));
+        assert_eq!(meta(&ok, "agent_id"), "vm");
+        assert_eq!(meta(&ok, "policy_id"), "tls-ok");
+        // Another name, another port, no SNI, a rule limited by method, an
+        // unknown source: all refused.
+        for (src, sni, port, reason) in [
+            ("10.20.0.7", "evil.example", 443, "default-deny"),
+            ("10.20.0.7", "example.com", 8443, "default-deny"),
+            ("10.20.0.7", "api.example", 443, "default-deny"),
+            ("10.20.0.7", "", 443, "malformed-destination"),
+            ("10.99.0.7", "example.com", 443, "missing-credentials"),
+        ] {
+            let r = ask(tls_req(src, sni, port)).await;
+            assert_ne!(r.status.as_ref().map(|s| s.code), Some(0), "{sni}:{port}");
+            assert_eq!(meta(&r, "reason"), reason, "{src} {sni}:{port}");
+        }
+        // An HTTP Check is never read as a TLS one.
+        assert_eq!(tls_destination(&check_req(None, "GET", "x", "/")), None);
     }
 
     #[tokio::test]

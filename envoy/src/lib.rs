@@ -17,6 +17,8 @@ pub const ACCESS_LOG_FILE: &str = include_str!("../access_log_file.yaml.tmpl");
 pub const ACCESS_LOG_GRPC: &str = include_str!("../access_log_grpc.yaml.tmpl");
 /// Envoy's rate-limit filter calling our RLS (`gateway.quota_check: rls`).
 pub const RATELIMIT_FILTER: &str = include_str!("../ratelimit_filter.yaml.tmpl");
+/// The transparent listener (`gateway.transparent_listen`).
+pub const TRANSPARENT_LISTENER: &str = include_str!("../transparent_listener.yaml.tmpl");
 
 /// How the audit sink gets Envoy's access log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +44,10 @@ pub struct Bootstrap {
     /// `authz`, quotas are checked inside Check and the filter is left out.
     pub ratelimit_filter: bool,
     pub access_log: AccessLog,
+    /// `gateway.transparent_listen`: a second listener for redirected
+    /// TCP 80/443 (original destination, TLS SNI). Needs the file access
+    /// log (its TLS connections are logged there).
+    pub transparent_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +56,10 @@ pub enum RenderError {
     BadPath(PathBuf),
     #[error("template placeholder {0} was left unfilled")]
     Unfilled(String),
+    #[error(
+        "the transparent listener logs to the access-log file: it needs gateway.audit_input: file"
+    )]
+    TransparentNeedsFileLog,
 }
 
 fn path_str(p: &Path) -> Result<&str, RenderError> {
@@ -72,8 +82,22 @@ impl Bootstrap {
                 .trim_end()
                 .replace("{{access_log_path}}", path_str(p)?),
         };
-        // The block goes in first: its own placeholders are filled above.
-        let template = template.replace("{{access_log}}", &access_log);
+        let transparent = match (&self.transparent_listen, &self.access_log) {
+            (None, _) => String::new(),
+            (Some(_), AccessLog::Grpc) => return Err(RenderError::TransparentNeedsFileLog),
+            (Some(t), AccessLog::File(p)) => {
+                TRANSPARENT_LISTENER
+                    .trim_end()
+                    .replace("{{access_log_path}}", path_str(p)?)
+                    .replace("{{transparent_address}}", &t.ip().to_string())
+                    .replace("{{transparent_port}}", &t.port().to_string())
+                    + "\n"
+            }
+        };
+        // The blocks go in first: their own placeholders are filled above.
+        let template = template
+            .replace("{{access_log}}", &access_log)
+            .replace("{{transparent_listener}}\n", &transparent);
         let template = template.replace(
             "{{ratelimit_filter}}\n",
             if self.ratelimit_filter {
@@ -149,6 +173,7 @@ mod tests {
             ratelimit_fail_open: false,
             ratelimit_filter: true,
             access_log: AccessLog::File(dir.join("spool/envoy-access.log")),
+            transparent_listen: None,
         }
     }
 
@@ -182,7 +207,17 @@ mod tests {
         std::fs::create_dir(dir.path().join("spool")).expect("spool dir");
         let mut b = sample(dir.path());
         validate(&b);
+        // The transparent gateway's listener beside the proxy's.
+        b.transparent_listen = Some("0.0.0.0:15001".parse().expect("addr"));
+        let out = b.render().expect("render");
+        assert!(out.contains("name: clawgress_transparent") && out.contains("port_value: 15001"));
+        validate(&b);
         b.access_log = AccessLog::Grpc;
+        assert!(matches!(
+            b.render(),
+            Err(RenderError::TransparentNeedsFileLog)
+        ));
+        b.transparent_listen = None;
         b.ratelimit_fail_open = true;
         validate(&b);
         // quota_check: authz — no rate-limit filter.

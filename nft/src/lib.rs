@@ -60,6 +60,14 @@ pub struct Inputs {
     pub guarded: Vec<IpNet>,
     /// Log every drop (with [`LOG_PREFIX`]).
     pub log: bool,
+    /// Envoy's transparent listener: TCP 80/443 from protected sources is
+    /// redirected to this local port instead of dropped (transparent
+    /// gateway; identity by source address).
+    pub transparent_port: Option<u16>,
+    /// The admin API's TCP port and who may reach it (`nft.admin_sources`);
+    /// anyone else's connection to it is dropped and counted.
+    pub admin_port: Option<u16>,
+    pub admin_sources: Vec<IpNet>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +120,16 @@ fn drop_counted(log: bool) -> Vec<Value> {
     v
 }
 
+/// As [`drop_counted`], but refused at once (`reject`): for Envoy's own
+/// connects, so a guarded destination fails fast (Envoy answers 503
+/// `upstream-unreachable`) instead of waiting out its connect timeout.
+fn reject_counted(log: bool) -> Vec<Value> {
+    let mut v = drop_counted(log);
+    v.pop();
+    v.push(json!({"reject": null}));
+    v
+}
+
 fn split(nets: &[IpNet]) -> (Vec<&IpNet>, Vec<&IpNet>) {
     (
         nets.iter().filter(|n| matches!(n, IpNet::V4(_))).collect(),
@@ -131,11 +149,58 @@ pub fn render(i: &Inputs) -> Value {
         return json!({"nftables": cmds});
     }
     cmds.push(json!({"add": {"table": {"family": "inet", "name": TABLE}}}));
-    for (name, hook) in [("output", "output"), ("forward", "forward")] {
+    for (name, hook) in [
+        ("output", "output"),
+        ("forward", "forward"),
+        ("input", "input"),
+    ] {
         cmds.push(
             json!({"add": {"chain": {"family": "inet", "table": TABLE, "name": name,
             "type": "filter", "hook": hook, "prio": 0, "policy": "accept"}}}),
         );
+    }
+    let (src4, src6) = split(&i.protected_sources);
+    if let Some(port) = i
+        .transparent_port
+        .filter(|_| !i.protected_sources.is_empty())
+    {
+        // Destination NAT happens before routing: a redirected connection is
+        // delivered locally (input), never forwarded.
+        cmds.push(
+            json!({"add": {"chain": {"family": "inet", "table": TABLE, "name": "prerouting",
+            "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"}}}),
+        );
+        for (v6, srcs) in [(false, &src4), (true, &src6)] {
+            if srcs.is_empty() {
+                continue;
+            }
+            cmds.push(rule(
+                "prerouting",
+                "protected sources: HTTP/HTTPS to Envoy's transparent listener",
+                vec![
+                    saddr_in(v6, srcs),
+                    json!({"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": {"set": [80, 443]}}}),
+                    json!({"counter": null}),
+                    json!({"redirect": {"port": port}}),
+                ],
+            ));
+        }
+    }
+    if let Some(port) = i.admin_port {
+        let dport = || json!({"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": port}});
+        let (a4, a6) = split(&i.admin_sources);
+        for (v6, nets) in [(false, &a4), (true, &a6)] {
+            if !nets.is_empty() {
+                cmds.push(rule(
+                    "input",
+                    "admin API: admin sources",
+                    vec![dport(), saddr_in(v6, nets), accept()],
+                ));
+            }
+        }
+        let mut e = vec![dport()];
+        e.extend(drop_counted(i.log));
+        cmds.push(rule("input", "admin API: anyone else", e));
     }
     let out = |comment: &str, expr: Vec<Value>| rule("output", comment, expr);
     cmds.push(out(
@@ -184,7 +249,7 @@ pub fn render(i: &Inputs) -> Value {
             for (v6, nets) in [(false, &guarded4), (true, &guarded6)] {
                 if !nets.is_empty() {
                     let mut e = vec![skuid(i.envoy_uid), daddr_in(v6, nets)];
-                    e.extend(drop_counted(i.log));
+                    e.extend(reject_counted(i.log));
                     cmds.push(out("envoy: private, link-local, metadata", e));
                 }
             }
@@ -212,7 +277,6 @@ pub fn render(i: &Inputs) -> Value {
     cmds.push(out("everything else", drop_counted(i.log)));
 
     // Forwarded traffic from protected sources.
-    let (src4, src6) = split(&i.protected_sources);
     for (v6, srcs, allowed) in [(false, &src4, &allowed4), (true, &src6, &allowed6)] {
         if srcs.is_empty() {
             continue;
@@ -324,7 +388,9 @@ pub fn drops(table: &Value) -> (u64, u64) {
         let Some(exprs) = obj["rule"]["expr"].as_array() else {
             continue;
         };
-        let drops = exprs.iter().any(|e| e.get("drop").is_some());
+        let drops = exprs
+            .iter()
+            .any(|e| e.get("drop").is_some() || e.get("reject").is_some());
         if !drops {
             continue;
         }
@@ -620,6 +686,9 @@ mod tests {
                 .map(|s| s.parse().expect("net"))
                 .collect(),
             log: true,
+            transparent_port: None,
+            admin_port: None,
+            admin_sources: vec![],
         }
     }
 
@@ -627,7 +696,47 @@ mod tests {
     fn every_rendered_ruleset_fits_the_nft_schema() {
         for m in [Mode::ProxyOnly, Mode::Sovereign, Mode::Connected] {
             typed(&render(&inputs(m))).expect("typed");
+            typed(&render(&Inputs {
+                transparent_port: Some(15001),
+                admin_port: Some(9080),
+                admin_sources: vec!["127.0.0.1/32".parse().expect("net")],
+                ..inputs(m)
+            }))
+            .expect("typed");
         }
+    }
+
+    #[test]
+    fn transparent_redirect_and_admin_guard_snapshot() {
+        let s = shape(&render(&Inputs {
+            transparent_port: Some(15001),
+            admin_port: Some(9080),
+            admin_sources: vec![
+                "127.0.0.1/32".parse().expect("net"),
+                "10.9.0.0/16".parse().expect("net"),
+            ],
+            ..inputs(Mode::ProxyOnly)
+        }));
+        let ours: Vec<&String> = s
+            .iter()
+            .filter(|l| l.contains("prerouting") || l.contains(" input"))
+            .collect();
+        let want = [
+            "add chain input",
+            "add chain prerouting",
+            r#"add rule prerouting "protected sources: HTTP/HTTPS to Envoy's transparent listener": [{"match":{"left":{"payload":{"field":"saddr","protocol":"ip"}},"op":"==","right":{"set":[{"prefix":{"addr":"10.20.0.0","len":24}}]}}},{"match":{"left":{"payload":{"field":"dport","protocol":"tcp"}},"op":"==","right":{"set":[80,443]}}},{"counter":null},{"redirect":{"port":15001}}]"#,
+            r#"add rule prerouting "protected sources: HTTP/HTTPS to Envoy's transparent listener": [{"match":{"left":{"payload":{"field":"saddr","protocol":"ip6"}},"op":"==","right":{"set":[{"prefix":{"addr":"fd20::","len":64}}]}}},{"match":{"left":{"payload":{"field":"dport","protocol":"tcp"}},"op":"==","right":{"set":[80,443]}}},{"counter":null},{"redirect":{"port":15001}}]"#,
+            r#"add rule input "admin API: admin sources": [{"match":{"left":{"payload":{"field":"dport","protocol":"tcp"}},"op":"==","right":9080}},{"match":{"left":{"payload":{"field":"saddr","protocol":"ip"}},"op":"==","right":{"set":[{"prefix":{"addr":"127.0.0.1","len":32}},{"prefix":{"addr":"10.9.0.0","len":16}}]}}},{"accept":null}]"#,
+            r#"add rule input "admin API: anyone else": [{"match":{"left":{"payload":{"field":"dport","protocol":"tcp"}},"op":"==","right":9080}},{"counter":null},{"log":{"prefix":"clawgress-drop: "}},{"drop":null}]"#,
+        ];
+        assert_eq!(ours, want, "{ours:#?}");
+        // No protected sources: nothing to redirect, no NAT chain.
+        let none = shape(&render(&Inputs {
+            transparent_port: Some(15001),
+            protected_sources: vec![],
+            ..inputs(Mode::ProxyOnly)
+        }));
+        assert!(!none.iter().any(|l| l.contains("prerouting")), "{none:#?}");
     }
 
     /// Snapshots: the rules of each mode, one line each (chain, comment).
@@ -661,13 +770,14 @@ mod tests {
             "add table clawgress",
             "add chain output",
             "add chain forward",
+            "add chain input",
             r#"add rule output "loopback": [{"match":{"left":{"meta":{"key":"oifname"}},"op":"==","right":"lo"}},{"accept":null}]"#,
             r#"add rule output "IPv6 neighbour discovery": [{"match":{"left":{"payload":{"field":"type","protocol":"icmpv6"}},"op":"==","right":{"set":["nd-router-solicit","nd-neighbor-solicit","nd-neighbor-advert","mld2-listener-report"]}}},{"accept":null}]"#,
             r#"add rule output "replies and related": [{"match":{"left":{"ct":{"key":"state"}},"op":"in","right":["established","related"]}},{"accept":null}]"#,
             r#"add rule output "envoy: DNS": [{"match":{"left":{"meta":{"key":"skuid"}},"op":"==","right":990}},{"match":{"left":{"meta":{"key":"l4proto"}},"op":"==","right":{"set":["udp","tcp"]}}},{"match":{"left":{"payload":{"field":"dport","protocol":"th"}},"op":"==","right":53}},{"accept":null}]"#,
             r#"add rule output "envoy: allowed private ranges": [{"match":{"left":{"meta":{"key":"skuid"}},"op":"==","right":990}},{"match":{"left":{"payload":{"field":"daddr","protocol":"ip"}},"op":"==","right":{"set":[{"prefix":{"addr":"10.1.2.0","len":24}}]}}},{"accept":null}]"#,
-            r#"add rule output "envoy: private, link-local, metadata": [{"match":{"left":{"meta":{"key":"skuid"}},"op":"==","right":990}},{"match":{"left":{"payload":{"field":"daddr","protocol":"ip"}},"op":"==","right":{"set":[{"prefix":{"addr":"10.0.0.0","len":8}},{"prefix":{"addr":"169.254.0.0","len":16}}]}}},{"counter":null},{"log":{"prefix":"clawgress-drop: "}},{"drop":null}]"#,
-            r#"add rule output "envoy: private, link-local, metadata": [{"match":{"left":{"meta":{"key":"skuid"}},"op":"==","right":990}},{"match":{"left":{"payload":{"field":"daddr","protocol":"ip6"}},"op":"==","right":{"set":[{"prefix":{"addr":"fe80::","len":10}}]}}},{"counter":null},{"log":{"prefix":"clawgress-drop: "}},{"drop":null}]"#,
+            r#"add rule output "envoy: private, link-local, metadata": [{"match":{"left":{"meta":{"key":"skuid"}},"op":"==","right":990}},{"match":{"left":{"payload":{"field":"daddr","protocol":"ip"}},"op":"==","right":{"set":[{"prefix":{"addr":"10.0.0.0","len":8}},{"prefix":{"addr":"169.254.0.0","len":16}}]}}},{"counter":null},{"log":{"prefix":"clawgress-drop: "}},{"reject":null}]"#,
+            r#"add rule output "envoy: private, link-local, metadata": [{"match":{"left":{"meta":{"key":"skuid"}},"op":"==","right":990}},{"match":{"left":{"payload":{"field":"daddr","protocol":"ip6"}},"op":"==","right":{"set":[{"prefix":{"addr":"fe80::","len":10}}]}}},{"counter":null},{"log":{"prefix":"clawgress-drop: "}},{"reject":null}]"#,
             r#"add rule output "envoy": [{"match":{"left":{"meta":{"key":"skuid"}},"op":"==","right":990}},{"accept":null}]"#,
             r#"add rule output "exempt user": [{"match":{"left":{"meta":{"key":"skuid"}},"op":"==","right":0}},{"accept":null}]"#,
             r#"add rule output "everything else": [{"counter":null},{"log":{"prefix":"clawgress-drop: "}},{"drop":null}]"#,

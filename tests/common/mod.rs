@@ -52,8 +52,15 @@ impl Stack {
     /// As [`Stack::start`], with extra `gateway:` lines (each indented two
     /// spaces, e.g. `"  audit_input: grpc\n"`).
     pub fn start_with_gateway(gateway: &str, body: &str) -> Stack {
+        Self::start_in(None, "127.0.0.1", gateway, body)
+    }
+
+    /// As [`Stack::start_with_gateway`], inside network namespace `netns`
+    /// (`ip netns exec`, which execs: the child is `up` itself).
+    /// The proxy listens on `proxy_ip` (a free port).
+    pub fn start_in(netns: Option<&str>, proxy_ip: &str, gateway: &str, body: &str) -> Stack {
         let dir = tempfile::tempdir().expect("tempdir");
-        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let proxy: SocketAddr = format!("{proxy_ip}:{}", free_port()).parse().expect("addr");
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let config = dir.path().join("clawgress.yaml");
         let yaml = format!(
@@ -62,7 +69,15 @@ impl Stack {
         );
         std::fs::write(&config, yaml).expect("write config");
         let stderr_log = dir.path().join("up.stderr");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_clawgress"))
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_clawgress")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_clawgress")),
+        };
+        let mut child = cmd
             .args(["up", "--config"])
             .arg(&config)
             .env("CLAWGRESS_LOG", "info")

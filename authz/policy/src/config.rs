@@ -101,6 +101,11 @@ pub struct Gateway {
     pub quota_check: QuotaCheck,
     #[serde(default)]
     pub audit_input: AuditInput,
+    /// Transparent gateway (§8): Envoy's listener for TCP 80/443 that nft
+    /// redirects from `nft.protected_sources`; agents there are named by
+    /// source address. Off unless set.
+    #[serde(default)]
+    pub transparent_listen: Option<SocketAddr>,
 }
 
 impl Default for Gateway {
@@ -112,6 +117,7 @@ impl Default for Gateway {
             private_destinations_allowed: Vec::new(),
             quota_check: QuotaCheck::default(),
             audit_input: AuditInput::default(),
+            transparent_listen: None,
         }
     }
 }
@@ -887,6 +893,22 @@ impl Document {
                 Some("proxy_listen"),
                 "needs a fixed port: agents must be told where the proxy is".into(),
             );
+        }
+        if let Some(t) = self.gateway.transparent_listen {
+            if t.port() == 0 || t == self.gateway.proxy_listen || t == self.gateway.admin_listen {
+                push(
+                    "gateway.transparent_listen".into(),
+                    Some("transparent_listen"),
+                    "needs a fixed port of its own (nft redirects to it)".into(),
+                );
+            }
+            if self.gateway.audit_input != AuditInput::File {
+                push(
+                    "gateway.transparent_listen".into(),
+                    Some("transparent_listen"),
+                    "needs gateway.audit_input: file (TLS connections are recorded from the access-log file)".into(),
+                );
+            }
         }
         for (path, v) in [
             ("stores.control_plane", &self.stores.control_plane),
