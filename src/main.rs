@@ -88,6 +88,10 @@ enum Command {
         /// A viewer token for --bundle-url.
         #[arg(long, value_name = "FILE", requires = "bundle_url")]
         bundle_token_file: Option<PathBuf>,
+        /// With a unix: --listen, let this group connect to the socket
+        /// (mode 0660). `up`, run as root, gives Envoy's group this way.
+        #[arg(long, value_name = "GID")]
+        socket_group: Option<u32>,
     },
     /// Make the running `up` re-read its config file (same as SIGHUP): a
     /// valid file is applied without a restart, an invalid one changes
@@ -351,7 +355,9 @@ fn main() -> ExitCode {
             bundle_key,
             bundle_url,
             bundle_token_file,
+            socket_group,
         } => runtime(serve_threads() != 1).and_then(|rt| {
+            serve::set_socket_group(socket_group);
             let r = rt.block_on(serve::serve(
                 service,
                 &config,

@@ -144,7 +144,10 @@ pub fn access_log_file(doc: &Document, state_dir: &Path) -> PathBuf {
     spool_dir(doc, state_dir).join("envoy-access.log")
 }
 
-/// Create a directory (and parents) that only its owner may read.
+/// Create a directory (and parents) that only its owner may read and
+/// write. Group read/traverse bits already granted (by `up`, to Envoy's
+/// group, see [`share_with_group`]) are kept; group write and anything for
+/// others are removed.
 pub fn private_dir(p: &Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
@@ -152,9 +155,41 @@ pub fn private_dir(p: &Path) -> Result<()> {
         .mode(0o700)
         .create(p)
         .with_context(|| format!("cannot create {}", p.display()))?;
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700))
+    let group = std::fs::metadata(p)
+        .map(|m| m.permissions().mode() & 0o050)
+        .unwrap_or(0);
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700 | group))
         .with_context(|| format!("cannot restrict {}", p.display()))?;
     Ok(())
+}
+
+/// Give group `gid` the access `mode` grants to the group on `p` (a
+/// directory or file this process owns): `chown :gid`, then `mode`.
+pub fn share_with_group(p: &Path, gid: u32, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::os::unix::fs::chown(p, None, Some(gid))
+        .with_context(|| format!("cannot give group {gid} {}", p.display()))?;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set the mode of {}", p.display()))
+}
+
+/// A user's uid and primary gid from `passwd` (e.g. `/etc/passwd`), by name
+/// or number; a number with no entry is used as both uid and gid.
+pub fn user_ids(user: &str, passwd: &str) -> Option<(u32, u32)> {
+    let by_number = user.parse::<u32>().ok();
+    for line in passwd.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        let (Some(name), Some(uid), Some(gid)) = (f.first(), f.get(2), f.get(3)) else {
+            continue;
+        };
+        let (Ok(uid), Ok(gid)) = (uid.parse::<u32>(), gid.parse::<u32>()) else {
+            continue;
+        };
+        if *name == user || by_number == Some(uid) {
+            return Some((uid, gid));
+        }
+    }
+    by_number.map(|n| (n, n))
 }
 
 /// A fresh 256-bit API key, URL-safe so it can sit in a proxy URL as is.
@@ -215,6 +250,29 @@ mod tests {
         );
         let (_, again) = default_config(dir.path()).expect("second");
         assert!(again.is_none(), "the key is shown once only");
+    }
+
+    #[test]
+    fn user_ids_by_name_or_number() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\nclawgress-envoy:x:990:985::/nonexistent:/usr/sbin/nologin\nbad:line\n";
+        assert_eq!(user_ids("clawgress-envoy", passwd), Some((990, 985)));
+        assert_eq!(user_ids("990", passwd), Some((990, 985)));
+        assert_eq!(user_ids("4242", passwd), Some((4242, 4242)));
+        assert_eq!(user_ids("root", passwd), Some((0, 0)));
+        assert_eq!(user_ids("nobody-here", passwd), None);
+    }
+
+    #[test]
+    fn private_dir_keeps_group_traverse_but_never_group_write() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("x");
+        private_dir(&p).expect("create");
+        let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode(&p), 0o700);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        private_dir(&p).expect("again");
+        assert_eq!(mode(&p), 0o750);
     }
 
     #[test]

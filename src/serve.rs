@@ -137,6 +137,16 @@ where
     }))
 }
 
+static SOCKET_GROUP: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// `--socket-group`: the group that may connect to this process's Unix
+/// listeners (Envoy's, when `up` runs it as `nft.envoy_user`).
+pub fn set_socket_group(gid: Option<u32>) {
+    if let Some(g) = gid {
+        let _ = SOCKET_GROUP.set(g);
+    }
+}
+
 fn bind_unix(path: &Path) -> Result<UnixListener> {
     // A socket file left by a killed predecessor would make bind fail.
     match std::fs::remove_file(path) {
@@ -144,7 +154,12 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("cannot remove {}", path.display())),
     }
-    UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
+    let l =
+        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    if let Some(gid) = SOCKET_GROUP.get() {
+        node::share_with_group(path, *gid, 0o660)?;
+    }
+    Ok(l)
 }
 
 /// Bind `$listen` (TCP or Unix), then evaluate `$body` (a future) with

@@ -35,6 +35,8 @@ struct Spec {
     /// The socket that answers when the child is healthy (a service's
     /// listener, Envoy's admin).
     probe: PathBuf,
+    /// Run as this uid and gid (Envoy as `nft.envoy_user`, when `up` is root).
+    user: Option<(u32, u32)>,
 }
 
 struct Slot {
@@ -78,6 +80,39 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
     node::private_dir(&run)?;
     node::private_dir(&node::spool_dir(&doc, &state))?;
     crate::metrics::record_alerts_in(node::events_spool(&doc, &state), "up");
+    let envoy = locate_envoy(args.envoy.as_deref())?;
+    let envoy_user = envoy_identity(&doc, &state, &envoy);
+    // Envoy's own directory: its admin socket, writable by it alone.
+    let envoy_dir = state.join("envoy");
+    node::private_dir(&envoy_dir)?;
+    if let Some((uid, gid)) = envoy_user {
+        std::os::unix::fs::chown(&envoy_dir, Some(uid), Some(gid))
+            .with_context(|| format!("cannot give {} to Envoy's user", envoy_dir.display()))?;
+        // Envoy reaches its config, the services' sockets and the
+        // access-log file through its group: traverse only, no listing
+        // of the state directory and no writing anywhere but its files.
+        node::share_with_group(&state, gid, 0o710)?;
+        node::share_with_group(&run, gid, 0o750)?;
+        if doc.gateway.audit_input == clawgress_policy::config::AuditInput::File {
+            let spool = node::spool_dir(&doc, &state);
+            node::share_with_group(&spool, gid, 0o710)?;
+            let log = node::access_log_file(&doc, &state);
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&log)
+                .with_context(|| format!("cannot create {}", log.display()))?;
+            node::share_with_group(&log, gid, 0o660)?;
+        }
+        let envoy_log = state.join("envoy.log");
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&envoy_log)
+            .with_context(|| format!("cannot create {}", envoy_log.display()))?;
+        node::share_with_group(&envoy_log, gid, 0o660)?;
+        tracing::info!(user = %doc.nft.envoy_user, uid, gid, "Envoy runs as nft.envoy_user");
+    }
 
     let proxy = doc.gateway.proxy_listen;
     // A clear error now beats an Envoy crash loop later.
@@ -92,10 +127,9 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
         .await
         .with_context(|| format!("gateway.admin_listen {admin_addr} is not free"))?;
 
-    let envoy = locate_envoy(args.envoy.as_deref())?;
     let boot = clawgress_envoy::Bootstrap {
         proxy_listen: proxy,
-        admin_socket: run.join("envoy-admin.sock"),
+        admin_socket: envoy_dir.join("admin.sock"),
         authz_socket: run.join("authz.sock"),
         ratelimit_socket: run.join("ratelimit.sock"),
         audit_socket: run.join("audit.sock"),
@@ -113,6 +147,9 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
     };
     let envoy_yaml = run.join("envoy.yaml");
     node::write_private(&envoy_yaml, boot.render()?.as_bytes())?;
+    if let Some((_, gid)) = envoy_user {
+        node::share_with_group(&envoy_yaml, gid, 0o640)?;
+    }
 
     let me = std::env::current_exe().context("cannot find the clawgress binary")?;
     let service = |name: &'static str, sock: &Path| Spec {
@@ -131,6 +168,15 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
             "--metrics-listen".into(),
             format!("unix:{}", metrics_socket(&run, name).display()),
         ],
+        user: None,
+    };
+    // The sockets Envoy calls (not admin's) open to Envoy's group.
+    let for_envoy = |mut spec: Spec| {
+        if let Some((_, gid)) = envoy_user {
+            spec.args
+                .extend(["--socket-group".to_string(), gid.to_string()]);
+        }
+        spec
     };
     let admin_socket = run.join("admin.sock");
     let bundle_dir = crate::bundles::bundle_dir(&state);
@@ -150,9 +196,9 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
     let token_existed = token_file.exists();
     let mut slots: Vec<Slot> = [
         service("admin", &admin_socket),
-        with_bundles(service("authz", &boot.authz_socket)),
-        with_bundles(service("ratelimit", &boot.ratelimit_socket)),
-        service("audit", &boot.audit_socket),
+        for_envoy(with_bundles(service("authz", &boot.authz_socket))),
+        for_envoy(with_bundles(service("ratelimit", &boot.ratelimit_socket))),
+        for_envoy(service("audit", &boot.audit_socket)),
         Spec {
             name: "envoy",
             probe: boot.admin_socket.clone(),
@@ -170,6 +216,7 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
                 "--file-flush-interval-msec".into(),
                 "200".into(),
             ],
+            user: envoy_user,
         },
     ]
     .into_iter()
@@ -509,6 +556,10 @@ fn start(slot: &mut Slot, i: usize, tx: &mpsc::UnboundedSender<Event>) -> Result
         // Own process group: a terminal's Ctrl-C reaches only the
         // supervisor, which then stops the children in order.
         .process_group(0);
+    if let Some((uid, gid)) = slot.spec.user {
+        // Supplementary groups are cleared with the uid change.
+        cmd.uid(uid).gid(gid);
+    }
     sys::die_with_parent(&mut cmd);
     let mut child = cmd.spawn().with_context(|| {
         format!(
@@ -534,6 +585,78 @@ fn start(slot: &mut Slot, i: usize, tx: &mpsc::UnboundedSender<Event>) -> Result
         let _ = tx.send(Event::Exited(i, status));
     });
     Ok(())
+}
+
+/// DESIGN §8: `up` run as root starts Envoy as `nft.envoy_user`, so that
+/// nft tells Envoy's traffic from everyone else's. `None`: Envoy runs as
+/// `up`'s own user — `up` is not root, the user is root, or the user
+/// cannot be used (said in a warning: `nft apply proxy-only` would then
+/// cut Envoy off too).
+fn envoy_identity(
+    doc: &clawgress_policy::Document,
+    state: &Path,
+    envoy: &Path,
+) -> Option<(u32, u32)> {
+    if !sys::is_root() {
+        return None;
+    }
+    let user = &doc.nft.envoy_user;
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let Some((uid, gid)) = node::user_ids(user, &passwd) else {
+        tracing::warn!(
+            user = %user,
+            "nft.envoy_user does not exist: Envoy runs as root, so nft cannot tell its traffic from root's (create it: useradd --system {user})"
+        );
+        return None;
+    };
+    if uid == 0 {
+        return None;
+    }
+    // The user must be able to reach the state directory and run Envoy
+    // (a pip-installed Envoy under /root is out of its reach).
+    let denied = blocked_for(state, uid, gid, false)
+        .or_else(|| blocked_for(envoy, uid, gid, true))
+        .or_else(|| {
+            // A script (pip's `envoy` wrapper): its interpreter too.
+            let head = std::fs::read(envoy).ok()?;
+            let first = head.split(|b| *b == b'\n').next()?.strip_prefix(b"#!")?;
+            let interp = String::from_utf8_lossy(first);
+            let interp = interp.split_whitespace().next()?;
+            blocked_for(Path::new(interp), uid, gid, true)
+        });
+    if let Some(dir) = denied {
+        tracing::warn!(
+            user = %user,
+            path = %dir.display(),
+            "nft.envoy_user cannot reach this path: Envoy runs as root (put gateway.state_dir under e.g. /var/lib and Envoy where the user can run it, e.g. /usr/local/bin, or pass --envoy)"
+        );
+        return None;
+    }
+    Some((uid, gid))
+}
+
+/// The first directory on the way to `path` that `uid`/`gid` cannot
+/// traverse, or `path` itself if it must be executable and is not.
+fn blocked_for(path: &Path, uid: u32, gid: u32, exec: bool) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let may_x = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| {
+            let mode = m.mode();
+            mode & 0o001 != 0
+                || (m.uid() == uid && mode & 0o100 != 0)
+                || (m.gid() == gid && mode & 0o010 != 0)
+        })
+    };
+    let dirs = path.ancestors().skip(1).collect::<Vec<_>>();
+    for dir in dirs.into_iter().rev() {
+        if dir.as_os_str().is_empty() || !dir.exists() {
+            continue;
+        }
+        if !may_x(dir) {
+            return Some(dir.to_path_buf());
+        }
+    }
+    (exec && !may_x(path)).then(|| path.to_path_buf())
 }
 
 fn describe(s: ExitStatus) -> String {

@@ -308,6 +308,63 @@ fn check_catches_a_hand_edit_rollback_restores_and_connected_removes_only_ours()
     assert!(!ok(&net.nft(&["list", "tables"])).contains("clawgress"));
 }
 
+#[test]
+fn only_admin_sources_reach_the_admin_port() {
+    let Some(net) = Net::new() else { return };
+    // Something on the admin port (gateway.admin_listen's, 9080 by default).
+    let mut admin = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.host,
+            "python3",
+            "-m",
+            "http.server",
+            "9080",
+        ])
+        .args(["--bind", "0.0.0.0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("admin stand-in");
+    let reach = |ns: &str, url: &str| {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "2",
+            url,
+        ])
+        .status
+        .success()
+    };
+    let from_inet = || reach(&net.inet, "http://44.0.0.1:9080/");
+    assert!(eventually(Duration::from_secs(10), from_inet));
+    ok(&net.clawgress(&["nft", "apply", "sovereign"]));
+    assert!(!from_inet(), "not an admin source: dropped");
+    assert!(
+        reach(&net.host, "http://127.0.0.1:9080/"),
+        "loopback is (the default admin_sources)"
+    );
+    std::fs::write(
+        net.dir.path().join("nft.yaml"),
+        format!(
+            "nft:\n  envoy_user: \"{ENVOY_UID}\"\n  admin_sources: [127.0.0.1/32, 44.0.0.2/32]\nagents: []\n"
+        ),
+    )
+    .expect("config");
+    ok(&net.clawgress(&["nft", "apply", "sovereign"]));
+    assert!(from_inet(), "a listed admin source gets in");
+    let _ = admin.kill();
+    let _ = admin.wait();
+}
+
 /// A routed subnet behind a gateway (MVP Mode B): an "agent" namespace
 /// whose only way out is the "gateway" namespace (Envoy and the services,
 /// `clawgress up` there, nft applied there), and an "internet" namespace
@@ -443,6 +500,11 @@ impl Routed {
         .expect("hosts");
 
         let dir = tempfile::tempdir().expect("tempdir");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+                .expect("chmod");
+        }
         let script = dir.path().join("server.py");
         std::fs::write(&script, SERVER_PY).expect("script");
         let cert =
@@ -510,6 +572,27 @@ impl Routed {
         (code.to_string(), body.to_string())
     }
 
+    /// The real Envoy binary where an unprivileged user can run it (pip
+    /// installs it under root's home): linked, or copied, into our dir.
+    fn envoy_for_anyone(&self) -> std::path::PathBuf {
+        let real = std::env::var("CLAWGRESS_ENVOY")
+            .ok()
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| {
+                let out = sh(&[
+                    "python3",
+                    "-c",
+                    "import envoy._bin as b, os; print(os.path.join(os.path.dirname(b.__file__), 'envoy'))",
+                ]);
+                String::from_utf8_lossy(&out.stdout).trim().to_string()
+            });
+        let here = self.dir.path().join("envoy");
+        if std::fs::hard_link(&real, &here).is_err() {
+            std::fs::copy(&real, &here).expect("copy envoy");
+        }
+        here
+    }
+
     fn clawgress(&self, config: &std::path::Path, args: &[&str]) -> Output {
         Command::new("ip")
             .args(["netns", "exec", &self.gw, env!("CARGO_BIN_EXE_clawgress")])
@@ -539,7 +622,7 @@ impl Drop for Routed {
 fn transparent_gateway_judges_redirected_http_and_https_by_source_and_guards_envoy() {
     let Some(net) = Routed::new() else { return };
     let body = r#"nft:
-  envoy_user: "0"
+  envoy_user: "4242"
   protected_sources: [10.20.0.0/24, "fd20::/64"]
 agents:
   - {agent_id: lab-vm, team_id: research, auth_type: source_ip, source_cidrs: [10.20.0.0/24]}
@@ -553,13 +636,26 @@ policies:
     match: {destination: {hosts: [rebind.test], ports: [80]}}
     action: allow
 "#;
+    let envoy = net.envoy_for_anyone();
     let mut stack = Stack::start_in(
         Some(&net.gw),
         "10.20.0.1",
+        Some(&envoy),
         "  transparent_listen: 0.0.0.0:15001\n",
         body,
     );
     let proxy = format!("http://{}", stack.proxy);
+    // `up` runs as root: Envoy runs as nft.envoy_user, the services do not.
+    let uid_of = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+            .unwrap_or_default()
+    };
+    assert_eq!(uid_of(stack.envoy_pid().expect("envoy pid")), "4242");
+    assert_eq!(uid_of(stack.service_pid("authz").expect("authz pid")), "0");
 
     // Without nft, Envoy reaches the metadata address through a name that
     // resolves to it: the hole the kernel closes below.

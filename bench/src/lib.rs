@@ -401,7 +401,7 @@ impl Bench {
         // floor: the same Envoy config, every path moved to the floor's
         // directory, the proxy on its own port, do-nothing services.
         let fdir = dir.join("floor");
-        for d in ["run", "spool"] {
+        for d in ["run", "spool", "envoy"] {
             std::fs::create_dir_all(fdir.join(d))?;
         }
         let fproxy: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
@@ -473,6 +473,7 @@ impl Bench {
         // bare: the generated config without filters or access log.
         let bdir = dir.join("bare");
         std::fs::create_dir_all(bdir.join("run"))?;
+        std::fs::create_dir_all(bdir.join("envoy"))?;
         let bproxy: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let bare_yaml = bare_config(
             &generated

@@ -52,14 +52,28 @@ impl Stack {
     /// As [`Stack::start`], with extra `gateway:` lines (each indented two
     /// spaces, e.g. `"  audit_input: grpc\n"`).
     pub fn start_with_gateway(gateway: &str, body: &str) -> Stack {
-        Self::start_in(None, "127.0.0.1", gateway, body)
+        Self::start_in(None, "127.0.0.1", None, gateway, body)
     }
 
     /// As [`Stack::start_with_gateway`], inside network namespace `netns`
     /// (`ip netns exec`, which execs: the child is `up` itself).
-    /// The proxy listens on `proxy_ip` (a free port).
-    pub fn start_in(netns: Option<&str>, proxy_ip: &str, gateway: &str, body: &str) -> Stack {
+    /// The proxy listens on `proxy_ip` (a free port); `envoy` is passed as
+    /// `up --envoy`.
+    pub fn start_in(
+        netns: Option<&str>,
+        proxy_ip: &str,
+        envoy: Option<&Path>,
+        gateway: &str,
+        body: &str,
+    ) -> Stack {
         let dir = tempfile::tempdir().expect("tempdir");
+        // Traversable (not listable), as /var/lib is: run as root, `up`
+        // starts Envoy as nft.envoy_user, which must reach the state dir.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+                .expect("chmod tempdir");
+        }
         let proxy: SocketAddr = format!("{proxy_ip}:{}", free_port()).parse().expect("addr");
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let config = dir.path().join("clawgress.yaml");
@@ -77,8 +91,13 @@ impl Stack {
             }
             None => Command::new(env!("CARGO_BIN_EXE_clawgress")),
         };
+        if let Some(e) = envoy {
+            cmd.arg("up").arg("--envoy").arg(e);
+        } else {
+            cmd.arg("up");
+        }
         let mut child = cmd
-            .args(["up", "--config"])
+            .arg("--config")
             .arg(&config)
             .env("CLAWGRESS_LOG", "info")
             .stdout(Stdio::piped())

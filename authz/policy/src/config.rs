@@ -1359,6 +1359,10 @@ quotas:
             ("audit: {on_full: maybe}\nagents: []\n", "on_full"),
             ("audit: {min_free_mb: -1}\nagents: []\n", "min_free_mb"),
             ("gateway: {admin_listen: \"127.0.0.1:10000\"}\nagents: []\n", "must differ"),
+            ("gateway: {transparent_listen: \"127.0.0.1:10000\"}\nagents: []\n", "fixed port of its own"),
+            ("gateway: {transparent_listen: \"0.0.0.0:0\"}\nagents: []\n", "fixed port of its own"),
+            ("gateway: {transparent_listen: \"0.0.0.0:15001\", audit_input: grpc}\nagents: []\n", "needs gateway.audit_input: file"),
+            ("gateway: {transparent_listen: \"nowhere\"}\nagents: []\n", "transparent_listen"),
             ("policies:\n  - {policy_id: p, priority: 1, match: {destination: {hosts: [\"10.0.0.0/33\"]}}, action: allow}\n", "not a valid CIDR"),
             ("policies:\n  - {policy_id: p, priority: 1, match: {destination: {hosts: [\"*\"]}, method: []}, action: allow}\n", "empty list"),
         ] {
@@ -1367,6 +1371,10 @@ quotas:
         }
         assert!(Document::from_yaml(
             "agents:\n  - {agent_id: x, auth_type: jwt, profile: custom}\n"
+        )
+        .is_ok());
+        assert!(Document::from_yaml(
+            "gateway: {transparent_listen: \"0.0.0.0:15001\"}\nagents: []\n"
         )
         .is_ok());
     }
