@@ -106,6 +106,12 @@ pub fn status(dir: &Path, json: bool) -> Result<bool> {
             s.dropped_packets,
             s.dropped_bytes
         );
+        for r in &s.rules {
+            println!(
+                "  {:<10} {:<8} {:>10} packets {:>12} bytes  {}",
+                r.chain, r.verdict, r.packets, r.bytes, r.comment
+            );
+        }
     }
     Ok(s.enforced)
 }

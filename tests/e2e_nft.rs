@@ -728,6 +728,24 @@ policies:
     ]);
     let after = dropped();
     assert!(after >= before + 3, "drops counted: {before} -> {after}");
+    // Per rule: the redirects counted the transparent connections, the
+    // forward drop the direct ones.
+    let st: serde_json::Value = serde_json::from_slice(
+        &net.clawgress(&stack.config, &["nft", "status", "--json"])
+            .stdout,
+    )
+    .expect("status json");
+    let counted = |verdict: &str, chain: &str| {
+        st["rules"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["verdict"] == verdict && r["chain"] == chain)
+            .map(|r| r["packets"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    assert!(counted("redirect", "prerouting") >= 4, "{st:#}");
+    assert!(counted("drop", "forward") >= 3, "{st:#}");
 
     // DNS rebinding: the policy allows the name, the kernel stops Envoy
     // at the metadata address it resolves to.

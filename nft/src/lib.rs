@@ -380,28 +380,51 @@ pub fn sha256(v: &Value) -> String {
     hex::encode(sha2::Sha256::digest(v.to_string().as_bytes()))
 }
 
-/// Packets and bytes counted by every drop rule of the table.
-pub fn drops(table: &Value) -> (u64, u64) {
-    let mut p = 0;
-    let mut b = 0;
+/// One counting rule as the kernel has it: what it does (`drop`, `reject`,
+/// `redirect`), where, and what it counted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuleCounter {
+    pub chain: String,
+    pub comment: String,
+    pub verdict: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Every rule of the table that counts (drops, rejects, redirects).
+pub fn counters(table: &Value) -> Vec<RuleCounter> {
+    let mut out = Vec::new();
     for obj in table["nftables"].as_array().into_iter().flatten() {
-        let Some(exprs) = obj["rule"]["expr"].as_array() else {
+        let rule = &obj["rule"];
+        let Some(exprs) = rule["expr"].as_array() else {
             continue;
         };
-        let drops = exprs
-            .iter()
-            .any(|e| e.get("drop").is_some() || e.get("reject").is_some());
-        if !drops {
+        let Some(verdict) = ["drop", "reject", "redirect"]
+            .into_iter()
+            .find(|v| exprs.iter().any(|e| e.get(*v).is_some()))
+        else {
             continue;
-        }
-        for e in exprs {
-            if let Some(c) = e.get("counter") {
-                p += c["packets"].as_u64().unwrap_or(0);
-                b += c["bytes"].as_u64().unwrap_or(0);
-            }
-        }
+        };
+        let Some(c) = exprs.iter().find_map(|e| e.get("counter")) else {
+            continue;
+        };
+        out.push(RuleCounter {
+            chain: rule["chain"].as_str().unwrap_or("").to_string(),
+            comment: rule["comment"].as_str().unwrap_or("").to_string(),
+            verdict: verdict.to_string(),
+            packets: c["packets"].as_u64().unwrap_or(0),
+            bytes: c["bytes"].as_u64().unwrap_or(0),
+        });
     }
-    (p, b)
+    out
+}
+
+/// Packets and bytes counted by every drop (or reject) rule of the table.
+pub fn drops(table: &Value) -> (u64, u64) {
+    counters(table)
+        .iter()
+        .filter(|c| c.verdict != "redirect")
+        .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes))
 }
 
 /// What `apply` recorded.
@@ -423,6 +446,8 @@ pub struct Status {
     pub enforced: bool,
     pub dropped_packets: u64,
     pub dropped_bytes: u64,
+    /// Per rule: every drop, reject and transparent redirect.
+    pub rules: Vec<RuleCounter>,
 }
 
 /// Backups kept.
@@ -580,8 +605,10 @@ impl Nft {
     pub fn status(&self) -> Result<Status, NftError> {
         let state = self.state()?;
         let (enforced, _) = self.check()?;
-        let (p, b) = self.kernel.table()?.as_ref().map(drops).unwrap_or((0, 0));
+        let table = self.kernel.table()?;
+        let (p, b) = table.as_ref().map(drops).unwrap_or((0, 0));
         Ok(Status {
+            rules: table.as_ref().map(counters).unwrap_or_default(),
             mode: state.as_ref().map(|s| s.mode),
             applied_at: state.as_ref().map(|s| s.applied_at.clone()),
             ruleset_sha256: state.map(|s| s.ruleset_sha256),
