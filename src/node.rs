@@ -173,6 +173,58 @@ pub fn share_with_group(p: &Path, gid: u32, mode: u32) -> Result<()> {
         .with_context(|| format!("cannot set the mode of {}", p.display()))
 }
 
+/// Why group `gid` is not private to user `uid` (another account has it as
+/// its primary group, it lists members, or — for a uid with no account —
+/// it exists at all); `None` if it is the user's own.
+pub fn group_shared(uid: u32, gid: u32, passwd: &str, group: &str) -> Option<String> {
+    let has_account = passwd
+        .lines()
+        .any(|l| l.split(':').nth(2).and_then(|u| u.parse::<u32>().ok()) == Some(uid));
+    for line in passwd.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        let (Some(u), Some(g)) = (
+            f.get(2).and_then(|u| u.parse::<u32>().ok()),
+            f.get(3).and_then(|g| g.parse::<u32>().ok()),
+        ) else {
+            continue;
+        };
+        if g == gid && u != uid {
+            return Some(format!("it is also {}'s group", f[0]));
+        }
+    }
+    for line in group.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.get(2).and_then(|g| g.parse::<u32>().ok()) != Some(gid) {
+            continue;
+        }
+        if !has_account {
+            return Some(format!("group {} exists", f[0]));
+        }
+        if f.get(3).is_some_and(|m| !m.trim().is_empty()) {
+            return Some(format!("group {} has members", f[0]));
+        }
+    }
+    None
+}
+
+/// Remove group and other access from the regular files directly in
+/// `dir` (e.g. SQLite databases made with the default umask).
+pub fn restrict_files(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        let e = e?;
+        let m = e.metadata()?;
+        if m.is_file() && m.permissions().mode() & 0o077 != 0 {
+            std::fs::set_permissions(
+                e.path(),
+                std::fs::Permissions::from_mode(m.permissions().mode() & 0o700),
+            )
+            .with_context(|| format!("cannot restrict {}", e.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// A user's uid and primary gid from `passwd` (e.g. `/etc/passwd`), by name
 /// or number; a number with no entry is used as both uid and gid.
 pub fn user_ids(user: &str, passwd: &str) -> Option<(u32, u32)> {
@@ -260,6 +312,18 @@ mod tests {
         assert_eq!(user_ids("4242", passwd), Some((4242, 4242)));
         assert_eq!(user_ids("root", passwd), Some((0, 0)));
         assert_eq!(user_ids("nobody-here", passwd), None);
+    }
+
+    #[test]
+    fn a_group_is_private_only_if_nobody_else_is_in_it() {
+        let passwd = "root:x:0:0::/root:/bin/sh\nenvoy:x:990:990::/:/bin/false\nbob:x:1000:100::/home/bob:/bin/sh\nmallory:x:1001:100::/:/bin/sh\n";
+        let group = "root:x:0:\nenvoy:x:990:\nusers:x:100:\nwheel:x:10:alice\nloner:x:4000:\n";
+        assert_eq!(group_shared(990, 990, passwd, group), None);
+        assert!(group_shared(1000, 100, passwd, group).is_some_and(|w| w.contains("mallory")));
+        assert!(group_shared(990, 10, passwd, group).is_some_and(|w| w.contains("members")));
+        // A uid with no account: its gid must name no group at all.
+        assert_eq!(group_shared(4242, 4242, passwd, group), None);
+        assert!(group_shared(4000, 4000, passwd, group).is_some_and(|w| w.contains("loner")));
     }
 
     #[test]

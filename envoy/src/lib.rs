@@ -85,19 +85,29 @@ impl Bootstrap {
         let transparent = match (&self.transparent_listen, &self.access_log) {
             (None, _) => String::new(),
             (Some(_), AccessLog::Grpc) => return Err(RenderError::TransparentNeedsFileLog),
-            (Some(t), AccessLog::File(p)) => {
-                TRANSPARENT_LISTENER
-                    .trim_end()
-                    .replace("{{access_log_path}}", path_str(p)?)
-                    .replace("{{transparent_address}}", &t.ip().to_string())
-                    .replace("{{transparent_port}}", &t.port().to_string())
-                    + "\n"
-            }
+            (Some(t), AccessLog::File(p)) => TRANSPARENT_LISTENER
+                .replace("{{access_log_path}}", path_str(p)?)
+                .replace("{{transparent_address}}", &t.ip().to_string())
+                .replace("{{transparent_port}}", &t.port().to_string())
+                .replace(
+                    "{{transparent_ipv4_compat}}",
+                    if t.ip() == std::net::IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED) {
+                        "true"
+                    } else {
+                        "false"
+                    },
+                ),
         };
+        // The block has three parts: listeners, then `#@clusters`, then
+        // `#@bootstrap` (top-level keys).
+        let (listeners, rest) = transparent.split_once("#@clusters\n").unwrap_or(("", ""));
+        let (clusters, bootstrap) = rest.split_once("#@bootstrap\n").unwrap_or(("", ""));
         // The blocks go in first: their own placeholders are filled above.
         let template = template
             .replace("{{access_log}}", &access_log)
-            .replace("{{transparent_listener}}\n", &transparent);
+            .replace("{{transparent_listener}}\n", listeners)
+            .replace("{{transparent_clusters}}\n", clusters)
+            .replace("{{transparent_bootstrap}}\n", bootstrap);
         let template = template.replace(
             "{{ratelimit_filter}}\n",
             if self.ratelimit_filter {
@@ -211,6 +221,9 @@ mod tests {
         b.transparent_listen = Some("0.0.0.0:15001".parse().expect("addr"));
         let out = b.render().expect("render");
         assert!(out.contains("name: clawgress_transparent") && out.contains("port_value: 15001"));
+        validate(&b);
+        b.transparent_listen = Some("[::]:15001".parse().expect("addr"));
+        assert!(b.render().expect("render").contains("ipv4_compat: true"));
         validate(&b);
         b.access_log = AccessLog::Grpc;
         assert!(matches!(

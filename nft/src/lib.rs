@@ -160,6 +160,7 @@ pub fn render(i: &Inputs) -> Value {
         );
     }
     let (src4, src6) = split(&i.protected_sources);
+    let (allowed4, allowed6) = split(&i.allowed_private);
     if let Some(port) = i
         .transparent_port
         .filter(|_| !i.protected_sources.is_empty())
@@ -170,6 +171,25 @@ pub fn render(i: &Inputs) -> Value {
             json!({"add": {"chain": {"family": "inet", "table": TABLE, "name": "prerouting",
             "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"}}}),
         );
+        // Not redirected: connections to this host itself and to the
+        // private ranges they may still reach (filtered as before).
+        cmds.push(rule(
+            "prerouting",
+            "to this host: not redirected",
+            vec![
+                json!({"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}}),
+                accept(),
+            ],
+        ));
+        for (v6, nets) in [(false, &allowed4), (true, &allowed6)] {
+            if !nets.is_empty() {
+                cmds.push(rule(
+                    "prerouting",
+                    "to allowed private ranges: not redirected",
+                    vec![daddr_in(v6, nets), accept()],
+                ));
+            }
+        }
         for (v6, srcs) in [(false, &src4), (true, &src6)] {
             if srcs.is_empty() {
                 continue;
@@ -225,7 +245,6 @@ pub fn render(i: &Inputs) -> Value {
             accept(),
         ],
     ));
-    let (allowed4, allowed6) = split(&i.allowed_private);
     let (guarded4, guarded6) = split(&i.guarded);
     match i.mode {
         Mode::ProxyOnly => {
@@ -751,6 +770,8 @@ mod tests {
         let want = [
             "add chain input",
             "add chain prerouting",
+            r#"add rule prerouting "to this host: not redirected": [{"match":{"left":{"fib":{"flags":["daddr"],"result":"type"}},"op":"==","right":"local"}},{"accept":null}]"#,
+            r#"add rule prerouting "to allowed private ranges: not redirected": [{"match":{"left":{"payload":{"field":"daddr","protocol":"ip"}},"op":"==","right":{"set":[{"prefix":{"addr":"10.1.2.0","len":24}}]}}},{"accept":null}]"#,
             r#"add rule prerouting "protected sources: HTTP/HTTPS to Envoy's transparent listener": [{"match":{"left":{"payload":{"field":"saddr","protocol":"ip"}},"op":"==","right":{"set":[{"prefix":{"addr":"10.20.0.0","len":24}}]}}},{"match":{"left":{"payload":{"field":"dport","protocol":"tcp"}},"op":"==","right":{"set":[80,443]}}},{"counter":null},{"redirect":{"port":15001}}]"#,
             r#"add rule prerouting "protected sources: HTTP/HTTPS to Envoy's transparent listener": [{"match":{"left":{"payload":{"field":"saddr","protocol":"ip6"}},"op":"==","right":{"set":[{"prefix":{"addr":"fd20::","len":64}}]}}},{"match":{"left":{"payload":{"field":"dport","protocol":"tcp"}},"op":"==","right":{"set":[80,443]}}},{"counter":null},{"redirect":{"port":15001}}]"#,
             r#"add rule input "admin API: admin sources": [{"match":{"left":{"payload":{"field":"dport","protocol":"tcp"}},"op":"==","right":9080}},{"match":{"left":{"payload":{"field":"saddr","protocol":"ip"}},"op":"==","right":{"set":[{"prefix":{"addr":"127.0.0.1","len":32}},{"prefix":{"addr":"10.9.0.0","len":16}}]}}},{"accept":null}]"#,

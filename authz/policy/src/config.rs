@@ -237,7 +237,10 @@ fn default_envoy_user() -> String {
     "clawgress-envoy".into()
 }
 fn default_admin_sources() -> Vec<IpNet> {
-    vec![IpNet::from(std::net::IpAddr::from([127, 0, 0, 1]))]
+    vec![
+        IpNet::from(std::net::IpAddr::from([127, 0, 0, 1])),
+        IpNet::from(std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST)),
+    ]
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -902,6 +905,20 @@ impl Document {
                     "needs a fixed port of its own (nft redirects to it)".into(),
                 );
             }
+            if t.ip().is_loopback() {
+                push(
+                    "gateway.transparent_listen".into(),
+                    Some("transparent_listen"),
+                    "cannot be a loopback address: redirected connections arrive on the host's own addresses (use 0.0.0.0 or [::])".into(),
+                );
+            }
+            if self.gateway.quota_check == QuotaCheck::Rls {
+                push(
+                    "gateway.transparent_listen".into(),
+                    Some("transparent_listen"),
+                    "needs gateway.quota_check: authz (TLS connections pass no rate-limit filter; quotas are checked inside Check)".into(),
+                );
+            }
             if self.gateway.audit_input != AuditInput::File {
                 push(
                     "gateway.transparent_listen".into(),
@@ -1360,6 +1377,8 @@ quotas:
             ("audit: {min_free_mb: -1}\nagents: []\n", "min_free_mb"),
             ("gateway: {admin_listen: \"127.0.0.1:10000\"}\nagents: []\n", "must differ"),
             ("gateway: {transparent_listen: \"127.0.0.1:10000\"}\nagents: []\n", "fixed port of its own"),
+            ("gateway: {transparent_listen: \"127.0.0.1:15001\"}\nagents: []\n", "loopback"),
+            ("gateway: {transparent_listen: \"[::]:15001\", quota_check: rls}\nagents: []\n", "quota_check: authz"),
             ("gateway: {transparent_listen: \"0.0.0.0:0\"}\nagents: []\n", "fixed port of its own"),
             ("gateway: {transparent_listen: \"0.0.0.0:15001\", audit_input: grpc}\nagents: []\n", "needs gateway.audit_input: file"),
             ("gateway: {transparent_listen: \"nowhere\"}\nagents: []\n", "transparent_listen"),
