@@ -163,6 +163,12 @@ impl QueryStore {
                     .create_if_missing(true)
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(SqliteSynchronous::Normal)
+                    // Seven indexes over a growing table: with SQLite's 2 MiB
+                    // default cache every batch re-read index pages through
+                    // pread (profiled: the query store was two thirds of the
+                    // sink's CPU). A 64 MiB cache and reads by mmap.
+                    .pragma("cache_size", "-65536")
+                    .pragma("mmap_size", "268435456")
                     .busy_timeout(std::time::Duration::from_secs(5));
                 Pool::Sqlite(rt.block_on(async {
                     let pool = SqlitePoolOptions::new()
