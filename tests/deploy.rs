@@ -64,14 +64,6 @@ fn json_file(rel: &str) -> Value {
     serde_json::from_str(&read(rel)).unwrap_or_else(|e| panic!("{rel} is not JSON: {e}"))
 }
 
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0\n"))
-        .unwrap_or(false)
-}
-
 /// A program on PATH (or in the sbin directories).
 fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var("PATH").unwrap_or_default();
@@ -1942,7 +1934,7 @@ fn expected_columns(title: &str) -> &'static [&'static str] {
 
 #[test]
 fn grafana_sql_panels_run_on_postgres() {
-    if !is_root() {
+    if !common::is_root() {
         return skip(
             "grafana_sql_panels_run_on_postgres",
             "needs root (PostgreSQL runs as postgres)",
@@ -2719,7 +2711,7 @@ fn install_lays_everything_once() {
 
     // As root, with the service user in this root's passwd: directories
     // are given to it.
-    let as_root = is_root();
+    let as_root = common::is_root();
     if as_root {
         std::fs::create_dir_all(root.join("etc")).expect("etc");
         std::fs::write(
@@ -3287,7 +3279,7 @@ fn names_in_exposition(text: &str) -> BTreeSet<String> {
 #[test]
 fn units_run_as_written() {
     let t = "units_run_as_written";
-    if !is_root() {
+    if !common::is_root() {
         return skip(t, "needs root (to run each unit as its user)");
     }
     let Some(envoy) = envoy_elf() else {

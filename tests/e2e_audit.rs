@@ -605,6 +605,173 @@ fn full_audit_storage_refuses_new_requests_with_503() {
     );
 }
 
+/// A real full filesystem (a 384 KiB tmpfs holding `stores.audit_dir`,
+/// filled to the last byte), not a threshold: the sink's writes fail with
+/// ENOSPC part-way through batches, it blocks new requests instead of
+/// stopping, keeps what it holds, and once space returns writes everything
+/// exactly once — the log verifies, with no half-written record blamed on
+/// tampering. Needs root (mount); skipped otherwise.
+#[test]
+fn a_really_full_disk_blocks_then_resumes_with_nothing_lost_or_doubled() {
+    if !common::is_root() {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    let fs = tempfile::tempdir().expect("tempdir");
+    let mnt = fs.path().join("audit");
+    std::fs::create_dir(&mnt).expect("mkdir");
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=384k,mode=0700", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .expect("mount");
+    assert!(st.success(), "mount tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+
+    let up = Upstream::http();
+    // min_free_mb 0: no threshold, only the failing writes say "full".
+    let mut stack = Stack::start(&format!(
+        "stores:\n  audit_dir: {}\naudit:\n  min_free_mb: 0\n{}",
+        mnt.display(),
+        config_allowing(&[up.addr.port()], "")
+    ));
+    let proxy = stack.proxy_url(AGENT, KEY);
+    let target = |i: usize| format!("http://{}/r{i}", up.addr);
+    let records = || -> Vec<serde_json::Value> {
+        clawgress_audit_sink::read_log(&mnt)
+            .map(|l| l.text)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|r| r["kind"] == "request")
+            .collect()
+    };
+    let mut sent = 0;
+    for _ in 0..5 {
+        assert_eq!(curl(&["-x", &proxy, &target(sent)], &[]).status, 200);
+        sent += 1;
+    }
+    assert!(eventually(std::time::Duration::from_secs(15), || records()
+        .len()
+        == 5));
+
+    // Fill the filesystem to the last byte.
+    let filler = mnt.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).expect("filler");
+        let chunk = vec![b'x'; 4096];
+        while f.write_all(&chunk).is_ok() {}
+        let mut one = [b'x'];
+        while f.write_all(&one).is_ok() {
+            one[0] = b'y';
+        }
+    }
+    // Requests keep coming, eight at a time (so the sink's batches hold
+    // several records when a write runs out of space part-way), until the
+    // sink, failing to write them, blocks.
+    let mut refused = 0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while refused == 0 && std::time::Instant::now() < deadline {
+        let burst: Vec<_> = (0..8)
+            .map(|k| {
+                let (proxy, url) = (proxy.clone(), target(sent + k));
+                std::thread::spawn(move || curl(&["-x", &proxy, &url], &[]))
+            })
+            .collect();
+        sent += burst.len();
+        for t in burst {
+            let r = t.join().expect("curl thread");
+            match r.status {
+                200 => {}
+                503 => {
+                    assert_eq!(r.json()["reason"], "audit-unavailable", "{r:?}");
+                    refused += 1;
+                }
+                other => panic!("unexpected {other}: {r:?}"),
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        refused > 0,
+        "no refusal while the disk was full:\n{}",
+        stack.stderr()
+    );
+    assert!(stack.state().join("audit.blocked").exists());
+    assert!(
+        stack.stderr().contains("audit-disk-full"),
+        "{}",
+        stack.stderr()
+    );
+    // Held, not stopped: the sink is not restarted while it waits.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(
+        !stack.stderr().contains("child-restarted"),
+        "the sink stopped:\n{}",
+        stack.stderr()
+    );
+    let held = records().len();
+    assert!(
+        held < sent,
+        "some records wait for space ({held} of {sent})"
+    );
+
+    // Space returns: the mark goes, requests flow, and every request is
+    // in the log exactly once.
+    std::fs::remove_file(&filler).expect("rm filler");
+    assert!(
+        eventually(std::time::Duration::from_secs(15), || !stack
+            .state()
+            .join("audit.blocked")
+            .exists()),
+        "{}",
+        stack.stderr()
+    );
+    // authz looks at the mark every 200 ms; refused ones are records too.
+    assert!(eventually(std::time::Duration::from_secs(5), || {
+        sent += 1;
+        curl(&["-x", &proxy, &target(sent - 1)], &[]).status == 200
+    }));
+    for _ in 0..2 {
+        assert_eq!(curl(&["-x", &proxy, &target(sent)], &[]).status, 200);
+        sent += 1;
+    }
+    assert!(
+        eventually(std::time::Duration::from_secs(20), || records().len()
+            >= sent),
+        "{} of {sent} records",
+        records().len()
+    );
+    stack.stop();
+    let recs = records();
+    let ids: std::collections::HashSet<&str> = recs
+        .iter()
+        .filter_map(|r| r["request_id"].as_str())
+        .collect();
+    assert_eq!(
+        (recs.len(), ids.len()),
+        (sent, sent),
+        "one record per request"
+    );
+    let cfg = stack.config.display().to_string();
+    let (code, out) = clawgress(&["audit", "verify", "--config", &cfg]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        !out.contains("torn") && !out.contains("partial"),
+        "no half-written record: {out}"
+    );
+}
+
 #[test]
 fn full_audit_storage_with_on_full_allow_keeps_traffic_flowing() {
     let up = Upstream::http();

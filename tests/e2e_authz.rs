@@ -363,6 +363,19 @@ policies:
             403,
             "invalid-credentials",
         ),
+        (
+            // Validly signed, but without the configured audience.
+            mint(
+                {
+                    let mut c = claims("trainer-1", now + 300);
+                    c.as_object_mut().map(|o| o.remove("aud"));
+                    c
+                },
+                secret.as_bytes(),
+            ),
+            403,
+            "token-wrong-audience",
+        ),
         ("not.a.jwt".to_string(), 407, "token-malformed"),
         (format!("{ok}{}", "x".repeat(9000)), 403, "token-too-large"),
     ] {
@@ -381,7 +394,7 @@ policies:
         );
     }
     assert_eq!(up.requests().len(), 1);
-    let recs = stack.wait_audit(7);
+    let recs = stack.wait_audit(8);
     let allowed = recs
         .iter()
         .find(|r| r["decision"] == "allow")

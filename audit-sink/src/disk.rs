@@ -28,6 +28,9 @@ pub struct DiskGuard {
     allow_when_full: bool,
     /// Injectable for tests; [`free_bytes`] otherwise.
     probe: Probe,
+    /// The last write failed (no space, read-only, permission, I/O): blocked
+    /// until a write succeeds, whatever free space the probe sees.
+    write_failure: Option<String>,
 }
 
 impl std::fmt::Debug for DiskGuard {
@@ -49,6 +52,7 @@ impl DiskGuard {
             blocked: false,
             allow_when_full: false,
             probe: Box::new(free_bytes),
+            write_failure: None,
         }
     }
 
@@ -81,7 +85,7 @@ impl DiskGuard {
             Ok(_) => None,
             Err(e) => Some(format!("{}: {e}", d.display())),
         });
-        match short {
+        match short.or_else(|| self.write_failure.clone()) {
             Some(why) => {
                 self.block(&why);
                 false
@@ -93,18 +97,41 @@ impl DiskGuard {
         }
     }
 
-    /// Mark blocked (a write failed for lack of space, or [`check`] found
-    /// too little).
+    /// A write to audit storage failed: blocked until one succeeds (the
+    /// caller keeps retrying; a write is the only test of writability).
+    pub fn write_failed(&mut self, e: &std::io::Error) {
+        let why = if is_no_space(e) {
+            "a write ran out of space".to_string()
+        } else {
+            format!("a write failed: {e}")
+        };
+        self.block(&why);
+        self.write_failure = Some(why);
+    }
+
+    /// A write succeeded: a write failure no longer blocks.
+    pub fn write_ok(&mut self) {
+        if self.write_failure.take().is_some() {
+            self.check();
+        }
+    }
+
+    /// A write failed and none has succeeded since.
+    pub fn write_failing(&self) -> bool {
+        self.write_failure.is_some()
+    }
+
+    /// Mark blocked (a write failed, or [`check`] found too little room).
     pub fn block(&mut self, why: &str) {
         if self.allow_when_full {
             if !self.blocked {
-                tracing::error!(alert = "audit-disk-full", reason = why, "audit storage is short of space; on_full: allow, so requests flow and the records that cannot be kept are counted in a gap record");
+                tracing::error!(alert = "audit-disk-full", reason = why, "audit storage is short of space or unwritable; on_full: allow, so requests flow and the records that cannot be kept are counted in a gap record");
             }
             self.blocked = true;
             return;
         }
         if !self.blocked {
-            tracing::error!(alert = "audit-disk-full", reason = why, mark = %self.mark.display(), "audit storage is short of space; new requests are refused (503 audit-unavailable) until it returns");
+            tracing::error!(alert = "audit-disk-full", reason = why, mark = %self.mark.display(), "audit storage is short of space or unwritable; new requests are refused (503 audit-unavailable) until it returns");
         }
         self.blocked = true;
         // Re-create it if someone removed it while we are still short.

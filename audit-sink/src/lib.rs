@@ -459,10 +459,19 @@ fn write_loop<W: RecordWriter>(
             }
         }
         if let Some(c) = checkpoint.take() {
-            c.save()?;
+            // The spool position after records now on disk. Not saved, the
+            // next start re-reads from an older one and drops what it
+            // already has by request id: safe to retry with the next.
+            if let Err(e) = c.save() {
+                tracing::error!(alert = "audit-spool-position-failed", error = %e, "cannot save the spool position; retried with the next");
+            }
         }
         if writer.unsealed() >= SEAL_EVERY || (tick && writer.unsealed() > 0) {
-            writer.checkpoint()?;
+            // A checkpoint that cannot be written (storage full) is retried
+            // at the next occasion; the records are chained on disk already.
+            if let Err(e) = writer.checkpoint() {
+                tracing::error!(alert = "audit-checkpoint-failed", error = %e, "cannot write a checkpoint; retried later");
+            }
         }
         tick = false;
         let sealed = writer.sealed();
@@ -611,9 +620,12 @@ impl Gap {
 /// How often a sink held up by full storage looks again.
 const FULL_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Append `batch`, waiting while storage is short (or a write ran out of
-/// space) instead of failing: nothing is dropped. False if every sender went
-/// away while waiting.
+/// Append `batch`, waiting while storage is short or a write fails (out of
+/// space, read-only, permission, I/O) instead of failing: nothing is
+/// dropped, and the sink stays up to say so. While a write fails the sink
+/// blocks new requests (`audit.blocked`) and retries the same batch; the
+/// writer cuts a failed write back, so the retry neither duplicates records
+/// nor leaves half of one. False if every sender went away while waiting.
 fn append_when_room<W: RecordWriter>(
     writer: &mut W,
     batch: &mut [AuditRecord],
@@ -623,7 +635,9 @@ fn append_when_room<W: RecordWriter>(
 ) -> Result<Appended, WriterError> {
     loop {
         let room = guard.as_deref_mut().is_none_or(|g| g.check());
-        if room && gap.count > 0 {
+        // After a failed write, only a write can tell whether it works again.
+        let retry = guard.as_deref().is_some_and(|g| g.write_failing());
+        if (room || retry) && gap.count > 0 {
             // Space is back: first the signed account of what was lost.
             let mut rec = [gap.record()];
             match writer.append(&mut rec) {
@@ -634,27 +648,30 @@ fn append_when_room<W: RecordWriter>(
                         "audit records lost while storage was full; gap record written"
                     );
                     *gap = Gap::default();
-                    writer.checkpoint()?;
-                }
-                Err(WriterError::Io(e)) if disk::is_no_space(&e) => {
                     if let Some(g) = guard.as_deref_mut() {
-                        g.block("a write ran out of space");
+                        g.write_ok();
                     }
+                    if let Err(e) = writer.checkpoint() {
+                        tracing::error!(alert = "audit-checkpoint-failed", error = %e, "cannot write a checkpoint; retried later");
+                    }
+                    continue;
                 }
+                Err(WriterError::Io(e)) => match guard.as_deref_mut() {
+                    Some(g) => g.write_failed(&e),
+                    None => return Err(WriterError::Io(e)),
+                },
                 Err(e) => return Err(e),
             }
-            continue;
-        }
-        if !room && guard.as_deref().is_some_and(|g| g.allows_when_full()) {
-            // on_full: allow — the batch cannot be kept; count it.
-            gap.add(batch);
-            return Ok(Appended::Dropped);
-        }
-        if room {
+        } else if room || retry {
             match writer.append(batch) {
-                Ok(()) => return Ok(Appended::Written),
-                Err(WriterError::Io(e)) if disk::is_no_space(&e) => match guard.as_deref_mut() {
-                    Some(g) => g.block("a write ran out of space"),
+                Ok(()) => {
+                    if let Some(g) = guard.as_deref_mut() {
+                        g.write_ok();
+                    }
+                    return Ok(Appended::Written);
+                }
+                Err(WriterError::Io(e)) => match guard.as_deref_mut() {
+                    Some(g) => g.write_failed(&e),
                     None => return Err(WriterError::Io(e)),
                 },
                 Err(e) => {
@@ -662,6 +679,11 @@ fn append_when_room<W: RecordWriter>(
                     return Err(e);
                 }
             }
+        }
+        if guard.as_deref().is_some_and(|g| g.allows_when_full()) {
+            // on_full: allow — the batch cannot be kept; count it.
+            gap.add(batch);
+            return Ok(Appended::Dropped);
         }
         if rx.is_closed() {
             return Ok(Appended::Stopped);
@@ -809,6 +831,75 @@ mod tests {
             }
         }
         assert!(drained, "the held records were written once space returned");
+        assert!(!mark.exists(), "the mark is gone");
+        let _ = stop.send(());
+        task.await.expect("join").expect("run ok");
+    }
+
+    /// Fails every write while its flag is set, as an unwritable
+    /// directory or a read-only filesystem would.
+    #[derive(Clone, Default)]
+    struct Unwritable(
+        Arc<Mutex<Vec<AuditRecord>>>,
+        Arc<std::sync::atomic::AtomicBool>,
+    );
+
+    impl RecordWriter for Unwritable {
+        fn append(&mut self, batch: &mut [AuditRecord]) -> Result<(), WriterError> {
+            if self.1.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(WriterError::Io(std::io::Error::from_raw_os_error(13)));
+            }
+            self.0.lock().expect("lock").extend(batch.iter().cloned());
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unwritable_log_blocks_and_waits_instead_of_stopping_the_sink() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mark = dir.path().join("audit.blocked");
+        // Plenty of free space: only the writes fail.
+        let guard = DiskGuard::new(vec![dir.path().to_path_buf()], 1, mark.clone())
+            .with_probe(|_| Ok(1 << 40));
+        let w = Unwritable::default();
+        w.1.store(true, std::sync::atomic::Ordering::SeqCst);
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", l.local_addr().expect("addr"));
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(run(
+            w.clone(),
+            Input::Grpc,
+            Extras::default(),
+            AuditMetrics::default(),
+            Some(guard),
+            tokio_stream::wrappers::TcpListenerStream::new(l),
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        let mut client = AccessLogServiceClient::connect(url).await.expect("connect");
+        client
+            .stream_access_logs(tokio_stream::iter(vec![message(&["a", "b"])]))
+            .await
+            .expect("stream");
+        // Past several retries and ticks: still blocked, still running.
+        tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+        assert!(mark.exists(), "blocked while writes fail");
+        assert!(!task.is_finished(), "the sink waits; it does not stop");
+        assert!(w.0.lock().expect("lock").is_empty());
+        w.1.store(false, std::sync::atomic::Ordering::SeqCst);
+        let mut drained = false;
+        for _ in 0..50 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            if w.0.lock().expect("lock").len() == 2 {
+                drained = true;
+                break;
+            }
+        }
+        assert!(drained, "the held records were written once writes worked");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         assert!(!mark.exists(), "the mark is gone");
         let _ = stop.send(());
         task.await.expect("join").expect("run ok");

@@ -249,6 +249,23 @@ impl JsonlWriter {
     }
 }
 
+/// Append `bytes` to `file` (opened for append) and sync, all or nothing:
+/// a write that fails part-way (out of space, say) is cut back to the old
+/// length, so that a retry of the same records neither duplicates them nor
+/// leaves half a line that `verify` would blame on tampering. On failure,
+/// also says whether the cut-back worked.
+fn append_whole(file: &mut File, bytes: &[u8]) -> Result<(), (std::io::Error, bool)> {
+    let before = file.metadata().map_err(|e| (e, true))?.len();
+    match file.write_all(bytes).and_then(|()| file.sync_data()) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            // Shrinking needs no space.
+            let cut_back = file.set_len(before).and_then(|()| file.sync_data()).is_ok();
+            Err((e, cut_back))
+        }
+    }
+}
+
 fn new_segment(dir: &Path, first_seq: u64) -> Result<File, WriterError> {
     let path = dir.join(segment_name(first_seq));
     let f = OpenOptions::new()
@@ -359,12 +376,11 @@ impl RecordWriter for JsonlWriter {
             buf.push_str(&line);
             buf.push('\n');
         }
-        if let Err(e) = self
-            .file
-            .write_all(buf.as_bytes())
-            .and_then(|()| self.file.sync_data())
-        {
-            self.needs_newline = true;
+        if let Err((e, cut_back)) = append_whole(&mut self.file, buf.as_bytes()) {
+            // Cut back, the file ends where it did and the batch can be
+            // retried as it is; otherwise the next write starts a new line
+            // (the reader skips the partial one, as after a crash).
+            self.needs_newline = self.needs_newline || !cut_back;
             return Err(e.into());
         }
         self.needs_newline = false;
@@ -400,8 +416,8 @@ impl RecordWriter for JsonlWriter {
             .append(true)
             .mode(0o600)
             .open(&self.checkpoints)?;
-        writeln!(f, "{}", serde_json::json!({ "note": note }))?;
-        f.sync_data()?;
+        let line = format!("{}\n", serde_json::json!({ "note": note }));
+        append_whole(&mut f, line.as_bytes()).map_err(|(e, _)| e)?;
         self.sealed = self.tree.size();
         Ok(())
     }

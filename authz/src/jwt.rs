@@ -269,16 +269,20 @@ impl JwtVerifier {
             // issuer, audience and that `exp` is present.
             v.validate_exp = false;
             v.validate_nbf = false;
-            v.required_spec_claims = if issuer.require_exp {
-                HashSet::from(["exp".to_string()])
-            } else {
-                HashSet::new()
-            };
+            // The library checks `aud` (and `iss`) only when the token
+            // carries it: a configured audience must be required, or a
+            // token without `aud` (or with one of the wrong JSON type)
+            // would pass.
+            v.required_spec_claims = HashSet::from(["iss".to_string()]);
+            if issuer.require_exp {
+                v.required_spec_claims.insert("exp".to_string());
+            }
             v.set_issuer(&[&issuer.issuer]);
             if issuer.audiences.is_empty() {
                 v.validate_aud = false;
             } else {
                 v.set_audience(&issuer.audiences);
+                v.required_spec_claims.insert("aud".to_string());
             }
             match jsonwebtoken::decode::<serde_json::Value>(token, &key.key, &v) {
                 Ok(_) => return claims(issuer, &payload, now),
@@ -294,6 +298,9 @@ impl JwtVerifier {
                         }
                         ErrorKind::MissingRequiredClaim(c) if c == "aud" => {
                             TokenFailure::WrongAudience
+                        }
+                        ErrorKind::MissingRequiredClaim(c) if c == "iss" => {
+                            TokenFailure::UnknownIssuer
                         }
                         ErrorKind::InvalidAlgorithm => TokenFailure::AlgorithmNotAllowed,
                         ErrorKind::InvalidClaimFormat(_)
@@ -586,6 +593,21 @@ mod tests {
                 with(&|c| c["aud"] = json!("someone-else")),
                 TokenFailure::WrongAudience,
             ),
+            // A configured audience is required: absent, of the wrong JSON
+            // type or empty, `aud` does not name us.
+            (
+                with(&|c| {
+                    c.as_object_mut().map(|o| o.remove("aud"));
+                }),
+                TokenFailure::WrongAudience,
+            ),
+            (with(&|c| c["aud"] = json!(7)), TokenFailure::WrongAudience),
+            (with(&|c| c["aud"] = json!([])), TokenFailure::WrongAudience),
+            (
+                with(&|c| c["aud"] = json!(["someone-else", "other"])),
+                TokenFailure::WrongAudience,
+            ),
+            (with(&|c| c["iss"] = json!(7)), TokenFailure::UnknownIssuer),
             (with(&|c| c["exp"] = json!(NOW - 61)), TokenFailure::Expired),
             (
                 with(&|c| c["exp"] = json!((NOW + 300).to_string())),
@@ -645,6 +667,40 @@ mod tests {
         h.jku = Some("http://127.0.0.1:1/jwks.json".into());
         let t = encode(&h, &claims(), &foreign).expect("encode");
         assert_eq!(v.verify(&t, NOW), Err(TokenFailure::BadSignature));
+        // Nor an embedded `jwk` or an `x5u`: an RS256 token signed by the
+        // attacker's own RSA key, which it carries and points at.
+        let attacker = EncodingKey::from_rsa_pem(&fixture("rsa2048-b.pem")).expect("rsa b");
+        let mut h = Header::new(Algorithm::RS256);
+        h.kid = Some("rsa".into());
+        h.jwk = serde_json::from_value(public(&attacker, Algorithm::RS256, "rsa")).ok();
+        h.x5u = Some("http://127.0.0.1:1/cert.pem".into());
+        assert!(h.jwk.is_some(), "the embedded jwk is set");
+        let t = encode(&h, &claims(), &attacker).expect("encode");
+        assert_eq!(v.verify(&t, NOW), Err(TokenFailure::BadSignature));
+        // An issuer with RSA keys only: an HS256 token keyed with the
+        // public key's text is refused by algorithm, never verified as HMAC.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let jwks = json!({"keys": [public(&rsa(), Algorithm::RS256, "rsa")]});
+        std::fs::write(dir.path().join("j.json"), jwks.to_string()).expect("write");
+        let rsa_only = JwtVerifier::load(&[serde_json::from_value(
+            json!({"issuer": ISS, "audiences": ["clawgress"], "jwks_file": dir.path().join("j.json")}),
+        )
+        .expect("cfg")])
+        .expect("load");
+        assert!(rsa_only.verify(&good, NOW).is_ok());
+        for pem in ["rsa2048.pem", "rsa2048.pub.pem"] {
+            let t = token(
+                Algorithm::HS256,
+                Some("rsa"),
+                &EncodingKey::from_secret(&fixture(pem)),
+                &claims(),
+            );
+            assert_eq!(
+                rsa_only.verify(&t, NOW),
+                Err(TokenFailure::AlgorithmNotAllowed),
+                "{pem}"
+            );
+        }
         // typ is optional and case-insensitive; skew tolerates 60 s.
         assert!(v
             .verify(&header_with(json!({"typ": "at+jwt"})), NOW)

@@ -164,7 +164,14 @@ pub fn normalise_name(host: &str) -> Result<String, DestinationError> {
     let ascii = if host.is_ascii() {
         host.to_ascii_lowercase()
     } else {
-        idna::domain_to_ascii(host).map_err(|_| DestinationError::Malformed("invalid IDN"))?
+        let mapped =
+            idna::domain_to_ascii(host).map_err(|_| DestinationError::Malformed("invalid IDN"))?;
+        // A trailing ideographic or fullwidth full stop maps to '.': the
+        // same one trailing dot as above, named the same way.
+        match mapped.strip_suffix('.') {
+            Some(m) if !host.ends_with('.') => m.to_string(),
+            _ => mapped,
+        }
     };
     if ascii.len() > 253 {
         return Err(DestinationError::Malformed("name longer than 253 bytes"));

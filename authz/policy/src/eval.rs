@@ -10,7 +10,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::config::{Action, HostPattern, Policy, PolicyDocument, PolicyMode};
+use crate::config::{Action, FieldMatch, HostPattern, Policy, PolicyDocument, PolicyMode};
 use crate::destination::{guarded_range, is_guarded_name, Destination, Host};
 use crate::identity::Identity;
 
@@ -198,16 +198,57 @@ pub struct PolicySet {
 /// is the winner, exactly as a scan in order would find it.
 #[derive(Debug, Default)]
 struct Index {
-    exact: HashMap<String, Vec<u32>>,
+    exact: HashMap<String, Bucket>,
     /// Keyed by the suffix with its leading dot (`.pythonhosted.org`).
-    suffix: HashMap<String, Vec<u32>>,
+    suffix: HashMap<String, Bucket>,
     /// `*`: any name, any public address.
-    any: Vec<u32>,
+    any: Bucket,
     /// CIDRs by prefix length, keyed by their network address: an address
     /// is looked up once per distinct prefix length (a few), not compared
     /// with every CIDR of the set.
-    nets_v4: Vec<(u8, HashMap<u32, Vec<u32>>)>,
-    nets_v6: Vec<(u8, HashMap<u128, Vec<u32>>)>,
+    nets_v4: Vec<(u8, HashMap<u32, Bucket>)>,
+    nets_v6: Vec<(u8, HashMap<u128, Bucket>)>,
+}
+
+/// The policies of one host key, split by whom they name: a fleet's many
+/// per-agent (or per-team) rules on one popular host, or on `*`, are then
+/// looked at only for that agent (or team), not for everyone.
+#[derive(Debug, Default)]
+struct Bucket {
+    /// Policies naming agents (`match.identity.agent_id`: value or list).
+    agents: HashMap<String, Vec<u32>>,
+    /// Policies naming teams but any agent.
+    teams: HashMap<String, Vec<u32>>,
+    /// The rest: anyone may match, as far as the index knows.
+    all: Vec<u32>,
+}
+
+impl Bucket {
+    fn push(&mut self, i: u32, p: &Policy) {
+        match (&p.match_.identity.agent_id, &p.match_.identity.team_id) {
+            (FieldMatch::OneOf(agents), _) => {
+                for a in agents {
+                    self.agents.entry(a.clone()).or_default().push(i);
+                }
+            }
+            (FieldMatch::Any, FieldMatch::OneOf(teams)) => {
+                for t in teams {
+                    self.teams.entry(t.clone()).or_default().push(i);
+                }
+            }
+            (FieldMatch::Any, FieldMatch::Any) => self.all.push(i),
+        }
+    }
+
+    fn extend_into(&self, out: &mut Vec<u32>, who: &Identity) {
+        out.extend_from_slice(&self.all);
+        if let Some(v) = self.agents.get(&who.agent_id) {
+            out.extend_from_slice(v);
+        }
+        if let Some(v) = self.teams.get(&who.team_id) {
+            out.extend_from_slice(v);
+        }
+    }
 }
 
 fn mask_v4(a: u32, len: u8) -> u32 {
@@ -225,11 +266,10 @@ fn mask_v6(a: u128, len: u8) -> u128 {
 }
 
 fn net_slot<K: std::hash::Hash + Eq>(
-    by_len: &mut Vec<(u8, HashMap<K, Vec<u32>>)>,
+    by_len: &mut Vec<(u8, HashMap<K, Bucket>)>,
     len: u8,
     key: K,
-    i: u32,
-) {
+) -> &mut Bucket {
     let at = match by_len.iter().position(|(l, _)| *l == len) {
         Some(at) => at,
         None => {
@@ -237,7 +277,7 @@ fn net_slot<K: std::hash::Hash + Eq>(
             by_len.len() - 1
         }
     };
-    by_len[at].1.entry(key).or_default().push(i);
+    by_len[at].1.entry(key).or_default()
 }
 
 impl Index {
@@ -246,61 +286,62 @@ impl Index {
         for (i, p) in policies.iter().enumerate() {
             let i = i as u32;
             for h in &p.match_.destination.hosts {
-                match h {
-                    HostPattern::Exact(n) => idx.exact.entry(n.clone()).or_default().push(i),
-                    HostPattern::Suffix(s) => idx.suffix.entry(s.clone()).or_default().push(i),
-                    HostPattern::Any => idx.any.push(i),
+                let bucket = match h {
+                    HostPattern::Exact(n) => idx.exact.entry(n.clone()).or_default(),
+                    HostPattern::Suffix(s) => idx.suffix.entry(s.clone()).or_default(),
+                    HostPattern::Any => &mut idx.any,
                     HostPattern::Net(IpNet::V4(n)) => net_slot(
                         &mut idx.nets_v4,
                         n.prefix_len(),
                         mask_v4(u32::from(n.network()), n.prefix_len()),
-                        i,
                     ),
                     HostPattern::Net(IpNet::V6(n)) => net_slot(
                         &mut idx.nets_v6,
                         n.prefix_len(),
                         mask_v6(u128::from(n.network()), n.prefix_len()),
-                        i,
                     ),
-                }
+                };
+                bucket.push(i, p);
             }
         }
         idx
     }
 
-    /// Candidate positions for `host`, ascending, without duplicates.
-    fn candidates(&self, host: &Host) -> Vec<u32> {
+    /// Candidate positions for `host` and `who`, ascending, without
+    /// duplicates: every policy that could match, and no policy that names
+    /// only other agents or teams.
+    fn candidates(&self, host: &Host, who: &Identity) -> Vec<u32> {
         let mut out: Vec<u32> = Vec::new();
         match host {
             Host::Name(n) => {
-                if let Some(v) = self.exact.get(n) {
-                    out.extend_from_slice(v);
+                if let Some(b) = self.exact.get(n) {
+                    b.extend_into(&mut out, who);
                 }
                 // Every proper suffix starting at a dot: "a.b.c" → ".b.c", ".c".
                 for (pos, _) in n.match_indices('.') {
-                    if let Some(v) = self.suffix.get(&n[pos..]) {
-                        out.extend_from_slice(v);
+                    if let Some(b) = self.suffix.get(&n[pos..]) {
+                        b.extend_into(&mut out, who);
                     }
                 }
             }
             Host::Ip(IpAddr::V4(a)) => {
                 let a = u32::from(*a);
                 for (len, m) in &self.nets_v4 {
-                    if let Some(v) = m.get(&mask_v4(a, *len)) {
-                        out.extend_from_slice(v);
+                    if let Some(b) = m.get(&mask_v4(a, *len)) {
+                        b.extend_into(&mut out, who);
                     }
                 }
             }
             Host::Ip(IpAddr::V6(a)) => {
                 let a = u128::from(*a);
                 for (len, m) in &self.nets_v6 {
-                    if let Some(v) = m.get(&mask_v6(a, *len)) {
-                        out.extend_from_slice(v);
+                    if let Some(b) = m.get(&mask_v6(a, *len)) {
+                        b.extend_into(&mut out, who);
                     }
                 }
             }
         }
-        out.extend_from_slice(&self.any);
+        self.any.extend_into(&mut out, who);
         out.sort_unstable();
         out.dedup();
         out
@@ -389,7 +430,7 @@ impl PolicySet {
         }
         let host = &req.destination.host;
         let first = |set: &[Policy], idx: &Index| {
-            idx.candidates(host)
+            idx.candidates(host, req.identity)
                 .into_iter()
                 .filter_map(|i| set.get(i as usize))
                 .find(|p| matches(p, req, guard))
@@ -500,6 +541,72 @@ mod tests {
     use crate::config::{AuthType, Document};
 
     #[test]
+    fn the_identity_split_index_decides_exactly_as_a_scan() {
+        // Policies naming agents, teams (lists too), both, or anyone, on a
+        // few shared hosts and `*`; every (identity, host) pair decides as a
+        // scan of the sorted list in order would.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            x >> 33
+        };
+        let hosts = ["a.example", "*.example", "*", "10.0.0.0/8", "b.example"];
+        let mut y = String::from("policies:\n");
+        for i in 0..400 {
+            let who = match next() % 5 {
+                0 => format!("{{agent_id: ag{}}}", next() % 20),
+                1 => format!("{{agent_id: [ag{}, ag{}]}}", next() % 20, next() % 20),
+                2 => format!("{{team_id: t{}}}", next() % 4),
+                3 => format!("{{agent_id: ag{}, team_id: t{}}}", next() % 20, next() % 4),
+                _ => "{}".to_string(),
+            };
+            let host = hosts[(next() % 5) as usize];
+            let action = if next() % 3 == 0 { "deny" } else { "allow" };
+            y.push_str(&format!(
+                "  - {{policy_id: p{i:03}, priority: {}, match: {{identity: {who}, destination: {{hosts: [\"{host}\"]}}}}, action: {action}}}\n",
+                next() % 50
+            ));
+        }
+        let doc = Document::from_yaml(&y).expect("doc");
+        let s = PolicySet::new(&doc.policy(), &[], "r");
+        for a in 0..22 {
+            for t in 0..5 {
+                let id = who(&format!("ag{a}"), &format!("t{t}"));
+                for host in [
+                    "a.example",
+                    "x.a.example",
+                    "b.example",
+                    "c.other",
+                    "10.1.2.3",
+                ] {
+                    let dest = Destination::parse_authority(host, 80).expect("host");
+                    let req = RequestFacts {
+                        identity: &id,
+                        destination: &dest,
+                        method: "GET",
+                        path: "/",
+                        connect: false,
+                    };
+                    let guard = match dest.host {
+                        Host::Ip(ip) => guarded_range(ip),
+                        Host::Name(_) => None,
+                    };
+                    let scan = s
+                        .enforced
+                        .iter()
+                        .find(|p| matches(p, &req, guard))
+                        .map(|p| p.policy_id.to_string());
+                    let d = s.evaluate(&req);
+                    let want = scan.unwrap_or_else(|| DEFAULT_DENY.to_string());
+                    assert_eq!(d.policy_id, want, "ag{a} t{t} {host}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn the_cidr_index_finds_exactly_what_a_scan_finds() {
         // A small LCG: deterministic, no dependency.
         let mut x: u64 = 0x2545_f491_4f6c_dd1d;
@@ -558,7 +665,7 @@ mod tests {
                 })
                 .map(|(i, _)| i as u32)
                 .collect();
-            assert_eq!(idx.candidates(&Host::Ip(ip)), scan, "{ip}");
+            assert_eq!(idx.candidates(&Host::Ip(ip), &who("x", "")), scan, "{ip}");
         }
     }
 
@@ -682,6 +789,34 @@ policies:
             .allow
         );
         assert!(!eval(&s, &who("bot", "infra"), "pypi.org:8443", "CONNECT", "").allow);
+    }
+
+    #[test]
+    fn same_priority_and_action_the_smaller_policy_id_decides() {
+        // Three allows at one priority, listed out of order, each matching:
+        // the decision names the smallest id, whatever the list order.
+        let yaml = |order: [&str; 3]| {
+            let mut y = String::from("policies:\n");
+            for id in order {
+                y.push_str(&format!(
+                    "  - policy_id: {id}\n    priority: 5\n    match:\n      destination: {{hosts: [\"example.com\"]}}\n    action: allow\n"
+                ));
+            }
+            y
+        };
+        for order in [
+            ["b-2", "a-1", "c-3"],
+            ["c-3", "b-2", "a-1"],
+            ["a-1", "c-3", "b-2"],
+        ] {
+            let s = PolicySet::new(
+                &Document::from_yaml(&yaml(order)).expect("valid").policy(),
+                &[],
+                "r1",
+            );
+            let d = eval(&s, &who("x", ""), "example.com", "GET", "/");
+            assert_eq!((d.allow, d.policy_id.as_str()), (true, "a-1"), "{order:?}");
+        }
     }
 
     #[test]

@@ -127,6 +127,26 @@ const CORPUS: &[(&str, &str)] = &[
     ("0x100000000", M),
     ("4294967296", M),
     ("0xg.1.1.1", M),
+    // Confusables: what UTS 46 maps onto a guarded name or address —
+    // fullwidth letters and digits, ideographic and fullwidth full stops,
+    // mathematical and circled forms. Written as escapes so the file stays
+    // readable.
+    (
+        "\u{ff4c}\u{ff4f}\u{ff43}\u{ff41}\u{ff4c}\u{ff48}\u{ff4f}\u{ff53}\u{ff54}",
+        P,
+    ),
+    ("LocalHost\u{3002}", P),
+    ("metadata\u{3002}google\u{3002}internal", P),
+    ("metadata\u{ff0e}google\u{ff0e}internal", P),
+    ("instance-data\u{ff61}", P),
+    ("foo\u{ff0e}localhost", P),
+    ("\u{ff11}\u{ff12}\u{ff17}.0.0.1", P),
+    ("127\u{3002}0\u{3002}0\u{3002}1", P),
+    ("127\u{ff0e}1", P),
+    ("169\u{ff0e}254\u{ff0e}169\u{ff0e}254", P),
+    ("\u{1d7cf}\u{1d7d0}\u{1d7d5}.0.0.1", P),
+    ("\u{2460}\u{2461}\u{2466}.0.0.1", P),
+    ("\u{217c}ocalhost", P),
     ("a..b", M),
     ("exa mple.com", M),
     ("foo\u{0}.com", M),
