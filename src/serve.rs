@@ -313,7 +313,7 @@ pub async fn serve(
                         doc.stores.ratelimit_failure_mode
                             == clawgress_policy::config::FailureMode::Allow,
                     );
-                rl.register_metrics(&mut registry);
+                rl.register_metrics(&mut registry, false);
                 svc = svc.with_quota_gate(Arc::new(crate::quota::Gate(rl.clone())));
                 tracing::info!(store = %doc.stores.ratelimit, "quotas checked inside Check (quota_check: authz)");
                 Some(rl)
@@ -409,7 +409,8 @@ pub async fn serve(
             }
             let svc = clawgress_ratelimit::RatelimitService::new(&start_doc.policy(), store)
                 .fail_open(fail_open);
-            svc.register_metrics(&mut registry);
+            svc.register_metrics(&mut registry, true);
+            svc.set_revision(&revision_name(&start_doc, start_rev));
             crate::bundles::register_metrics(&mut registry);
             expose(metrics_listen, registry).await?;
             let s = svc.clone();
@@ -423,10 +424,14 @@ pub async fn serve(
                     })?;
                     b.watch(start_rev, move |f| {
                         s.reload(&f.document);
+                        s.set_revision(&f.revision.to_string());
                         report_loaded(&dir, "ratelimit", f.revision);
                     })
                 }
-                None => on_hangup(config, move |doc| s.reload(&doc.policy()))?,
+                None => on_hangup(config, move |doc| {
+                    s.reload(&doc.policy());
+                    s.set_revision(&revision_name(&doc, None));
+                })?,
             };
             serve_on!(listen, |inc, sd| clawgress_ratelimit::run(svc, inc, sd));
         }

@@ -254,7 +254,10 @@ fn admin_listen_serves_merged_metrics_health_and_readiness() {
         r#"clawgress_ratelimit_total{service="authz",mode="alert_only",result="over_limit"} 2"#,
         r#"clawgress_alerts_total{service="authz",kind="quota-alert-only"} 1"#,
         "clawgress_check_duration_seconds_bucket",
+        "clawgress_ratelimit_duration_seconds_bucket{service=\"authz\",le=",
+        "clawgress_ratelimit_duration_seconds_count{service=\"authz\"} 3",
         "clawgress_bundle_revision{service=\"authz\",revision=\"1\"}",
+        "clawgress_bundle_revision{service=\"ratelimit\",revision=\"1\"}",
         "# EOF",
     ] {
         assert!(text.contains(want), "missing {want}:\n{text}");

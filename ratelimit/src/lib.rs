@@ -31,6 +31,8 @@ use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimit
 use envoy_types::pb::google::protobuf::{value::Kind, Duration, Struct, Value};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use tokio_stream::Stream;
 use tonic::transport::server::Connected;
 
@@ -159,6 +161,16 @@ pub struct RatelimitService {
     alerted: Arc<Mutex<HashMap<String, u64>>>,
     /// `stores.ratelimit_failure_mode: allow`: a store error admits.
     fail_open: bool,
+    /// `clawgress_ratelimit_duration_seconds`: one request's quota check
+    /// (ShouldRateLimit, or inside Check with `quota_check: authz`).
+    duration: Histogram,
+    /// `clawgress_bundle_revision{revision}`: the quotas' revision (value 1).
+    revision: Family<RevisionLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct RevisionLabels {
+    revision: String,
 }
 
 impl RatelimitService {
@@ -169,16 +181,48 @@ impl RatelimitService {
             store,
             alerted: Arc::default(),
             fail_open: false,
+            // 2 µs (in-process) to 65 ms (a slow Redis).
+            duration: Histogram::new(exponential_buckets(2e-6, 2.0, 16)),
+            revision: Family::default(),
         }
     }
 
-    /// Register `clawgress_ratelimit_total{mode,result}`.
-    pub fn register_metrics(&self, reg: &mut prometheus_client::registry::Registry) {
+    /// Register `clawgress_ratelimit_total{mode,result}` and
+    /// `clawgress_ratelimit_duration_seconds`; with `revision_gauge`, also
+    /// `clawgress_bundle_revision{revision}` (authz exports its own when
+    /// the two share a process, under `quota_check: authz`).
+    pub fn register_metrics(
+        &self,
+        reg: &mut prometheus_client::registry::Registry,
+        revision_gauge: bool,
+    ) {
         reg.register(
             "clawgress_ratelimit",
             "Quota checks by mode (hard_stop, alert_only) and result (ok, over_limit, error)",
             self.counted.clone(),
         );
+        reg.register(
+            "clawgress_ratelimit_duration_seconds",
+            "Time to check one request against its quotas (counter store included)",
+            self.duration.clone(),
+        );
+        if revision_gauge {
+            reg.register(
+                "clawgress_bundle_revision",
+                "The policy revision in force (value 1)",
+                self.revision.clone(),
+            );
+        }
+    }
+
+    /// The revision the quotas in force came from.
+    pub fn set_revision(&self, revision: &str) {
+        self.revision.clear();
+        self.revision
+            .get_or_create(&RevisionLabels {
+                revision: revision.to_string(),
+            })
+            .set(1);
     }
 
     fn count(&self, mode: QuotaMode, result: &'static str) {
@@ -408,7 +452,10 @@ impl RatelimitService {
     /// what the RLS answers, and what authz uses with `quota_check: authz`.
     pub async fn admit(&self, who: &Subject, hits: u32) -> Result<Outcome, StoreError> {
         let now = now_ms();
-        match self.should_limit(who, hits, now).await {
+        let started = std::time::Instant::now();
+        let result = self.should_limit(who, hits, now).await;
+        self.duration.observe(started.elapsed().as_secs_f64());
+        match result {
             Ok(o) => {
                 for scope in &o.alerts {
                     if self.should_alert(scope, now) {
