@@ -177,7 +177,7 @@ pub fn verify(p: &Paths, from: Option<&Path>, json: bool) -> Result<bool> {
         for l in &report.torn_lines {
             let (seg, line) = log.locate(*l).unwrap_or(("?", *l));
             println!(
-                "note: {seg} line {line} is a partial record left by a crash mid-write (kept, skipped)"
+                "truncated: {seg} line {line} is a record cut short by a crash mid-write (kept, skipped; the chain holds past it — not tampering)"
             );
         }
     }

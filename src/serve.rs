@@ -430,7 +430,7 @@ pub async fn serve(
                 }
                 None => on_hangup(config, move |doc| {
                     s.reload(&doc.policy());
-                    s.set_revision(&revision_name(&doc, None));
+                    s.set_revision(&revision_name(doc, None));
                 })?,
             };
             serve_on!(listen, |inc, sd| clawgress_ratelimit::run(svc, inc, sd));

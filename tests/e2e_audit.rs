@@ -439,6 +439,18 @@ fn audit_verify_names_tampering_and_query_reads_newest_first() {
         "{out}"
     );
 
+    // Truncated: a crash cut the last record short (half a line, no
+    // newline). Not tampering: named, kept, and the log still verifies.
+    let last = lines[total - 1];
+    std::fs::write(&log, format!("{original}{}", &last[..last.len() / 2])).expect("write");
+    let (code, out) = clawgress(&["audit", "verify", "--config", &cfg]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("truncated: segment-"))
+            && out.contains(&format!("line {}", total + 1)),
+        "{out}"
+    );
+
     // A forged checkpoint (not signed by this node's key) is refused too.
     std::fs::write(&log, &original).expect("write");
     let cps = stack.state().join("audit").join("checkpoints.jsonl");
@@ -767,7 +779,7 @@ fn a_really_full_disk_blocks_then_resumes_with_nothing_lost_or_doubled() {
     let (code, out) = clawgress(&["audit", "verify", "--config", &cfg]);
     assert_eq!(code, 0, "{out}");
     assert!(
-        !out.contains("torn") && !out.contains("partial"),
+        !out.contains("torn") && !out.contains("truncated"),
         "no half-written record: {out}"
     );
 }
