@@ -446,8 +446,7 @@ fn audit_verify_names_tampering_and_query_reads_newest_first() {
     let (code, out) = clawgress(&["audit", "verify", "--config", &cfg]);
     assert_eq!(code, 0, "{out}");
     assert!(
-        out.contains(&format!("truncated: segment-"))
-            && out.contains(&format!("line {}", total + 1)),
+        out.contains("truncated: segment-") && out.contains(&format!("line {}", total + 1)),
         "{out}"
     );
 
