@@ -150,6 +150,19 @@ impl Browser {
             .to_string()
     }
 
+    /// An input's current value.
+    fn value(&self, css: &str) -> String {
+        let id = self.el(css);
+        self.call(
+            "GET",
+            &self.s(&format!("/element/{id}/property/value")),
+            None,
+        )
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+    }
+
     fn displayed(&self, css: &str) -> bool {
         let id = self.el(css);
         self.call("GET", &self.s(&format!("/element/{id}/displayed")), None) == json!(true)
@@ -214,6 +227,9 @@ fn an_operator_signs_in_adds_an_agent_commits_and_watches_decisions() {
     b.screenshot("0-sign-in");
     // That refusal (a 401) is the one console error this test causes on purpose.
     let expected = b.console_errors();
+    // Positive control: the browser's log is really read (else the
+    // zero-errors check below would pass on an empty answer).
+    assert!(!expected.is_empty(), "the 401 is in the console log");
     assert!(
         expected
             .iter()
@@ -265,11 +281,33 @@ fn an_operator_signs_in_adds_an_agent_commits_and_watches_decisions() {
     b.click("#sbs-go");
     b.wait_text("#sbs-table", "agents.ui-bot");
     b.screenshot("3-revisions");
+    // Rolling back first shows what it would change, and waits to be
+    // confirmed; cancelled, nothing changes.
+    assert!(!b.displayed("#rollback-confirm"));
+    b.click("button[data-rollback='1']");
+    b.wait_text("#diff", "Rolling back to revision 1");
+    b.wait_text("#diff", "agents.ui-bot");
+    assert!(b.displayed("#rollback-confirm"), "a confirmation step");
+    b.screenshot("3b-rollback-confirm");
+    b.click("#rollback-cancel");
+    assert!(eventually(Duration::from_secs(5), || !b.displayed("#rollback-confirm")));
+    b.wait_text("#revisions-table", "2 (active)");
     b.click("nav button[data-tab=agents]");
     b.wait_text("#agents-table", "ui-bot");
 
     b.click("nav button[data-tab=policies]");
     b.wait_text("#policies-table", "allow-local-upstreams");
+    // Edit takes a policy into the form as it is; staged, it replaces it.
+    b.wait_text("#policies-table", "ui-web-api");
+    b.click("button[data-policy='ui-web-api']");
+    b.wait_text("#policy-result", "Editing ui-web-api");
+    assert_eq!(b.value("#policy-id"), "ui-web-api");
+    assert_eq!(b.value("#policy-hosts"), "api.example.com, *.example.net");
+    assert_eq!(b.value("#policy-who"), "team_id=web");
+    b.type_in("#policy-methods", "GET");
+    b.type_in("#policy-path", "/v2/");
+    b.click("#policy-add");
+    b.wait_text("#policy-result", "staged");
     // What does this request get? The agent's allowed upstream, and a
     // metadata address it may not reach.
     b.type_in("#whatif-agent", AGENT);
@@ -371,6 +409,27 @@ fn an_operator_signs_in_adds_an_agent_commits_and_watches_decisions() {
     b.click("nav button[data-tab=revisions]");
     b.click("#review");
     b.wait_text("#diff", "agents.ui-bot.api_key_sha256");
+    b.wait_text("#diff", "policies.ui-web-api.match.path_prefix");
+    b.click("#commit");
+    b.wait_text("#commit-result", "active");
+    b.click("nav button[data-tab=policies]");
+    b.wait_text("#policies-table", "GET /v2/");
+
+    // Rollback confirmed: revision 1 is enforced again (as a new revision).
+    b.click("nav button[data-tab=revisions]");
+    b.wait_text("#revisions-table", "3 (active)");
+    b.click("button[data-rollback='1']");
+    b.wait_text("#diff", "Rolling back to revision 1");
+    b.click("#rollback-confirm");
+    b.wait_text("#commit-result", "rolled back to revision 1");
+    b.wait_text("#revisions-table", "4 (active)");
+    b.click("nav button[data-tab=policies]");
+    b.wait_text("#policies-table", "allow-local-upstreams");
+    assert!(
+        !b.text("#policies-table").contains("ui-web-api"),
+        "{}",
+        b.text("#policies-table")
+    );
 
     let errors = b.console_errors();
     assert!(errors.is_empty(), "console errors: {errors:?}");

@@ -164,20 +164,60 @@ async function agents() {
   });
 }
 
+// The first identity field a policy constrains, as the form writes it.
+function identityOf(p) {
+  return Object.entries(p.match.identity || {}).filter(([, v]) => v !== "*").map(([k, v]) => k + "=" + v);
+}
+
 async function policies() {
-  const list = (await api("GET", "policies")).slice().sort((a, b) => a.priority - b.priority);
-  fill("policies-table", list, [
+  const list = (await api("GET", "policies")).slice().sort((a, b) => a.priority - b.priority || a.policy_id.localeCompare(b.policy_id));
+  const body = fill("policies-table", list, [
     "priority", "policy_id", "action", "mode",
     (p) => (p.match.destination.hosts || []).join(", "),
     (p) => (p.match.destination.ports || []).join(", "),
-    (p) => Object.entries(p.match.identity || {}).filter(([, v]) => v !== "*").map(([k, v]) => k + "=" + v).join(" "),
+    (p) => identityOf(p).join(" "),
+    (p) => [(p.match.method || []).join(","), p.match.path_prefix || ""].filter((x) => x).join(" ") || "any",
+    () => "",
   ]);
+  if (role === "viewer") return;
+  body.querySelectorAll("tr").forEach((tr, i) => {
+    const p = list[i];
+    const act = (label, f) => {
+      const b = document.createElement("button");
+      b.textContent = label;
+      b.dataset.policy = p.policy_id;
+      b.addEventListener("click", async () => {
+        showError(null);
+        try { await f(); } catch (e) { showError(e); }
+      });
+      tr.lastChild.appendChild(b);
+    };
+    // Edit: the form takes the policy as it is; staging replaces it.
+    act("Edit", async () => {
+      $("policy-id").value = p.policy_id;
+      $("policy-priority").value = String(p.priority);
+      $("policy-action").value = p.action;
+      $("policy-hosts").value = (p.match.destination.hosts || []).join(", ");
+      $("policy-ports").value = (p.match.destination.ports || []).join(", ");
+      $("policy-who").value = identityOf(p)[0] || "";
+      $("policy-methods").value = (p.match.method || []).join(", ");
+      $("policy-path").value = p.match.path_prefix || "";
+      $("policy-shadow").checked = p.mode === "shadow";
+      $("policy-result").textContent = "Editing " + p.policy_id + ": change it and stage it.";
+      $("policy-id").focus();
+    });
+    act("Remove", async () => {
+      await api("POST", "candidate/delete", { path: "policies." + JSON.stringify(p.policy_id) });
+      $("policy-result").textContent = "Policy " + p.policy_id + " removed in the candidate: review, configure and commit it under Revisions.";
+    });
+  });
 }
 
 async function revisions() {
   const cmp = await api("GET", "compare");
   $("diff").textContent = cmp.diff.length ? cmp.diff.join("\n") : "(no changes)";
   $("commit").hidden = true;
+  clearRollback();
   const r = await api("GET", "revisions?limit=50");
   for (const [sel, pick] of [["sbs-from", 1], ["sbs-to", 0]]) {
     const el = $(sel);
@@ -200,12 +240,32 @@ async function revisions() {
       if (rev.id === r.active) return;
       const b = document.createElement("button");
       b.textContent = "Roll back to " + rev.id;
+      b.dataset.rollback = String(rev.id);
+      // First what it would change (active → that revision), then confirm.
       b.addEventListener("click", async () => {
-        try { const c = await api("POST", "rollback", { revision: rev.id }); $("commit-result").textContent = "revision " + c.revision + " active"; await revisions(); } catch (e) { showError(e); }
+        showError(null);
+        try {
+          const cmp = await api("GET", "compare?from=" + r.active + "&to=" + rev.id);
+          $("diff").textContent = "Rolling back to revision " + rev.id + " changes what is enforced:\n" + (cmp.diff.length ? cmp.diff.join("\n") : "(nothing)");
+          $("commit").hidden = true;
+          pendingRollback = rev.id;
+          $("rollback-confirm").textContent = "Confirm rollback to " + rev.id;
+          $("rollback-confirm").hidden = false;
+          $("rollback-cancel").hidden = false;
+          $("diff").scrollIntoView();
+        } catch (e) { showError(e); }
       });
       tr.lastChild.appendChild(b);
     });
   }
+}
+
+// The revision a shown rollback diff is for, until confirmed or cancelled.
+let pendingRollback = null;
+function clearRollback() {
+  pendingRollback = null;
+  $("rollback-confirm").hidden = true;
+  $("rollback-cancel").hidden = true;
 }
 
 // The key just shown, once, for the copy button (not kept anywhere else).
@@ -383,6 +443,7 @@ document.addEventListener("DOMContentLoaded", () => {
     showError(null);
     staged = null;
     $("commit").hidden = true;
+    clearRollback();
     try {
       const cmp = await api("GET", "compare");
       if (!cmp.diff.length) { $("diff").textContent = "(no changes)"; return; }
@@ -400,6 +461,20 @@ document.addEventListener("DOMContentLoaded", () => {
       $("commit-result").textContent = "commit " + c.commit_id + ": revision " + c.revision + " active; rollout " + JSON.stringify(c.rollout);
       await revisions();
     } catch (e) { showError(e); }
+  });
+  $("rollback-confirm").addEventListener("click", async () => {
+    if (pendingRollback === null) return;
+    const to = pendingRollback;
+    clearRollback();
+    try {
+      const c = await api("POST", "rollback", { revision: to });
+      $("commit-result").textContent = "rolled back to revision " + to + ": revision " + c.revision + " active";
+      await revisions();
+    } catch (e) { showError(e); }
+  });
+  $("rollback-cancel").addEventListener("click", async () => {
+    clearRollback();
+    await revisions();
   });
   fetch("/ui/session", { credentials: "same-origin" })
     .then((r) => (r.ok ? r.json() : null))
