@@ -614,3 +614,62 @@ policies:
     assert!(eventually(Duration::from_secs(10), || status(&ec_token) == 200));
     assert_eq!(status(&ed_token), 403);
 }
+
+/// `clawgress key new AGENT`: a fresh 256-bit key, printed once with the
+/// hash to paste into config — and that key, so configured, gets through.
+#[test]
+fn key_new_prints_a_key_whose_hash_lets_the_agent_through() {
+    let run = |agent: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_clawgress"))
+            .args(["key", "new", agent])
+            .output()
+            .expect("run clawgress key new");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let field = |text: &str, prefix: &str| -> String {
+        text.lines()
+            .find_map(|l| l.split_once(prefix).map(|(_, v)| v.trim().to_string()))
+            .unwrap_or_else(|| panic!("no {prefix:?} in {text}"))
+    };
+    let (code, out) = run("fresh-bot");
+    assert_eq!(code, Some(0), "{out}");
+    let key = field(&out, "keep it secret): ");
+    let hash = field(&out, "api_key_sha256: ")
+        .trim_matches('"')
+        .to_string();
+    assert!(key.starts_with("cg_") && key.len() == 3 + 64, "{key}");
+    assert_eq!(hash, key_hash(&key), "the printed hash is the key's");
+    let (_, again) = run("fresh-bot");
+    assert_ne!(
+        field(&again, "keep it secret): "),
+        key,
+        "a new key each time"
+    );
+    assert_eq!(run("bad id!").0, Some(2), "a bad agent id is refused");
+
+    let up = Upstream::http();
+    let stack = Stack::start(&format!(
+        r#"agents:
+  - {{agent_id: fresh-bot, auth_type: api_key, api_key_sha256: "{hash}"}}
+policies:
+  - policy_id: fresh
+    priority: 1
+    match:
+      identity: {{agent_id: fresh-bot}}
+      destination: {{hosts: ["127.0.0.1/32"], ports: [{port}]}}
+    action: allow
+"#,
+        port = up.addr.port()
+    ));
+    let target = format!("http://{}/", up.addr);
+    let ok = curl(&["-x", &stack.proxy_url("fresh-bot", &key), &target], &[]);
+    assert_eq!(ok.status, 200, "{ok:?}");
+    let bad = curl(
+        &["-x", &stack.proxy_url("fresh-bot", "cg_00"), &target],
+        &[],
+    );
+    assert_eq!(bad.status, 403, "{bad:?}");
+}
