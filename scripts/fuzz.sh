@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fuzz the parsers an agent's request reaches before any policy: the host
-# (authority) parser, the Proxy-Authorization parser and the path
-# normaliser (fuzz/fuzz_targets/). Each target runs SECONDS (default 60)
+# (authority) parser, the Proxy-Authorization parser, the path normaliser
+# and the bearer-token (JWT) verifier (fuzz/fuzz_targets/). Each target runs
+# SECONDS (default 60)
 # with libFuzzer; a crash or a failed property exits non-zero and leaves the
 # input in fuzz/artifacts/. Installs cargo-fuzz if missing. libFuzzer's
 # instrumentation needs nightly flags: RUSTC_BOOTSTRAP=1 lets the one stable
@@ -18,7 +19,7 @@ fi
 export RUSTC_BOOTSTRAP=1
 cd fuzz
 cargo fuzz build -O
-for t in host proxy_authorization path; do
+for t in host proxy_authorization path jwt; do
   echo "fuzz.sh: $t for ${secs}s" >&2
   cargo fuzz run -O "$t" -- -max_total_time="$secs" 2>&1 | tee "/tmp/fuzz-$t.log" | grep -E "^Done|panicked|ERROR|SUMMARY" || true
   # libFuzzer exits non-zero on a crash; pipefail does not see it through
