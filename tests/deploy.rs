@@ -2141,12 +2141,18 @@ fn compose_fleet_is_consistent() {
             std::fs::write(&file, without_name).expect("write");
             for profile in [None, Some("rls")] {
                 let mut cmd = Command::new(&dc);
-                cmd.arg("-f").arg(&file).arg("--project-directory").arg(&dir);
+                cmd.arg("-f")
+                    .arg(&file)
+                    .arg("--project-directory")
+                    .arg(&dir);
                 if let Some(p) = profile {
                     cmd.args(["--profile", p]);
                 }
                 let (ok, out, err) = run(cmd.args(["config", "-q"]));
-                assert!(ok, "docker-compose config (profile {profile:?}):\n{out}{err}");
+                assert!(
+                    ok,
+                    "docker-compose config (profile {profile:?}):\n{out}{err}"
+                );
             }
         }
         None => skip(
@@ -2404,7 +2410,10 @@ fn k8s_manifests_are_consistent() {
                 let (ok, out, err) = run(Command::new(&kv)
                     .args(["--strict", "--quiet", "-k", "1.31"])
                     .arg(dir.join(f)));
-                assert!(ok && !out.contains("ERROR"), "kubernetes-validate {f}:\n{out}{err}");
+                assert!(
+                    ok && !out.contains("ERROR"),
+                    "kubernetes-validate {f}:\n{out}{err}"
+                );
             }
         }
         None => skip(

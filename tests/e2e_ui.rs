@@ -255,6 +255,11 @@ fn an_operator_signs_in_adds_an_agent_commits_and_watches_decisions() {
         "the copy button answers"
     );
     b.screenshot("2-agents");
+    // Every field is text, never markup: a team named like an element.
+    b.type_in("#agent-id", "odd-bot");
+    b.type_in("#agent-team", "<img id=pwned src=x>");
+    b.click("#agent-add");
+    b.wait_text("#agent-key", "Key for odd-bot");
 
     // A policy for it, staged from the policies page.
     b.click("nav button[data-tab=policies]");
@@ -294,6 +299,8 @@ fn an_operator_signs_in_adds_an_agent_commits_and_watches_decisions() {
     b.wait_text("#revisions-table", "2 (active)");
     b.click("nav button[data-tab=agents]");
     b.wait_text("#agents-table", "ui-bot");
+    b.wait_text("#agents-table", "<img id=pwned src=x>");
+    assert!(b.find("#pwned").is_none(), "a field became markup");
 
     b.click("nav button[data-tab=policies]");
     b.wait_text("#policies-table", "allow-local-upstreams");
@@ -406,14 +413,30 @@ fn an_operator_signs_in_adds_an_agent_commits_and_watches_decisions() {
     b.wait_text("#agent-key", "New key for ui-bot");
     assert!(b.text("#agent-key").contains("cg_"));
     b.screenshot("2b-agents-activity");
+    // Disable, into the candidate like every edit.
+    b.click("button[data-agent=ui-bot][data-action=disable]");
+    b.wait_text("#agent-key", "ui-bot disabled in the candidate");
     b.click("nav button[data-tab=revisions]");
     b.click("#review");
     b.wait_text("#diff", "agents.ui-bot.api_key_sha256");
+    b.wait_text("#diff", "agents.ui-bot.status");
     b.wait_text("#diff", "policies.ui-web-api.match.path_prefix");
     b.click("#commit");
     b.wait_text("#commit-result", "active");
     b.click("nav button[data-tab=policies]");
     b.wait_text("#policies-table", "GET /v2/");
+    b.click("nav button[data-tab=agents]");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            b.click("nav button[data-tab=agents]");
+            row("ui-bot").contains("disabled")
+        }),
+        "ui-bot is disabled once committed: {:?}",
+        b.text("#agents-table")
+    );
+    assert!(b
+        .find("button[data-agent=ui-bot][data-action=enable]")
+        .is_some());
 
     // Rollback confirmed: revision 1 is enforced again (as a new revision).
     b.click("nav button[data-tab=revisions]");

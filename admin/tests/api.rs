@@ -760,6 +760,40 @@ async fn the_console_trades_a_token_for_a_strict_cookie_and_needs_csrf_to_change
     )
     .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    // A viewer's session, with its own valid CSRF token, still cannot
+    // change anything: the role decides, as it does for a bearer token.
+    let (s, h, me) = send(post(&a.viewer)).await;
+    assert_eq!((s, me["role"].as_str()), (StatusCode::OK, Some("viewer")));
+    let session = h["set-cookie"]
+        .to_str()
+        .expect("cookie")
+        .split(';')
+        .next()
+        .expect("pair")
+        .to_string();
+    let csrf = me["csrf"].as_str().expect("csrf").to_string();
+    for (path, body) in [
+        ("/api/v1/commit", "{}"),
+        ("/api/v1/configure", "{}"),
+        ("/api/v1/rollback", r#"{"revision": 1}"#),
+        ("/api/v1/lockdown", "{}"),
+        (
+            "/api/v1/candidate/set",
+            r#"{"path": "agents.x.team_id", "value": "y"}"#,
+        ),
+    ] {
+        let (s, _, body) = send(
+            Request::post(path)
+                .header("cookie", &session)
+                .header("x-csrf-token", &csrf)
+                .header("content-type", "application/json")
+                .body(Body::from(body))
+                .expect("req"),
+        )
+        .await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{path}: {body}");
+    }
 }
 
 #[tokio::test]

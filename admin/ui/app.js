@@ -143,6 +143,7 @@ async function agents() {
       const b = document.createElement("button");
       b.textContent = label;
       b.dataset.agent = id;
+      b.dataset.action = label.toLowerCase().replace(/ /g, "-");
       b.addEventListener("click", async () => {
         showError(null);
         try { await f(); await agents(); } catch (e) { showError(e); }
