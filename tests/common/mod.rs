@@ -66,6 +66,28 @@ impl Stack {
         gateway: &str,
         body: &str,
     ) -> Stack {
+        // A free port can be taken by a parallel test between our probe and
+        // `up`'s bind: that (and only that) is tried again, on new ports.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::try_start_in(netns, proxy_ip, envoy, gateway, body) {
+                Ok(stack) => return stack,
+                Err(log) if attempt < 3 && log.contains("is not free") => {
+                    eprintln!("port taken meanwhile; starting again: {log}");
+                }
+                Err(log) => panic!("clawgress up did not come up:\n{log}"),
+            }
+        }
+    }
+
+    fn try_start_in(
+        netns: Option<&str>,
+        proxy_ip: &str,
+        envoy: Option<&Path>,
+        gateway: &str,
+        body: &str,
+    ) -> Result<Stack, String> {
         let dir = tempfile::tempdir().expect("tempdir");
         // Traversable (not listable), as /var/lib is: run as root, `up`
         // starts Envoy as nft.envoy_user, which must reach the state dir.
@@ -123,11 +145,10 @@ impl Stack {
             }
         });
         if rx.recv_timeout(Duration::from_secs(60)).is_err() {
-            let log = std::fs::read_to_string(&stack.stderr_log).unwrap_or_default();
             stack.stop();
-            panic!("clawgress up did not come up:\n{log}");
+            return Err(std::fs::read_to_string(&stack.stderr_log).unwrap_or_default());
         }
-        stack
+        Ok(stack)
     }
 
     pub fn state(&self) -> PathBuf {
