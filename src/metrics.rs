@@ -39,7 +39,7 @@ fn store_of(kind: &str) -> Option<&'static str> {
     match kind {
         "ratelimit-store-unavailable" => Some("ratelimit"),
         "audit-query-store-failed" => Some("audit_query"),
-        "bundle-fetch-failed" => Some("control_plane"),
+        "bundle-fetch-failed" | "control-plane-store-failed" => Some("control_plane"),
         _ => None,
     }
 }
@@ -375,6 +375,7 @@ mod tests {
             tracing::warn!(alert = "child-restarted", "x");
             tracing::warn!(alert = "child-restarted", "y");
             tracing::error!(alert = "ratelimit-store-unavailable", "z");
+            tracing::error!(alert = "control-plane-store-failed", "w");
             tracing::info!("not an alert");
         });
         let text = encode(&reg);
@@ -384,6 +385,10 @@ mod tests {
         );
         assert!(
             text.contains("clawgress_store_errors_total{store=\"ratelimit\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("clawgress_store_errors_total{store=\"control_plane\"} 1"),
             "{text}"
         );
         assert!(!text.contains("store=\"child"), "{text}");

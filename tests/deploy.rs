@@ -1623,7 +1623,7 @@ fn psql(url: &str, sql: &str) {
 /// them: allowed, denied by policy, private destinations, missing
 /// credentials (407), over quota (429), an authz outage (503), shadow
 /// decisions, alert_only hits, an alert and control-plane actions.
-/// (To be replaced by records the real sink writes.)
+/// (Real traffic through the real sink: grafana_sql_panels_answer_from_records_the_sink_wrote.)
 fn fill_audit_records(url: &str) {
     struct R {
         min_ago: u32,
@@ -1940,12 +1940,33 @@ fn grafana_sql_panels_run_on_postgres() {
             "needs root (PostgreSQL runs as postgres)",
         );
     }
-    let Some(pg) = postgres::Postgres::start() else {
+    let Some((_pg, audit_url, grafana_url)) = postgres_for_grafana() else {
         return skip(
             "grafana_sql_panels_run_on_postgres",
             "PostgreSQL not installed (apt install postgresql)",
         );
     };
+    // The sink's schema (it applies it itself on start), as the clawgress role.
+    psql(&audit_url, &read("audit-sink/sql/postgres.sql"));
+    fill_audit_records(&audit_url);
+    // Grafana's role reads and cannot write.
+    let denied = psql_csv(&grafana_url, "DELETE FROM audit_records");
+    assert!(
+        denied
+            .as_ref()
+            .err()
+            .is_some_and(|e| e.contains("permission denied")),
+        "the grafana role must not write: {denied:?}"
+    );
+    panels_answer(&grafana_url, true);
+}
+
+/// A throwaway PostgreSQL set up by deploy/compose/postgres/init.sql: the
+/// audit database and the read-only grafana role. Returns the server (it
+/// stops on drop) and the audit database's URLs as the sink (role
+/// clawgress) and as Grafana use it; None without PostgreSQL.
+fn postgres_for_grafana() -> Option<(postgres::Postgres, String, String)> {
+    let pg = postgres::Postgres::start()?;
     let admin_url = pg.url();
     assert!(
         eventually(Duration::from_secs(20), || psql_csv(&admin_url, "SELECT 1")
@@ -1973,25 +1994,23 @@ fn grafana_sql_panels_run_on_postgres() {
     let (ok, out, err) = run_init(Some("grafana-test"));
     assert!(ok, "init.sql: {out}{err}");
     let audit_url = admin_url.replace("/postgres", "/clawgress_audit");
-    // The sink's schema (it applies it itself on start), as the clawgress role.
-    psql(&audit_url, &read("audit-sink/sql/postgres.sql"));
-    fill_audit_records(&audit_url);
     let port = admin_url
         .rsplit(':')
         .next()
         .and_then(|s| s.split('/').next())
         .expect("port");
     let grafana_url = format!("postgres://grafana:grafana-test@127.0.0.1:{port}/clawgress_audit");
-    // Grafana's role reads and cannot write.
-    let denied = psql_csv(&grafana_url, "DELETE FROM audit_records");
-    assert!(
-        denied
-            .as_ref()
-            .err()
-            .is_some_and(|e| e.contains("permission denied")),
-        "the grafana role must not write: {denied:?}"
-    );
+    Some((pg, audit_url, grafana_url))
+}
 
+/// Every SQL query of the traffic dashboard (its panels, the agent
+/// variable, the annotation) run as the read-only grafana role: each
+/// answers with the columns its panel shows. With `synthetic` (the records
+/// of [`fill_audit_records`]) every panel has rows, the variable lists
+/// their agents and the agent filter filters; otherwise the panels without
+/// rows are returned.
+fn panels_answer(grafana_url: &str, synthetic: bool) -> Vec<String> {
+    let mut empty = Vec::new();
     let dash = json_file("deploy/grafana/dashboards/clawgress-traffic.json");
     let now = std::time::SystemTime::now();
     let from = humantime::format_rfc3339_seconds(now - Duration::from_secs(6 * 3600)).to_string();
@@ -2006,16 +2025,26 @@ fn grafana_sql_panels_run_on_postgres() {
         .clone();
     let var_sql = grafana_sql(var["query"].as_str().expect("query"), &from, &to, 300, "''");
     let (cols, rows) =
-        psql_csv(&grafana_url, &var_sql).unwrap_or_else(|e| panic!("variable agent: {e}"));
+        psql_csv(grafana_url, &var_sql).unwrap_or_else(|e| panic!("variable agent: {e}"));
     assert_eq!(cols, expected_columns("variable agent"));
     let agents: Vec<String> = rows.iter().map(|r| r[0].clone()).collect();
-    assert_eq!(
-        agents,
-        ["build-bot", "lab-vm", "scraper"],
-        "the agent variable's values"
-    );
+    if synthetic {
+        assert_eq!(
+            agents,
+            ["build-bot", "lab-vm", "scraper"],
+            "the agent variable's values"
+        );
+    } else {
+        assert!(!agents.is_empty(), "the agent variable lists no agent");
+    }
     let all = var["allValue"].as_str().expect("allValue").to_string();
-    let some = "'build-bot','lab-vm'".to_string();
+    // A selection of agents: two of the synthetic ones, or the one agent
+    // of the real traffic.
+    let (some_label, some) = if synthetic {
+        ("build-bot, lab-vm", "'build-bot','lab-vm'".to_string())
+    } else {
+        ("bot", "'bot'".to_string())
+    };
 
     let mut queries: Vec<(String, String, String)> = Vec::new();
     for p in panels(&dash).iter().filter(|p| p["type"] != "row") {
@@ -2034,18 +2063,22 @@ fn grafana_sql_panels_run_on_postgres() {
     }
     assert!(queries.len() >= 15, "only {} SQL queries", queries.len());
     for (title, format, sql) in &queries {
-        for (choice, agent) in [("All", &all), ("build-bot, lab-vm", &some)] {
+        for (choice, agent) in [("All", &all), (some_label, &some)] {
             if choice != "All" && !sql.contains("$agent") {
                 continue;
             }
             let q = grafana_sql(sql, &from, &to, 300, agent);
-            let (cols, rows) = psql_csv(&grafana_url, &q)
+            let (cols, rows) = psql_csv(grafana_url, &q)
                 .unwrap_or_else(|e| panic!("panel \"{title}\" (agent {choice}) fails:\n{e}\n{q}"));
             assert_eq!(cols, expected_columns(title), "panel \"{title}\": columns");
-            assert!(
-                !rows.is_empty(),
-                "panel \"{title}\" (agent {choice}) returns no rows:\n{q}"
-            );
+            if rows.is_empty() {
+                assert!(
+                    !synthetic,
+                    "panel \"{title}\" (agent {choice}) returns no rows:\n{q}"
+                );
+                empty.push(format!("{title} ({choice})"));
+                continue;
+            }
             if format == "time_series" {
                 assert_eq!(
                     cols[0], "time",
@@ -2067,20 +2100,112 @@ fn grafana_sql_panels_run_on_postgres() {
             }
         }
     }
-    // The selection filters: lab-vm's 429s are none, build-bot's are there.
-    let q429 = queries
-        .iter()
-        .find(|(t, _, _)| t == "429s per agent")
-        .expect("429s panel");
-    let (_, rows) = psql_csv(
-        &grafana_url,
-        &grafana_sql(&q429.2, &from, &to, 300, "'lab-vm'"),
-    )
-    .expect("429s for lab-vm");
+    if synthetic {
+        // The selection filters: lab-vm's 429s are none, build-bot's are there.
+        let q429 = queries
+            .iter()
+            .find(|(t, _, _)| t == "429s per agent")
+            .expect("429s panel");
+        let (_, rows) = psql_csv(
+            grafana_url,
+            &grafana_sql(&q429.2, &from, &to, 300, "'lab-vm'"),
+        )
+        .expect("429s for lab-vm");
+        assert!(
+            rows.is_empty(),
+            "the agent filter lets other agents through: {rows:?}"
+        );
+    }
+    empty
+}
+
+/// The traffic dashboard on what the real sink wrote: `clawgress up` with
+/// `stores.audit_query` on PostgreSQL, real requests through Envoy
+/// (allowed, a shadow deny, denied by policy, without credentials, over a
+/// hard_stop quota, over an alert_only one) and a commit from the CLI; then
+/// every panel's SQL as the grafana role, and every panel shows something.
+#[test]
+fn grafana_sql_panels_answer_from_records_the_sink_wrote() {
+    if !common::is_root() {
+        return skip(
+            "grafana_sql_panels_answer_from_records_the_sink_wrote",
+            "needs root (PostgreSQL runs as postgres)",
+        );
+    }
+    let Some((_pg, audit_url, grafana_url)) = postgres_for_grafana() else {
+        return skip(
+            "grafana_sql_panels_answer_from_records_the_sink_wrote",
+            "PostgreSQL not installed (apt install postgresql)",
+        );
+    };
+    let up = common::Upstream::http();
+    let stack = common::Stack::start(&format!(
+        "stores:\n  audit_query: {audit_url}\n{}",
+        common::config_allowing(
+            &[up.addr.port()],
+            r#"  - policy_id: shadow-no-r1
+    priority: 1
+    mode: shadow
+    match:
+      destination: {hosts: ["127.0.0.1/32"]}
+      path_prefix: /r1
+    action: deny
+quotas:
+  - {agent_id: bot, rps_limit: 1000, rpm_limit: 4, mode: hard_stop}
+  - {team_id: infra, rps_limit: 1000, rpm_limit: 2, mode: alert_only}
+"#
+        )
+    ));
+    let proxy = stack.proxy_url(common::AGENT, common::KEY);
+    let mut codes = Vec::new();
+    for i in 0..5 {
+        codes.push(common::curl(&["-x", &proxy, &format!("http://{}/r{i}", up.addr)], &[]).status);
+    }
+    codes.push(common::curl(&["-x", &proxy, "http://denied.example/"], &[]).status);
+    let anon = format!("http://{}", stack.proxy);
+    codes.push(common::curl(&["-x", &anon, &format!("http://{}/", up.addr)], &[]).status);
+    assert_eq!(codes, [200, 200, 200, 200, 429, 403, 407]);
+    // A control-plane action: a commit from the CLI.
+    let cfg = stack.config.display().to_string();
+    for args in [
+        vec![
+            "set",
+            "agents.bot.project_id",
+            "dashboards",
+            "--config",
+            &cfg,
+        ],
+        vec!["configure", "--config", &cfg],
+        vec!["commit", "--config", &cfg],
+    ] {
+        let (ok, out, err) = run(Command::new(env!("CARGO_BIN_EXE_clawgress")).args(&args));
+        assert!(ok, "clawgress {args:?}: {out}{err}");
+    }
+    let count = |kind: &str| -> u64 {
+        psql_csv(
+            &audit_url,
+            &format!("SELECT count(*) FROM audit_records WHERE kind = '{kind}'"),
+        )
+        .ok()
+        .and_then(|(_, rows)| {
+            rows.first()
+                .and_then(|r| r.first())
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+    };
     assert!(
-        rows.is_empty(),
-        "the agent filter lets other agents through: {rows:?}"
+        eventually(Duration::from_secs(20), || count("request") == 7
+            && count("admin") > 0
+            && count("alert") > 0),
+        "the sink did not store the traffic (requests {}, admin {}, alerts {}):\n{}",
+        count("request"),
+        count("admin"),
+        count("alert"),
+        stack.stderr()
     );
+    let empty = panels_answer(&grafana_url, false);
+    assert!(empty.is_empty(), "panels with nothing to show: {empty:?}");
 }
 
 // ---------------------------------------------------------------------------

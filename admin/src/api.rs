@@ -58,6 +58,12 @@ impl From<ControlError> for ApiError {
             ControlError::Store(StoreError::NoRevision(_)) => {
                 api_err(StatusCode::NOT_FOUND, e.to_string())
             }
+            // The database itself failed (unreachable, full, corrupt): an
+            // alert, counted in clawgress_store_errors_total{store="control_plane"}.
+            ControlError::Store(StoreError::Db(_) | StoreError::Migrate(_)) => {
+                tracing::error!(alert = "control-plane-store-failed", error = %e, "control-plane store failed");
+                api_err(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            }
             other => {
                 tracing::error!(error = %other, "admin API error");
                 api_err(StatusCode::INTERNAL_SERVER_ERROR, other.to_string())

@@ -796,6 +796,27 @@ async fn the_console_trades_a_token_for_a_strict_cookie_and_needs_csrf_to_change
     }
 }
 
+/// The database under the control plane fails (here: a table gone under
+/// it): 503 naming the store, never a 500 that reads as a bug, and the
+/// `control-plane-store-failed` alert (counted as a store error).
+#[tokio::test]
+async fn a_failing_control_plane_store_answers_503() {
+    let a = app().await;
+    let db = a._dir.path().join("admin.db");
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .expect("open");
+    sqlx::query("DROP TABLE revisions")
+        .execute(&pool)
+        .await
+        .expect("drop");
+    let (s, body) = a
+        .call(Some(&a.viewer), "GET", "/api/v1/revisions", None)
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.to_string().contains("store"), "{body}");
+}
+
 #[tokio::test]
 async fn the_bundle_is_served_with_its_revision_as_etag_and_long_polls() {
     let a = app().await;
