@@ -151,6 +151,16 @@ pub fn verify(p: &Paths, from: Option<&Path>, json: bool) -> Result<bool> {
             Some(at) => println!("FAIL: {} ({:?}; {at})", prob.detail, prob.kind),
             None => println!("FAIL: {} ({:?})", prob.detail, prob.kind),
         }
+        if !report.bad_checkpoints.is_empty() {
+            println!(
+                "checkpoints: {} of {} signatures hold",
+                report.checkpoints_verified,
+                report.checkpoints_verified + report.bad_checkpoints.len()
+            );
+            for b in report.bad_checkpoints.iter().skip(1) {
+                println!("FAIL: {b}");
+            }
+        }
     } else {
         let sealed = log.segments.iter().filter(|s| s.sealed).count();
         println!(
@@ -242,12 +252,12 @@ pub fn query(p: &Paths, q: &Query, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<24} {:<16} {:<6} {:<5} {:<30} {:<22} {:<20} REQUEST_ID",
-        "TIMESTAMP", "AGENT", "DECIS", "CODE", "DESTINATION", "POLICY", "REASON"
+        "{:<24} {:<16} {:<8} {:<5} {:<30} {:<22} {:<20} REQUEST_ID",
+        "TIMESTAMP", "AGENT", "DECISION", "CODE", "DESTINATION", "POLICY", "REASON"
     );
     for r in rows {
         println!(
-            "{:<24} {:<16} {:<6} {:<5} {:<30} {:<22} {:<20} {}",
+            "{:<24} {:<16} {:<8} {:<5} {:<30} {:<22} {:<20} {}",
             r.timestamp,
             r.agent_id,
             r.decision,

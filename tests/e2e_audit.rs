@@ -329,6 +329,34 @@ fn audit_verify_names_tampering_and_query_reads_newest_first() {
         "yesterday-ish",
     ]);
     assert_ne!(code, 0, "a bad --since is an error");
+    // The operator's question, as a table: this agent's denials in the
+    // last hour. One row (example.org), a header naming the fields.
+    let (code, out) = clawgress(&[
+        "audit",
+        "query",
+        "--config",
+        &cfg,
+        "--agent",
+        AGENT,
+        "--since",
+        "1h",
+        "--decision",
+        "deny",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let table: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(table.len(), 2, "a header and one row:\n{out}");
+    for field in ["AGENT", "DECISION", "DESTINATION", "REQUEST_ID"] {
+        assert!(table[0].contains(field), "header lacks {field}:\n{out}");
+    }
+    assert!(
+        table[1].contains(AGENT) && table[1].contains("deny") && table[1].contains("example.org"),
+        "{out}"
+    );
+    let (_, out) = clawgress(&[
+        "audit", "query", "--config", &cfg, "--agent", "nobody", "--json",
+    ]);
+    assert_eq!(out.trim(), "[]", "another agent's records are not shown");
 
     let log = stack
         .state()

@@ -435,10 +435,13 @@ fn write_loop<W: RecordWriter>(
                 }
             }
             metrics.records.inc_by(batch.len() as u64);
-            if let Some(t) = batch
-                .last()
-                .and_then(|r| humantime::parse_rfc3339(&r.timestamp).ok())
-            {
+            // Lag from when the request ended (its start plus its
+            // duration): a tunnel open for an hour is not an hour behind.
+            if let Some(t) = batch.last().and_then(|r| {
+                humantime::parse_rfc3339(&r.timestamp)
+                    .ok()
+                    .map(|t| t + std::time::Duration::from_millis(r.latency_ms))
+            }) {
                 let age = std::time::SystemTime::now()
                     .duration_since(t)
                     .unwrap_or_default();

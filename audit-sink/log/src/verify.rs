@@ -36,6 +36,9 @@ pub struct Report {
     pub ok: bool,
     pub records: u64,
     pub checkpoints_verified: usize,
+    /// Every checkpoint whose signature does not hold (1-based position in
+    /// the checkpoint file, and why); the first is also the `problem`.
+    pub bad_checkpoints: Vec<String>,
     /// The largest tree size a verified checkpoint covers.
     pub covered: u64,
     /// Partial records left by a crash mid-write (kept, skipped).
@@ -80,6 +83,7 @@ pub fn verify_from(
         checkpoints_verified: 0,
         covered: 0,
         torn_lines: Vec::new(),
+        bad_checkpoints: Vec::new(),
         consistency_proofs: 0,
         from: None,
         problem: None,
@@ -98,20 +102,25 @@ pub fn verify_from(
         }
     };
     // Checkpoints first: their signatures, sorted by size.
+    // Each one is judged, so the report says which hold and which do not.
     let mut cps: Vec<Checkpoint> = Vec::new();
     for (i, note) in notes.iter().enumerate() {
         match Checkpoint::verify(note, key_name, key) {
             Ok(c) => cps.push(c),
-            Err(e) => {
-                report.problem = Some(Problem {
-                    kind: ProblemKind::BadCheckpoint,
-                    line: 0,
-                    seq: None,
-                    detail: format!("checkpoint #{}: {e}", i + 1),
-                });
-                return report;
-            }
+            Err(e) => report
+                .bad_checkpoints
+                .push(format!("checkpoint #{}: {e}", i + 1)),
         }
+    }
+    if let Some(first) = report.bad_checkpoints.first() {
+        report.checkpoints_verified = cps.len();
+        report.problem = Some(Problem {
+            kind: ProblemKind::BadCheckpoint,
+            line: 0,
+            seq: None,
+            detail: first.clone(),
+        });
+        return report;
     }
     cps.sort_by_key(|c| c.size);
     report.checkpoints_verified = cps.len();
@@ -475,6 +484,27 @@ mod tests {
         // A held checkpoint signed by another key is refused.
         let other = note(&lines, 6, &SigningKey::from_bytes(&[2; 32]));
         let r = verify_from(&text(&lines), &notes, "k", &vk, Some(&other));
+        assert_eq!(r.problem.map(|p| p.kind), Some(ProblemKind::BadCheckpoint));
+    }
+
+    #[test]
+    fn every_checkpoint_is_judged_and_each_bad_one_named() {
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let other = SigningKey::from_bytes(&[2; 32]);
+        let lines = build(10);
+        let notes = vec![
+            note(&lines, 2, &key),
+            note(&lines, 4, &other),
+            note(&lines, 6, &key),
+            note(&lines, 8, &other),
+            note(&lines, 10, &key),
+        ];
+        let r = verify(&text(&lines), &notes, "k", &key.verifying_key());
+        assert!(!r.ok);
+        assert_eq!(r.checkpoints_verified, 3, "{r:?}");
+        assert_eq!(r.bad_checkpoints.len(), 2, "{r:?}");
+        assert!(r.bad_checkpoints[0].starts_with("checkpoint #2"), "{r:?}");
+        assert!(r.bad_checkpoints[1].starts_with("checkpoint #4"), "{r:?}");
         assert_eq!(r.problem.map(|p| p.kind), Some(ProblemKind::BadCheckpoint));
     }
 
