@@ -5,7 +5,10 @@
 //! when `CLAWGRESS_BENCH_PG` holds a URL. Prints the rates. Segments of
 //! 100,000 records are sealed as the sink seals them.
 //!
-//!   cargo run --release -p clawgress-audit-sink --example append_rate [N]
+//!   cargo run --release -p clawgress-audit-sink --example append_rate [N [BATCH]]
+//!
+//! BATCH (default 1,024) is the query-store insert size; the sink's are
+//! smaller under light load (what arrived together).
 //!   CLAWGRESS_BENCH_PG=postgres://user@127.0.0.1:5432/db cargo run … [N]
 
 use std::time::Instant;
@@ -18,6 +21,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(200_000);
+    let batch: usize = std::env::args()
+        .nth(2)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1024)
+        .max(1);
     let dir = tempfile::tempdir()?;
     let key = AuditKey::load_or_create(&dir.path().join("keys"))?;
     let mut w = JsonlWriter::open(&dir.path().join("audit"), Some(key))?;
@@ -79,12 +87,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
         }
         let start = Instant::now();
-        for chunk in all.chunks(1024) {
+        for chunk in all.chunks(batch) {
             q.insert(chunk)?;
         }
         let secs = start.elapsed().as_secs_f64();
         println!(
-            "query store ({name}): {n} records in {secs:.2} s = {:.0} records/s",
+            "query store ({name}), batches of {batch}: {n} records in {secs:.2} s = {:.0} records/s",
             n as f64 / secs
         );
     }
