@@ -736,6 +736,11 @@ impl PathPrefix {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// `/`: every origin-form path (for rules the profiles generate).
+    pub(crate) fn root() -> PathPrefix {
+        PathPrefix("/".to_string())
+    }
 }
 
 impl<'de> Deserialize<'de> for PathPrefix {

@@ -123,6 +123,20 @@ pub fn policies(doc: &PolicyDocument) -> Vec<Policy> {
             Some(methods(PLAIN_HTTP_METHODS)),
             Action::Deny,
         ));
+        // Any other method (PROPFIND, PURGE, made-up ones) over plain HTTP
+        // too: a path constraint never matches a tunnel (§3), so this
+        // denies every plain-HTTP request and no CONNECT.
+        let mut any_method = policy(
+            "profile:external-api:https-only-any-method",
+            0,
+            &api,
+            everything(),
+            &[],
+            None,
+            Action::Deny,
+        );
+        any_method.match_.path_prefix = Some(crate::config::PathPrefix::root());
+        out.push(any_method);
     }
     let updates = with(Profile::TrainingUpdates);
     if !updates.is_empty() {
@@ -237,5 +251,12 @@ policies:
             decide("caller", "api.example.com", "GET"),
             (false, "profile:external-api:https-only".into())
         );
+        for m in ["PROPFIND", "PURGE", "BREW"] {
+            assert_eq!(
+                decide("caller", "api.example.com", m),
+                (false, "profile:external-api:https-only-any-method".into()),
+                "{m}"
+            );
+        }
     }
 }
