@@ -234,6 +234,12 @@ fn sink_killed_under_load_loses_nothing_and_duplicates_nothing() {
         .filter_map(|r| r["request_id"].as_str())
         .collect();
     assert_eq!(ids.len(), n, "one record per request id");
+    // Each gap was said: `up` alerts every restart of the sink.
+    assert!(
+        stack.stderr().matches("alert=\"child-restarted\"").count() >= 3,
+        "{}",
+        stack.stderr()
+    );
     // The chain (requests, alerts, admin actions) is numbered without gaps.
     let all = stack.all_audit_records();
     let seqs: Vec<u64> = all.iter().filter_map(|r| r["seq"].as_u64()).collect();

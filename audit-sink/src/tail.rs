@@ -86,6 +86,7 @@ pub fn follow(
     let mut buf = vec![0u8; CHUNK];
     let mut carry: Vec<u8> = Vec::new();
     let mut reported_gap = false;
+    let mut starting = true;
     while !stop.load(Ordering::Relaxed) {
         let mut file = match File::open(&log) {
             Ok(f) => f,
@@ -109,7 +110,16 @@ pub fn follow(
         }
         let backlog = meta.len() - pos.offset - carry.len() as u64;
         spool_bytes.set(i64::try_from(meta.len() - pos.offset).unwrap_or(i64::MAX));
-        if backlog > CHUNK as u64 && !reported_gap {
+        if std::mem::take(&mut starting) && backlog > 0 && pos.offset > 0 {
+            // Back after a gap (a crash, a kill, a stop): what Envoy wrote
+            // meanwhile is replayed now, nothing lost — but say so.
+            tracing::warn!(
+                alert = "audit-backlog",
+                bytes = backlog,
+                "the sink was away while requests flowed; replaying the access-log spool from its last position"
+            );
+            reported_gap = true;
+        } else if backlog > CHUNK as u64 && !reported_gap {
             tracing::warn!(
                 alert = "audit-backlog",
                 bytes = backlog,
