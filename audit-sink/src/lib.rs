@@ -40,7 +40,7 @@ pub use entry::{record_from_entry, Entry};
 pub use tail::{Checkpoint, Position};
 pub use writer::{
     list_segments, read_checkpoints, read_log, segment_name, AuditKey, JsonlWriter, LogText,
-    RecordWriter, SegmentInfo, WriterError, KEY_NAME, ORIGIN,
+    RecordWriter, SegmentInfo, WriterError, KEY_NAME,
 };
 
 /// What flows to the writer thread.

@@ -73,8 +73,15 @@ pub struct AuditKey {
     pub key: SigningKey,
 }
 
-/// The origin line of this log's checkpoints.
-pub const ORIGIN: &str = "clawgress/audit";
+/// The origin line of this log's checkpoints, which must name this log
+/// and no other (C2SP tlog-checkpoint): `clawgress/audit/` and the first 8
+/// bytes, in hex, of the SHA-256 of the log's public key. Logs written
+/// before carried `clawgress/audit` alone; `verify` reads both.
+pub fn origin(key: &ed25519_dalek::VerifyingKey) -> String {
+    use sha2::Digest;
+    let id = sha2::Sha256::digest(key.as_bytes());
+    format!("clawgress/audit/{}", hex::encode(&id[..8]))
+}
 /// The signature name in checkpoint notes.
 pub const KEY_NAME: &str = clawgress_audit_log::layout::KEY_NAME;
 
@@ -406,7 +413,7 @@ impl RecordWriter for JsonlWriter {
             return Ok(());
         }
         let note = Checkpoint {
-            origin: ORIGIN.into(),
+            origin: origin(&key.key.verifying_key()),
             size: self.tree.size(),
             root: self.tree.root(),
         }
@@ -438,6 +445,30 @@ mod tests {
             read_checkpoints(&dir.join("audit").join(JsonlWriter::CHECKPOINTS)).expect("cps");
         let k = key(dir);
         clawgress_audit_log::verify::verify(&log, &notes, KEY_NAME, &k.key.verifying_key())
+    }
+
+    #[test]
+    fn checkpoints_name_their_own_log() {
+        let origin_of = |seed: u8| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let key = AuditKey {
+                name: KEY_NAME.into(),
+                key: SigningKey::from_bytes(&[seed; 32]),
+            };
+            let audit = dir.path().join("audit");
+            let mut w = JsonlWriter::open(&audit, Some(key)).expect("open");
+            w.append(&mut [AuditRecord::default()]).expect("append");
+            w.checkpoint().expect("checkpoint");
+            let notes = read_checkpoints(&audit.join(JsonlWriter::CHECKPOINTS)).expect("read");
+            notes[0].lines().next().expect("origin line").to_string()
+        };
+        let (a, b) = (origin_of(1), origin_of(2));
+        assert!(
+            a.starts_with("clawgress/audit/") && a.len() == 16 + 16,
+            "{a}"
+        );
+        assert_ne!(a, b, "two logs, two origins");
+        assert_eq!(a, origin_of(1), "one key, one origin");
     }
 
     #[test]
