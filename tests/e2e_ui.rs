@@ -270,6 +270,14 @@ fn an_operator_signs_in_adds_an_agent_commits_and_watches_decisions() {
     b.type_in("#policy-who", "team_id=web");
     b.click("#policy-add");
     b.wait_text("#policy-result", "staged");
+    // One more, with a list and two identity fields.
+    b.type_in("#policy-id", "ui-multi");
+    b.type_in("#policy-priority", "300");
+    b.type_in("#policy-hosts", "multi.example.com");
+    b.type_in("#policy-ports", "");
+    b.type_in("#policy-who", "team_id=web,ops environment=prod");
+    b.click("#policy-add");
+    b.wait_text("#policy-result", "Policy ui-multi staged");
     b.type_in("#whatif-agent", "ui-bot");
     b.type_in("#whatif-url", "https://api.example.com/v1/");
     b.click("#whatif-go");
@@ -304,9 +312,20 @@ fn an_operator_signs_in_adds_an_agent_commits_and_watches_decisions() {
 
     b.click("nav button[data-tab=policies]");
     b.wait_text("#policies-table", "allow-local-upstreams");
+    // Edit takes a policy into the form as it is — every identity field,
+    // lists whole; Remove takes one out of the candidate.
+    b.wait_text("#policies-table", "ui-multi");
+    b.click("button[data-policy='ui-multi'][data-action='edit']");
+    let who = b.value("#policy-who");
+    assert!(
+        who.contains("team_id=web,ops") && who.contains("environment=prod"),
+        "{who}"
+    );
+    b.click("button[data-policy='ui-multi'][data-action='remove']");
+    b.wait_text("#policy-result", "ui-multi removed");
     // Edit takes a policy into the form as it is; staged, it replaces it.
     b.wait_text("#policies-table", "ui-web-api");
-    b.click("button[data-policy='ui-web-api']");
+    b.click("button[data-policy='ui-web-api'][data-action='edit']");
     b.wait_text("#policy-result", "Editing ui-web-api");
     assert_eq!(b.value("#policy-id"), "ui-web-api");
     assert_eq!(b.value("#policy-hosts"), "api.example.com, *.example.net");
@@ -421,6 +440,12 @@ fn an_operator_signs_in_adds_an_agent_commits_and_watches_decisions() {
     b.wait_text("#diff", "agents.ui-bot.api_key_sha256");
     b.wait_text("#diff", "agents.ui-bot.status");
     b.wait_text("#diff", "policies.ui-web-api.match.path_prefix");
+    b.wait_text("#diff", "- policies.ui-multi");
+    let diff = b.text("#diff");
+    assert!(
+        !diff.contains("ui-web-api.match.identity") && !diff.contains("ui-web-api.enabled"),
+        "an edit changed what the form did not: {diff}"
+    );
     b.click("#commit");
     b.wait_text("#commit-result", "active");
     b.click("nav button[data-tab=policies]");

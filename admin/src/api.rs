@@ -58,9 +58,22 @@ impl From<ControlError> for ApiError {
             ControlError::Store(StoreError::NoRevision(_)) => {
                 api_err(StatusCode::NOT_FOUND, e.to_string())
             }
-            // The database itself failed (unreachable, full, corrupt): an
-            // alert, counted in clawgress_store_errors_total{store="control_plane"}.
-            ControlError::Store(StoreError::Db(_) | StoreError::Migrate(_)) => {
+            // The database itself failed (unreachable, full, corrupt, its
+            // schema gone): 503 and an alert, counted in
+            // clawgress_store_errors_total{store="control_plane"}. A row that
+            // does not decode is a bug, not an outage: 500 below.
+            ControlError::Store(
+                StoreError::Db(
+                    sqlx::Error::Io(_)
+                    | sqlx::Error::Database(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::Protocol(_)
+                    | sqlx::Error::WorkerCrashed,
+                )
+                | StoreError::Migrate(_),
+            ) => {
                 tracing::error!(alert = "control-plane-store-failed", error = %e, "control-plane store failed");
                 api_err(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
             }

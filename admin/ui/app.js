@@ -165,10 +165,33 @@ async function agents() {
   });
 }
 
-// The first identity field a policy constrains, as the form writes it.
+// The identity fields a policy constrains, as the form writes them:
+// `team_id=web environment=prod`, a list as `agent_id=a,b`.
 function identityOf(p) {
-  return Object.entries(p.match.identity || {}).filter(([, v]) => v !== "*").map(([k, v]) => k + "=" + v);
+  return Object.entries(p.match.identity || {})
+    .filter(([, v]) => v !== "*")
+    .map(([k, v]) => k + "=" + (Array.isArray(v) ? v.join(",") : v));
 }
+
+// The form's identity text back into match.identity (null if empty).
+function parseIdentity(text) {
+  const fields = ["agent_id", "team_id", "project_id", "environment"];
+  const out = {};
+  for (const item of text.split(/\s+/).filter((x) => x)) {
+    const at = item.indexOf("=");
+    const k = item.slice(0, at).trim();
+    const values = item.slice(at + 1).split(",").map((x) => x.trim()).filter((x) => x);
+    if (at < 1 || !fields.includes(k) || !values.length || k in out) {
+      throw new Error("identity: space-separated agent_id=…, team_id=…, project_id=…, environment=… (a list as a,b), each once");
+    }
+    out[k] = values.length === 1 ? values[0] : values;
+  }
+  return Object.keys(out).length ? out : null;
+}
+
+// The policy Edit took into the form, so staging keeps what the form does
+// not show (enabled, version).
+let editingPolicy = null;
 
 async function policies() {
   const list = (await api("GET", "policies")).slice().sort((a, b) => a.priority - b.priority || a.policy_id.localeCompare(b.policy_id));
@@ -187,6 +210,7 @@ async function policies() {
       const b = document.createElement("button");
       b.textContent = label;
       b.dataset.policy = p.policy_id;
+      b.dataset.action = label.toLowerCase();
       b.addEventListener("click", async () => {
         showError(null);
         try { await f(); } catch (e) { showError(e); }
@@ -200,7 +224,8 @@ async function policies() {
       $("policy-action").value = p.action;
       $("policy-hosts").value = (p.match.destination.hosts || []).join(", ");
       $("policy-ports").value = (p.match.destination.ports || []).join(", ");
-      $("policy-who").value = identityOf(p)[0] || "";
+      $("policy-who").value = identityOf(p).join(" ");
+      editingPolicy = p;
       $("policy-methods").value = (p.match.method || []).join(", ");
       $("policy-path").value = p.match.path_prefix || "";
       $("policy-shadow").checked = p.mode === "shadow";
@@ -412,28 +437,27 @@ document.addEventListener("DOMContentLoaded", () => {
     const list = (id) => $(id).value.split(",").map((x) => x.trim()).filter((x) => x);
     try {
       const id = $("policy-id").value.trim();
+      const before = editingPolicy && editingPolicy.policy_id === id ? editingPolicy : null;
       const policy = {
         policy_id: id,
         priority: Number($("policy-priority").value),
-        enabled: true,
+        enabled: before ? before.enabled !== false : true,
         action: $("policy-action").value,
         match: { destination: { hosts: list("policy-hosts") } },
       };
+      if (before && before.version !== undefined) policy.version = before.version;
       const ports = list("policy-ports").map(Number);
       if (ports.some((p) => !Number.isInteger(p) || p < 1 || p > 65535)) throw new Error("ports: whole numbers 1-65535");
       if (ports.length) policy.match.destination.ports = ports;
-      const who = $("policy-who").value.trim();
-      if (who) {
-        const [k, v] = who.split("=").map((x) => x.trim());
-        if (!v || !["agent_id", "team_id", "project_id", "environment"].includes(k)) throw new Error("identity: agent_id=…, team_id=…, project_id=… or environment=…");
-        policy.match.identity = { [k]: v };
-      }
+      const who = parseIdentity($("policy-who").value);
+      if (who) policy.match.identity = who;
       const methods = list("policy-methods").map((m) => m.toUpperCase());
       if (methods.length) policy.match.method = methods;
       if ($("policy-path").value.trim()) policy.match.path_prefix = $("policy-path").value.trim();
       if ($("policy-shadow").checked) policy.mode = "shadow";
       // The whole policy at its path: `configure` validates it with the rest.
       await api("POST", "candidate/set", { path: "policies." + JSON.stringify(id), value: policy });
+      editingPolicy = null;
       $("policy-result").textContent = "Policy " + id + " staged in the candidate: review, configure and commit it under Revisions.";
     } catch (e) { showError(e); }
   });

@@ -116,7 +116,8 @@ pub fn follow(
             tracing::warn!(
                 alert = "audit-backlog",
                 bytes = backlog,
-                "the sink was away while requests flowed; replaying the access-log spool from its last position"
+                path = %log.display(),
+                "the sink was away while entries were written; replaying them from its last position"
             );
             reported_gap = true;
         } else if backlog > CHUNK as u64 && !reported_gap {
