@@ -569,6 +569,11 @@ async fn confirm(State(ctl): State<Ctl>, Auth::<OPERATOR>(actor): Auth<OPERATOR>
 #[serde(deny_unknown_fields)]
 struct RollbackBody {
     revision: i64,
+    /// The revision the caller believes is active (the console sends the
+    /// one its diff was made from): refused with 409 if another is, so a
+    /// commit made meanwhile is not rolled back unseen.
+    #[serde(default)]
+    expect_active: Option<i64>,
 }
 
 #[utoipa::path(
@@ -586,6 +591,18 @@ async fn rollback(
     Json(b): Json<RollbackBody>,
 ) -> Answer {
     let actor = actor.as_str();
+    if let Some(expected) = b.expect_active {
+        let now = ctl.active().await?.revision;
+        if now != Some(expected) {
+            return Err(api_err(
+                StatusCode::CONFLICT,
+                format!(
+                    "revision {} is active now, not {expected}: look at what the rollback changes again",
+                    now.map_or("none".to_string(), |r| r.to_string())
+                ),
+            ));
+        }
+    }
     to_json(ctl.rollback(actor, b.revision).await?)
 }
 

@@ -435,12 +435,28 @@ async fn rollback_commits_an_earlier_document_as_a_newer_revision() {
         .call(Some(&a.viewer), "GET", "/api/v1/compare?from=999", None)
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+    // Pinned to what the caller saw: refused if another revision is active.
     let (s, c) = a
         .call(
             Some(&a.operator),
             "POST",
             "/api/v1/rollback",
-            Some(json!({"revision": r1})),
+            Some(json!({"revision": r1, "expect_active": r1})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{c}");
+    assert!(
+        c["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&format!("revision {r2} is active"))),
+        "{c}"
+    );
+    let (s, c) = a
+        .call(
+            Some(&a.operator),
+            "POST",
+            "/api/v1/rollback",
+            Some(json!({"revision": r1, "expect_active": r2})),
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{c}");

@@ -274,7 +274,7 @@ async function revisions() {
           const cmp = await api("GET", "compare?from=" + r.active + "&to=" + rev.id);
           $("diff").textContent = "Rolling back to revision " + rev.id + " changes what is enforced:\n" + (cmp.diff.length ? cmp.diff.join("\n") : "(nothing)");
           $("commit").hidden = true;
-          pendingRollback = rev.id;
+          pendingRollback = { to: rev.id, from: r.active };
           $("rollback-confirm").textContent = "Confirm rollback to " + rev.id;
           $("rollback-confirm").hidden = false;
           $("rollback-cancel").hidden = false;
@@ -489,10 +489,11 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("rollback-confirm").addEventListener("click", async () => {
     if (pendingRollback === null) return;
-    const to = pendingRollback;
+    const { to, from } = pendingRollback;
     clearRollback();
     try {
-      const c = await api("POST", "rollback", { revision: to });
+      // Refused (409) if another revision became active after the diff.
+      const c = await api("POST", "rollback", { revision: to, expect_active: from });
       $("commit-result").textContent = "rolled back to revision " + to + ": revision " + c.revision + " active";
       await revisions();
     } catch (e) { showError(e); }
