@@ -754,8 +754,8 @@ mod tests {
         start_guarded(w, None).await
     }
 
-    async fn start_guarded(
-        w: Memory,
+    async fn start_guarded<W: RecordWriter + 'static>(
+        w: W,
         guard: Option<DiskGuard>,
     ) -> (
         String,
@@ -866,22 +866,7 @@ mod tests {
             .with_probe(|_| Ok(1 << 40));
         let w = Unwritable::default();
         w.1.store(true, std::sync::atomic::Ordering::SeqCst);
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("http://{}", l.local_addr().expect("addr"));
-        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(run(
-            w.clone(),
-            Input::Grpc,
-            Extras::default(),
-            AuditMetrics::default(),
-            Some(guard),
-            tokio_stream::wrappers::TcpListenerStream::new(l),
-            async {
-                let _ = stop_rx.await;
-            },
-        ));
+        let (url, stop, task) = start_guarded(w.clone(), Some(guard)).await;
         let mut client = AccessLogServiceClient::connect(url).await.expect("connect");
         client
             .stream_access_logs(tokio_stream::iter(vec![message(&["a", "b"])]))

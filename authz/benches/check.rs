@@ -11,7 +11,8 @@ use clawgress_policy::config::KeyHash;
 use clawgress_policy::Document;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
-fn document(agents: usize, policies: usize) -> Document {
+/// `agents` API-key agents a0…, in teams t0…t99, all with one key.
+fn agents_yaml(agents: usize) -> String {
     let hash = KeyHash::of_key("bench-key");
     let mut y = String::from("agents:\n");
     for i in 0..agents {
@@ -22,6 +23,11 @@ fn document(agents: usize, policies: usize) -> Document {
             hash.as_str()
         );
     }
+    y
+}
+
+fn document(agents: usize, policies: usize) -> Document {
+    let mut y = agents_yaml(agents);
     y.push_str("policies:\n");
     for i in 0..policies {
         let host = match i % 3 {
@@ -42,16 +48,7 @@ fn document(agents: usize, policies: usize) -> Document {
 /// A fleet's shape the host index alone cannot narrow: every policy names
 /// one agent, and all of them share one API host or `*`.
 fn document_shared(agents: usize, policies: usize) -> Document {
-    let hash = KeyHash::of_key("bench-key");
-    let mut y = String::from("agents:\n");
-    for i in 0..agents {
-        let _ = writeln!(
-            y,
-            "  - {{agent_id: a{i}, team_id: t{}, auth_type: api_key, api_key_sha256: \"{}\"}}",
-            i % 100,
-            hash.as_str()
-        );
-    }
+    let mut y = agents_yaml(agents);
     y.push_str("policies:\n");
     for i in 0..policies {
         let host = if i % 2 == 0 {
