@@ -407,6 +407,7 @@ fn an_operator_signs_in_adds_an_agent_commits_and_watches_decisions() {
         "the denial is red"
     );
     b.wait_text("#overview-total", "% denied");
+    b.wait_text("#overview-total", "req/s over the last full minute");
     b.screenshot("1b-overview-traffic");
 
     // Agents: last hour's traffic per agent, and key rotation / disabling

@@ -76,13 +76,21 @@ async function show(tab) {
 }
 
 async function overview() {
-  const s = await api("GET", "stats?window_s=3600").catch(() => ({ total: 0, by_decision: [], by_agent: [], per_minute: [], top_denied_hosts: [] }));
+  const s = await api("GET", "stats?window_s=3600").catch((e) => {
+    showError(e);
+    return { total: 0, by_decision: [], by_agent: [], per_minute: [], top_denied_hosts: [] };
+  });
   const minutes = s.per_minute || [];
   const limited = minutes.reduce((n, m) => n + m.rate_limited, 0);
   const peak = minutes.reduce((n, m) => Math.max(n, m.requests), 0);
+  // The rate now: the last full minute (UTC `YYYY-MM-DDTHH:MM`, as the API
+  // keys minutes).
+  const lastFull = new Date(Date.now() - 60000).toISOString().slice(0, 16);
+  const now = minutes.find((m) => m.minute === lastFull);
   $("overview-total").textContent = s.total + " requests in the last hour, "
     + (s.total ? Math.round(100 * minutes.reduce((n, m) => n + m.denied, 0) / s.total) : 0) + " % denied, "
-    + limited + " over quota (429); busiest minute " + peak + " (" + (peak / 60).toFixed(1) + " req/s)";
+    + limited + " over quota (429); " + ((now ? now.requests : 0) / 60).toFixed(1) + " req/s over the last full minute, busiest minute "
+    + peak + " (" + (peak / 60).toFixed(1) + " req/s)";
   chart($("chart-requests"), minutes);
   fill("overview-table", s.by_decision, ["decision", "reason", "count"]);
   fill("overview-hosts", s.top_denied_hosts || [], ["destination_host", "count"]);
