@@ -34,6 +34,15 @@ fn every_arm_runs_and_every_allowed_request_gets_2xx() {
         (o.hold as u64, 0, 0),
         "{hold:?}"
     );
+    let kept = runs
+        .iter()
+        .find(|r| r.kind.starts_with("keep-alive"))
+        .expect("the keep-alive hold run");
+    assert_eq!(
+        (kept.ok, kept.non_2xx, kept.errors),
+        (o.hold as u64, 0, 0),
+        "{kept:?}"
+    );
     let table = clawgress_bench::report::markdown(&runs);
     assert!(table.contains("| closed | floor |"), "{table}");
 }

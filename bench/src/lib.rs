@@ -592,9 +592,13 @@ fn measure(
 /// Run everything; returns every run, in order.
 pub fn run(o: &Options, progress: &mut dyn FnMut(&Run)) -> Result<Vec<Run>> {
     let fds = procstat::raise_nofile(((o.hold as u64) * 3).max(4096) + 1024);
-    // Envoy holds two sockets per proxied connection (agent side and
-    // upstream side) plus its own few: the open-files limit caps the hold.
+    // Envoy holds two sockets per tunnel (agent side and upstream side)
+    // plus its own few: the open-files limit caps the tunnels held. A held
+    // keep-alive connection costs it one (upstream connections are pooled).
     let cap = (fds.saturating_sub(400) / 2) as usize;
+    let keepalive = o
+        .hold
+        .min(fds.saturating_sub(400 + 2 * o.hold_opening as u64) as usize);
     let mut o = o.clone();
     if o.hold > cap {
         eprintln!(
@@ -689,6 +693,20 @@ pub fn run(o: &Options, progress: &mut dyn FnMut(&Run)) -> Result<Vec<Run>> {
                 format!("hold {}", o.hold),
                 None,
                 load::hold(&t, o.hold, o.hold_opening, Duration::from_secs(120)),
+            );
+            push(r, &mut runs);
+            let (r, _) = measure(
+                &rt,
+                arm,
+                format!("keep-alive {keepalive}"),
+                None,
+                load::hold_as(
+                    &t,
+                    keepalive,
+                    o.hold_opening,
+                    Duration::from_secs(120),
+                    load::Held::KeepAlive,
+                ),
             );
             push(r, &mut runs);
         }

@@ -289,7 +289,33 @@ async fn collect(tasks: Vec<tokio::task::JoinHandle<Outcome>>, start: Instant) -
 /// hold them all open at once (every one is a request in flight for Envoy),
 /// then send a second request inside every one. `ok` counts tunnels whose
 /// CONNECT and both requests got 2xx.
+/// What a held connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// A CONNECT tunnel (Envoy holds two sockets: the agent's and the
+    /// upstream's).
+    Tunnel,
+    /// An HTTP/1.1 keep-alive connection that made one proxied request and
+    /// stays open (Envoy holds the agent's socket; upstream connections are
+    /// pooled).
+    KeepAlive,
+}
+
+/// Open `n` connections (`opening` at a time), each proving itself with
+/// one proxied request; once all are open at once, each makes a second
+/// request on the same connection. Latency is the second request's.
 pub async fn hold(t: &Target, n: usize, opening: usize, within: Duration) -> Outcome {
+    hold_as(t, n, opening, within, Held::Tunnel).await
+}
+
+/// [`hold`] for either kind of connection.
+pub async fn hold_as(
+    t: &Target,
+    n: usize,
+    opening: usize,
+    within: Duration,
+    kind: Held,
+) -> Outcome {
     let start = Instant::now();
     let deadline = start + within;
     let gate = Arc::new(tokio::sync::Barrier::new(n + 1));
@@ -298,15 +324,20 @@ pub async fn hold(t: &Target, n: usize, opening: usize, within: Duration) -> Out
     for _ in 0..n {
         let (t, gate, opening) = (t.clone(), gate.clone(), opening.clone());
         tasks.push(tokio::spawn(async move {
-            let (connect, inner) = (t.connect(), t.inner_get());
+            let (connect, inner) = match kind {
+                Held::Tunnel => (Some(t.connect()), t.inner_get()),
+                Held::KeepAlive => (None, t.get()),
+            };
             let mut out = Outcome::new();
             let first = {
                 let _permit = opening.acquire().await;
                 tokio::time::timeout_at(deadline.into(), async {
                     let mut c = Conn::open(t.proxy).await.map_err(|_| ())?;
-                    let (s, _) = c.exchange(&connect).await.map_err(|_| ())?;
-                    if s != 200 {
-                        return Ok((s, None));
+                    if let Some(connect) = &connect {
+                        let (s, _) = c.exchange(connect).await.map_err(|_| ())?;
+                        if s != 200 {
+                            return Ok((s, None));
+                        }
                     }
                     let (s, _) = c.exchange(&inner).await.map_err(|_| ())?;
                     Ok((s, Some(c)))
@@ -319,6 +350,14 @@ pub async fn hold(t: &Target, n: usize, opening: usize, within: Duration) -> Out
             let began = Instant::now();
             let second = match first {
                 Ok((s, Some(mut c))) if (200..300).contains(&s) => {
+                    // A tunnel already has its upstream socket: all ask at
+                    // once. Kept-alive connections ask `opening` at a time
+                    // (all held open meanwhile): asked at once, each would
+                    // need an upstream socket of its own in Envoy again.
+                    let _permit = match kind {
+                        Held::KeepAlive => Some(opening.acquire().await),
+                        Held::Tunnel => None,
+                    };
                     tokio::time::timeout_at(deadline.into(), c.exchange(&inner))
                         .await
                         .map_err(|_| ())
