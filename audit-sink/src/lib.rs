@@ -384,6 +384,7 @@ fn write_loop<W: RecordWriter>(
     let mut batch = Vec::new();
     let mut checkpoint: Option<Checkpoint> = None;
     let mut tick = false;
+    let (mut position_failing, mut checkpoint_failing) = (Spell::default(), Spell::default());
     if let Some(g) = guard.as_mut() {
         g.check();
     }
@@ -465,16 +466,12 @@ fn write_loop<W: RecordWriter>(
             // The spool position after records now on disk. Not saved, the
             // next start re-reads from an older one and drops what it
             // already has by request id: safe to retry with the next.
-            if let Err(e) = c.save() {
-                tracing::error!(alert = "audit-spool-position-failed", error = %e, "cannot save the spool position; retried with the next");
-            }
+            position_failing.update(c.save(), "audit-spool-position-failed");
         }
         if writer.unsealed() >= SEAL_EVERY || (tick && writer.unsealed() > 0) {
             // A checkpoint that cannot be written (storage full) is retried
             // at the next occasion; the records are chained on disk already.
-            if let Err(e) = writer.checkpoint() {
-                tracing::error!(alert = "audit-checkpoint-failed", error = %e, "cannot write a checkpoint; retried later");
-            }
+            checkpoint_failing.update(writer.checkpoint(), "audit-checkpoint-failed");
         }
         tick = false;
         let sealed = writer.sealed();
@@ -576,6 +573,31 @@ fn query_loop(
                 alert("query store insert failed; will catch up from the log", &e);
                 behind = true;
             }
+        }
+    }
+}
+
+/// A side write retried at the next occasion (a checkpoint, the spool
+/// position): alerted once when it starts failing, logged when it works
+/// again — not once per try while storage stays full.
+#[derive(Debug, Default)]
+struct Spell {
+    failing: bool,
+}
+
+impl Spell {
+    fn update<E: std::fmt::Display>(&mut self, r: Result<(), E>, kind: &'static str) {
+        match r {
+            Err(e) if !self.failing => {
+                tracing::error!(alert = kind, error = %e, "audit side write failed; retried at the next occasion");
+                self.failing = true;
+            }
+            Err(e) => tracing::debug!(kind, error = %e, "audit side write still failing"),
+            Ok(()) if self.failing => {
+                tracing::info!(kind, "audit side write works again");
+                self.failing = false;
+            }
+            Ok(()) => {}
         }
     }
 }
@@ -713,13 +735,18 @@ mod tests {
     use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::HttpAccessLogEntries;
     use std::sync::{Arc, Mutex};
 
+    /// Records in memory; every write fails while its flag is set, as an
+    /// unwritable directory or a read-only filesystem would.
     #[derive(Clone, Default)]
-    struct Memory(Arc<Mutex<Vec<AuditRecord>>>, bool);
+    struct Memory(
+        Arc<Mutex<Vec<AuditRecord>>>,
+        Arc<std::sync::atomic::AtomicBool>,
+    );
 
     impl RecordWriter for Memory {
         fn append(&mut self, batch: &mut [AuditRecord]) -> Result<(), WriterError> {
-            if self.1 {
-                return Err(WriterError::Io(std::io::Error::other("disk full")));
+            if self.1.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(WriterError::Io(std::io::Error::from_raw_os_error(13)));
             }
             self.0.lock().expect("lock").extend(batch.iter().cloned());
             Ok(())
@@ -839,24 +866,6 @@ mod tests {
         task.await.expect("join").expect("run ok");
     }
 
-    /// Fails every write while its flag is set, as an unwritable
-    /// directory or a read-only filesystem would.
-    #[derive(Clone, Default)]
-    struct Unwritable(
-        Arc<Mutex<Vec<AuditRecord>>>,
-        Arc<std::sync::atomic::AtomicBool>,
-    );
-
-    impl RecordWriter for Unwritable {
-        fn append(&mut self, batch: &mut [AuditRecord]) -> Result<(), WriterError> {
-            if self.1.load(std::sync::atomic::Ordering::SeqCst) {
-                return Err(WriterError::Io(std::io::Error::from_raw_os_error(13)));
-            }
-            self.0.lock().expect("lock").extend(batch.iter().cloned());
-            Ok(())
-        }
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_unwritable_log_blocks_and_waits_instead_of_stopping_the_sink() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -864,7 +873,7 @@ mod tests {
         // Plenty of free space: only the writes fail.
         let guard = DiskGuard::new(vec![dir.path().to_path_buf()], 1, mark.clone())
             .with_probe(|_| Ok(1 << 40));
-        let w = Unwritable::default();
+        let w = Memory::default();
         w.1.store(true, std::sync::atomic::Ordering::SeqCst);
         let (url, stop, task) = start_guarded(w.clone(), Some(guard)).await;
         let mut client = AccessLogServiceClient::connect(url).await.expect("connect");
@@ -944,7 +953,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_dead_writer_stops_the_sink_with_its_error() {
-        let w = Memory(Arc::default(), true);
+        let w = Memory::default();
+        w.1.store(true, std::sync::atomic::Ordering::SeqCst);
         let (url, _stop, task) = start(w).await;
         let mut client = AccessLogServiceClient::connect(url).await.expect("connect");
         let _ = client

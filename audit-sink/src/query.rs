@@ -150,6 +150,16 @@ const INSERT: &str = "INSERT INTO audit_records (seq, kind, \"timestamp\", reque
      latency_ms, bytes_out, bytes_in, source_address, shadow_decision, shadow_policy_id, \
      actor, detail) ";
 
+/// One row, skipped if its `seq` is there: SQLite's prepared insert (built
+/// once; `prepare_cached` finds it by this text).
+static SQLITE_INSERT_ONE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{}VALUES ({})",
+        INSERT.replacen("INSERT", "INSERT OR IGNORE", 1),
+        vec!["?"; COLUMNS].join(", ")
+    )
+});
+
 /// Timestamps as the store keeps them: RFC 3339 UTC with milliseconds (so
 /// text order is time order in SQLite). A record without a readable time
 /// (none is written so) is stored at the epoch rather than refused.
@@ -233,12 +243,7 @@ impl QueryStore {
                 // transaction: no SQL text per batch to parse.
                 let tx = conn.unchecked_transaction()?;
                 {
-                    let sql = format!(
-                        "{}VALUES ({})",
-                        INSERT.replacen("INSERT", "INSERT OR IGNORE", 1),
-                        vec!["?"; COLUMNS].join(", ")
-                    );
-                    let mut st = tx.prepare_cached(&sql)?;
+                    let mut st = tx.prepare_cached(&SQLITE_INSERT_ONE)?;
                     for r in batch {
                         st.execute(rusqlite::params![
                             r.seq as i64,
