@@ -9,6 +9,7 @@ mod jwks;
 mod metrics;
 mod nftcmd;
 mod node;
+mod pinned;
 mod quota;
 mod serve;
 mod status;
@@ -356,7 +357,12 @@ fn main() -> ExitCode {
             bundle_url,
             bundle_token_file,
             socket_group,
-        } => runtime(serve_threads() != 1).and_then(|rt| {
+        } => runtime(match service {
+            // Their gRPC runs on per-core runtimes of its own (`pinned`).
+            serve::Service::Authz | serve::Service::Ratelimit => false,
+            _ => pinned::workers() != 1,
+        })
+        .and_then(|rt| {
             serve::set_socket_group(socket_group);
             let r = rt.block_on(serve::serve(
                 service,
@@ -496,15 +502,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Worker threads for `serve` (`CLAWGRESS_SERVE_THREADS`, default: one
-/// per core); 1 runs the service on a single thread.
-fn serve_threads() -> usize {
-    std::env::var("CLAWGRESS_SERVE_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// `up` runs on one thread: its children are told to die with that thread

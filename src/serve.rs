@@ -183,6 +183,38 @@ macro_rules! serve_on {
     };
 }
 
+/// Bind `$listen` (TCP or Unix) and serve it with `$run` (a service's
+/// `run(service, incoming, shutdown)`) on pinned per-core runtimes
+/// (`crate::pinned`) until SIGTERM or SIGINT.
+macro_rules! serve_pinned {
+    ($listen:expr, $svc:expr, $run:path) => {{
+        let svc = $svc;
+        let workers = crate::pinned::workers();
+        tracing::info!(workers, "serving on pinned per-core runtimes");
+        let grace = std::time::Duration::from_secs(5);
+        match $listen {
+            Listen::Tcp(addr) => {
+                let l = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr}"))?;
+                crate::pinned::serve(l, workers, shutdown_signal(), grace, move |inc, sd| {
+                    let svc = svc.clone();
+                    Box::pin(async move { Ok($run(svc, inc, sd).await?) })
+                })
+                .await?
+            }
+            Listen::Unix(path) => {
+                let l = bind_unix(&path)?;
+                crate::pinned::serve(l, workers, shutdown_signal(), grace, move |inc, sd| {
+                    let svc = svc.clone();
+                    Box::pin(async move { Ok($run(svc, inc, sd).await?) })
+                })
+                .await?
+            }
+        }
+    }};
+}
+
 /// Serve `handler` on `listen` (TCP or Unix) until the process ends.
 pub async fn http_on(listen: Listen, handler: metrics::Handler) -> Result<()> {
     match listen {
@@ -396,7 +428,7 @@ pub async fn serve(
                     })?
                 }
             };
-            serve_on!(listen, |inc, sd| clawgress_authz::run(svc, inc, sd));
+            serve_pinned!(listen, svc, clawgress_authz::run);
         }
         Service::Ratelimit => {
             let store = clawgress_ratelimit::open_store(&doc.stores.ratelimit)
@@ -433,7 +465,7 @@ pub async fn serve(
                     s.set_revision(&revision_name(doc, None));
                 })?,
             };
-            serve_on!(listen, |inc, sd| clawgress_ratelimit::run(svc, inc, sd));
+            serve_pinned!(listen, svc, clawgress_ratelimit::run);
         }
         Service::Admin => {
             let ctl = admin_control(&doc, &state).await?;

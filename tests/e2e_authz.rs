@@ -673,3 +673,115 @@ policies:
     );
     assert_eq!(bad.status, 403, "{bad:?}");
 }
+
+/// Envoy sends authz only the headers it reads (`allowed_headers`): the
+/// agent's credentials for the destination (Authorization, cookies) never
+/// leave Envoy towards authz. The very config `up` generated, its authz
+/// replaced by one that records what it is sent.
+#[test]
+fn authz_is_sent_only_the_headers_it_reads() {
+    use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
+        Authorization, AuthorizationServer,
+    };
+    use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<Vec<String>>>>);
+    #[tonic::async_trait]
+    impl Authorization for Recorder {
+        async fn check(
+            &self,
+            r: tonic::Request<CheckRequest>,
+        ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+            let mut names: Vec<String> = r
+                .into_inner()
+                .attributes
+                .and_then(|a| a.request)
+                .and_then(|r| r.http)
+                .map(|h| h.headers.into_keys().collect())
+                .unwrap_or_default();
+            names.sort();
+            self.0.lock().expect("lock").push(names);
+            Ok(tonic::Response::new(CheckResponse {
+                status: Some(envoy_types::pb::google::rpc::Status::default()),
+                ..Default::default()
+            }))
+        }
+    }
+
+    let up = Upstream::http();
+    let stack = Stack::start(&config_allowing(&[up.addr.port()], ""));
+    let generated =
+        std::fs::read_to_string(stack.state().join("run/envoy.yaml")).expect("envoy.yaml");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for d in ["run", "spool", "envoy"] {
+        std::fs::create_dir_all(dir.path().join(d)).expect("mkdir");
+    }
+    let proxy: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let moved = generated
+        .replace(
+            &stack.state().display().to_string(),
+            &dir.path().display().to_string(),
+        )
+        .replace(
+            &format!("port_value: {}", stack.proxy.port()),
+            &format!("port_value: {}", proxy.port()),
+        );
+    assert_ne!(moved, generated, "nothing to move in the generated config");
+    let cfg = dir.path().join("envoy.yaml");
+    std::fs::write(&cfg, &moved).expect("write");
+
+    let seen = Recorder::default();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let sock = dir.path().join("run/authz.sock");
+    let listener = {
+        let _g = rt.enter();
+        tokio::net::UnixListener::bind(&sock).expect("bind authz socket")
+    };
+    let server = seen.clone();
+    rt.spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(AuthorizationServer::new(server))
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+            .await;
+    });
+    let mut envoy = std::process::Command::new("envoy")
+        .arg("-c")
+        .arg(&cfg)
+        .args(["--disable-hot-restart", "--log-level", "warn"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start envoy");
+    let listening = eventually(Duration::from_secs(20), || {
+        std::net::TcpStream::connect(proxy).is_ok()
+    });
+    let r = curl(
+        &[
+            "-x",
+            &format!("http://{AGENT}:{KEY}@{proxy}"),
+            "-H",
+            "authorization: Bearer upstream-secret",
+            "-H",
+            "cookie: session=upstream-secret",
+            "-H",
+            "x-custom: 1",
+            &format!("http://{}/hello", up.addr),
+        ],
+        &[],
+    );
+    let _ = envoy.kill();
+    let _ = envoy.wait();
+    assert!(listening, "the moved Envoy never listened");
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = seen.0.lock().expect("lock").clone();
+    assert_eq!(
+        seen,
+        vec![vec![
+            "proxy-authorization".to_string(),
+            "x-request-id".to_string()
+        ]],
+        "headers authz was sent"
+    );
+}

@@ -35,10 +35,156 @@ pub struct Entry {
     pub bytes_out: u64,
     pub bytes_in: u64,
     pub source_address: String,
-    /// authz's dynamic metadata (string values).
-    pub authz: std::collections::HashMap<String, String>,
-    /// the rate-limit filter's dynamic metadata (string values).
-    pub ratelimit: std::collections::HashMap<String, String>,
+    /// authz's dynamic metadata.
+    pub authz: Meta,
+    /// the rate-limit filter's dynamic metadata.
+    pub ratelimit: Meta,
+}
+
+/// The dynamic-metadata keys the sink reads (authz writes them all; the
+/// rate-limit filter `policy_id` and `quota_applied`). A key that is absent,
+/// `null` or not a string reads as empty; other keys are ignored.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(default)]
+pub struct Meta {
+    #[serde(deserialize_with = "string_or_empty")]
+    pub agent_id: String,
+    #[serde(deserialize_with = "string_or_empty")]
+    pub team_id: String,
+    #[serde(deserialize_with = "string_or_empty")]
+    pub project_id: String,
+    #[serde(deserialize_with = "string_or_empty")]
+    pub environment: String,
+    #[serde(deserialize_with = "string_or_empty")]
+    pub policy_id: String,
+    #[serde(deserialize_with = "string_or_empty")]
+    pub bundle_revision: String,
+    #[serde(deserialize_with = "string_or_empty")]
+    pub reason: String,
+    #[serde(deserialize_with = "string_or_empty")]
+    pub decision: String,
+    #[serde(deserialize_with = "string_or_empty")]
+    pub shadow_decision: String,
+    #[serde(deserialize_with = "string_or_empty")]
+    pub shadow_policy_id: String,
+    #[serde(deserialize_with = "string_or_empty")]
+    pub quota_applied: String,
+}
+
+impl Meta {
+    /// From a gRPC entry's metadata namespace (string values only).
+    fn from_struct(s: Option<&Struct>) -> Meta {
+        let mut m = Meta::default();
+        for (k, v) in s.iter().flat_map(|s| s.fields.iter()) {
+            let Some(Kind::StringValue(x)) = &v.kind else {
+                continue;
+            };
+            let slot = match k.as_str() {
+                "agent_id" => &mut m.agent_id,
+                "team_id" => &mut m.team_id,
+                "project_id" => &mut m.project_id,
+                "environment" => &mut m.environment,
+                "policy_id" => &mut m.policy_id,
+                "bundle_revision" => &mut m.bundle_revision,
+                "reason" => &mut m.reason,
+                "decision" => &mut m.decision,
+                "shadow_decision" => &mut m.shadow_decision,
+                "shadow_policy_id" => &mut m.shadow_policy_id,
+                "quota_applied" => &mut m.quota_applied,
+                _ => continue,
+            };
+            slot.clone_from(x);
+        }
+        m
+    }
+}
+
+/// Any JSON value: a string as itself, everything else as "".
+fn string_or_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = String;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_str<E>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_owned())
+        }
+        fn visit_string<E>(self, v: String) -> Result<String, E> {
+            Ok(v)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<String, E> {
+            Ok(String::new())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<String, E> {
+            Ok(String::new())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<String, E> {
+            Ok(String::new())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<String, E> {
+            Ok(String::new())
+        }
+        fn visit_unit<E>(self) -> Result<String, E> {
+            Ok(String::new())
+        }
+        fn visit_none<E>(self) -> Result<String, E> {
+            Ok(String::new())
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<String, A::Error> {
+            while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(String::new())
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<String, A::Error> {
+            while a
+                .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                .is_some()
+            {}
+            Ok(String::new())
+        }
+    }
+    d.deserialize_any(V)
+}
+
+/// A metadata object, or anything else (`null`, "-") as no metadata.
+fn lenient_meta<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Meta, D::Error> {
+    use serde::Deserialize;
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Meta;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a metadata object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, a: A) -> Result<Meta, A::Error> {
+            Meta::deserialize(serde::de::value::MapAccessDeserializer::new(a))
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Meta, E> {
+            Ok(Meta::default())
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Meta, E> {
+            Ok(Meta::default())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Meta, E> {
+            Ok(Meta::default())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Meta, E> {
+            Ok(Meta::default())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Meta, E> {
+            Ok(Meta::default())
+        }
+        fn visit_unit<E>(self) -> Result<Meta, E> {
+            Ok(Meta::default())
+        }
+        fn visit_none<E>(self) -> Result<Meta, E> {
+            Ok(Meta::default())
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Meta, A::Error> {
+            while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(Meta::default())
+        }
+    }
+    d.deserialize_any(V)
 }
 
 /// Split an authority into host and port; `default_port` when it has none.
@@ -68,10 +214,7 @@ fn rfc3339_millis(seconds: i64, nanos: i32) -> String {
 
 impl Entry {
     /// The audit record for this entry.
-    pub fn record(&self) -> AuditRecord {
-        let get = |m: &std::collections::HashMap<String, String>, k: &str| {
-            m.get(k).cloned().unwrap_or_default()
-        };
+    pub fn record(self) -> AuditRecord {
         let connect = self.method == "CONNECT";
         let default_port = if connect || self.scheme == "https" {
             443
@@ -79,13 +222,16 @@ impl Entry {
             80
         };
         let (destination_host, destination_port) = host_port(&self.authority, default_port);
-        let mut decision = get(&self.authz, "decision");
-        let mut reason = get(&self.authz, "reason");
-        let mut policy_id = get(&self.authz, "policy_id");
+        let Entry {
+            authz: a,
+            ratelimit: rl,
+            ..
+        } = self;
+        let (mut decision, mut reason, mut policy_id) = (a.decision, a.reason, a.policy_id);
         if self.rate_limited {
             decision = "deny".into();
             reason = "quota-exceeded".into();
-            policy_id = get(&self.ratelimit, "policy_id");
+            policy_id = rl.policy_id;
         } else if self.rate_limit_service_error {
             // As in the reply body: an outage, not a policy's decision.
             decision = "deny".into();
@@ -101,35 +247,41 @@ impl Entry {
                 reason = "bad-request".into();
             }
         }
+        let mut path = self.path;
+        // The query string can carry secrets; the audit keeps the path only.
+        if let Some(i) = path.find(['?', '#']) {
+            path.truncate(i);
+        }
         AuditRecord {
             kind: RecordKind::Request,
             seq: 0,
-            timestamp: self.timestamp.clone(),
-            request_id: self.request_id.clone(),
-            agent_id: get(&self.authz, "agent_id"),
-            team_id: get(&self.authz, "team_id"),
-            project_id: get(&self.authz, "project_id"),
-            environment: get(&self.authz, "environment"),
+            timestamp: self.timestamp,
+            request_id: self.request_id,
+            agent_id: a.agent_id,
+            team_id: a.team_id,
+            project_id: a.project_id,
+            environment: a.environment,
             destination_host,
             destination_port,
-            http_method: self.method.clone(),
-            // The query string can carry secrets; the audit keeps the path only.
-            path: self.path.split(['?', '#']).next().unwrap_or("").to_string(),
+            http_method: self.method,
+            path,
             decision,
             reason,
             policy_id,
-            bundle_revision: get(&self.authz, "bundle_revision"),
+            bundle_revision: a.bundle_revision,
             // From the RLS (quota_check: rls) or from authz (quota_check: authz).
-            quota_applied: Some(get(&self.ratelimit, "quota_applied"))
-                .filter(|q| !q.is_empty())
-                .unwrap_or_else(|| get(&self.authz, "quota_applied")),
+            quota_applied: if rl.quota_applied.is_empty() {
+                a.quota_applied
+            } else {
+                rl.quota_applied
+            },
             response_code: self.response_code,
             latency_ms: self.latency_ms,
             bytes_out: self.bytes_out,
             bytes_in: self.bytes_in,
-            source_address: self.source_address.clone(),
-            shadow_decision: get(&self.authz, "shadow_decision"),
-            shadow_policy_id: get(&self.authz, "shadow_policy_id"),
+            source_address: self.source_address,
+            shadow_decision: a.shadow_decision,
+            shadow_policy_id: a.shadow_policy_id,
             // Set by the writer, which knows the predecessor.
             prev_hash: String::new(),
             actor: String::new(),
@@ -143,19 +295,7 @@ impl Entry {
         let req = e.request.as_ref();
         let resp = e.response.as_ref();
         let md = common.and_then(|c| c.metadata.as_ref());
-        let strings = |ns: &str| -> std::collections::HashMap<String, String> {
-            md.and_then(|m| m.filter_metadata.get(ns))
-                .map(|s: &Struct| {
-                    s.fields
-                        .iter()
-                        .filter_map(|(k, v)| match &v.kind {
-                            Some(Kind::StringValue(x)) => Some((k.clone(), x.clone())),
-                            _ => None,
-                        })
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
+        let meta = |ns: &str| Meta::from_struct(md.and_then(|m| m.filter_metadata.get(ns)));
         let flags = common.and_then(|c| c.response_flags.as_ref());
         Entry {
             timestamp: common
@@ -202,8 +342,8 @@ impl Entry {
                     _ => String::new(),
                 })
                 .unwrap_or_default(),
-            authz: strings(AUTHZ_NS),
-            ratelimit: strings(RATELIMIT_NS),
+            authz: meta(AUTHZ_NS),
+            ratelimit: meta(RATELIMIT_NS),
         }
     }
 
@@ -242,23 +382,14 @@ impl Entry {
             bytes_sent: Option<u64>,
             #[serde(default)]
             source_address: Option<String>,
-            #[serde(default)]
-            authz: Option<serde_json::Value>,
-            #[serde(default)]
-            ratelimit: Option<serde_json::Value>,
+            #[serde(default, deserialize_with = "lenient_meta")]
+            authz: Meta,
+            #[serde(default, deserialize_with = "lenient_meta")]
+            ratelimit: Meta,
         }
         let l: Line = serde_json::from_str(line)?;
         let flags = l.response_flags.unwrap_or_default();
         let has = |f: &str| flags.split(',').any(|x| x == f);
-        let strings = |v: Option<serde_json::Value>| -> std::collections::HashMap<String, String> {
-            match v {
-                Some(serde_json::Value::Object(m)) => m
-                    .into_iter()
-                    .filter_map(|(k, v)| v.as_str().map(|s| (k, s.to_string())))
-                    .collect(),
-                _ => Default::default(),
-            }
-        };
         let code_details = l.code_details.unwrap_or_default();
         Ok(Entry {
             timestamp: l.timestamp.unwrap_or_default(),
@@ -281,8 +412,8 @@ impl Entry {
             bytes_out: l.request_header_bytes.unwrap_or(0) + l.bytes_received.unwrap_or(0),
             bytes_in: l.response_header_bytes.unwrap_or(0) + l.bytes_sent.unwrap_or(0),
             source_address: l.source_address.unwrap_or_default(),
-            authz: strings(l.authz),
-            ratelimit: strings(l.ratelimit),
+            authz: l.authz,
+            ratelimit: l.ratelimit,
         })
     }
 }
@@ -461,5 +592,66 @@ mod tests {
             (r.decision.as_str(), r.reason.as_str()),
             ("deny", "authz-unavailable")
         );
+    }
+
+    /// The key-by-key format (`access_log_file.yaml.tmpl`): unset keys are
+    /// `null`; whole-Struct lines from an older Envoy config still read.
+    #[test]
+    fn metadata_key_by_key_and_whole() {
+        let line = |authz: &str, rl: &str| {
+            format!(
+                r#"{{"timestamp":"2026-12-02T10:00:00.000Z","request_id":"r1","method":"GET","scheme":"http","authority":"example.com","path":"/a?token=x","response_code":200,"response_flags":"-","authz":{authz},"ratelimit":{rl}}}"#
+            )
+        };
+        let keyed = r#"{"agent_id":"bot","team_id":"infra","project_id":null,"environment":null,"auth_type":"api_key","policy_id":"p","bundle_revision":"7","reason":"policy-allow","decision":"allow","shadow_decision":null,"shadow_policy_id":null,"quota_applied":"agent:bot=hard_stop"}"#;
+        let r = Entry::from_json_line(&line(keyed, r#"{"policy_id":null,"quota_applied":null}"#))
+            .expect("parses")
+            .record();
+        assert_eq!(
+            (
+                r.agent_id.as_str(),
+                r.team_id.as_str(),
+                r.project_id.as_str(),
+                r.decision.as_str(),
+                r.bundle_revision.as_str(),
+                r.quota_applied.as_str(),
+                r.path.as_str()
+            ),
+            (
+                "bot",
+                "infra",
+                "",
+                "allow",
+                "7",
+                "agent:bot=hard_stop",
+                "/a"
+            )
+        );
+        // The rate-limit filter's verdict wins over authz's.
+        let r = Entry::from_json_line(&line(
+            keyed,
+            r#"{"policy_id":"q","quota_applied":"agent:bot=alert_only:exceeded","extra":[1,{"x":2}]}"#,
+        ))
+        .expect("parses")
+        .record();
+        assert_eq!(r.quota_applied, "agent:bot=alert_only:exceeded");
+        // Whole Struct (older config), a non-string value, "-" and null.
+        let whole = r#"{"agent_id":"bot","decision":"allow","reason":"policy-allow","team_id":5}"#;
+        let r = Entry::from_json_line(&line(whole, r#""-""#))
+            .expect("parses")
+            .record();
+        assert_eq!(
+            (r.agent_id.as_str(), r.team_id.as_str(), r.decision.as_str()),
+            ("bot", "", "allow")
+        );
+        let r = Entry::from_json_line(&line("null", "null"))
+            .expect("parses")
+            .record();
+        assert_eq!(
+            (r.decision.as_str(), r.reason.as_str()),
+            ("deny", "bad-request")
+        );
+        // Not JSON at all is an error, not a record.
+        assert!(Entry::from_json_line("{\"authz\":").is_err());
     }
 }

@@ -47,6 +47,8 @@ pub use writer::{
 #[derive(Debug)]
 pub enum Msg {
     Record(Box<AuditRecord>),
+    /// Every record of one read of the access-log file, in order.
+    Records(Vec<AuditRecord>),
     /// Save this input position once every record before it is on disk.
     Checkpoint(Checkpoint),
     /// Time passed: seal what is unsealed (a signed log checkpoint).
@@ -321,8 +323,10 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// Request ids recently written, to drop an entry seen twice (a resend, or
 /// file lines re-read after a crash between append and checkpoint).
 struct Recent {
-    set: HashSet<String>,
-    order: VecDeque<String>,
+    /// One allocation per id, shared by the set and the queue; a fast
+    /// seeded hash (the ids are Envoy's, but the seed costs nothing).
+    set: HashSet<std::rc::Rc<str>, foldhash::fast::RandomState>,
+    order: VecDeque<std::rc::Rc<str>>,
 }
 
 impl Recent {
@@ -330,24 +334,26 @@ impl Recent {
 
     fn new(seed: Vec<String>) -> Recent {
         let mut r = Recent {
-            set: HashSet::new(),
+            set: HashSet::default(),
             order: VecDeque::new(),
         };
         for id in seed {
-            r.insert(id);
+            r.insert(&id);
         }
         r
     }
 
     /// False if `id` was seen. Empty ids (requests Envoy refused before
     /// giving them one) are never duplicates.
-    fn insert(&mut self, id: String) -> bool {
+    fn insert(&mut self, id: &str) -> bool {
         if id.is_empty() {
             return true;
         }
-        if !self.set.insert(id.clone()) {
+        if self.set.contains(id) {
             return false;
         }
+        let id: std::rc::Rc<str> = id.into();
+        self.set.insert(id.clone());
         self.order.push_back(id);
         if self.order.len() > Self::CAP {
             if let Some(old) = self.order.pop_front() {
@@ -392,11 +398,10 @@ fn write_loop<W: RecordWriter>(
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
-                Msg::Record(r) => {
-                    if recent.insert(r.request_id.clone()) {
-                        batch.push(*r);
-                    } else {
-                        tracing::debug!(request_id = r.request_id, "duplicate entry dropped");
+                Msg::Record(r) => keep_new(&mut recent, &mut batch, *r),
+                Msg::Records(rs) => {
+                    for r in rs {
+                        keep_new(&mut recent, &mut batch, r);
                     }
                 }
                 Msg::Checkpoint(c) => checkpoint = Some(c),
@@ -490,6 +495,15 @@ fn write_loop<W: RecordWriter>(
     Ok(())
 }
 
+/// Add `r` to `batch` unless its request id was written already.
+fn keep_new(recent: &mut Recent, batch: &mut Vec<AuditRecord>, r: AuditRecord) {
+    if recent.insert(&r.request_id) {
+        batch.push(r);
+    } else {
+        tracing::debug!(request_id = r.request_id, "duplicate entry dropped");
+    }
+}
+
 /// Batches waiting for the query store.
 const QUERY_QUEUE: usize = 64;
 
@@ -523,7 +537,17 @@ fn query_loop(
     };
     loop {
         let batch = match rx.recv_timeout(RETRY) {
-            Ok(b) => Some(b),
+            Ok(mut b) => {
+                // Whatever else is queued goes in the same transaction: a
+                // commit costs per page touched, not per record.
+                while b.len() < 8192 {
+                    match rx.try_recv() {
+                        Ok(more) => b.extend(more),
+                        Err(_) => break,
+                    }
+                }
+                Some(b)
+            }
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => break,
         };

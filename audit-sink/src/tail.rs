@@ -140,23 +140,25 @@ pub fn follow(
         let Some(last_nl) = carry.iter().rposition(|b| *b == b'\n') else {
             continue;
         };
-        let complete: Vec<u8> = carry.drain(..=last_nl).collect();
+        let complete = &carry[..=last_nl];
+        // One message per read: the writer appends and syncs it whole.
+        let mut records = Vec::new();
         for line in complete.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
             let parsed = std::str::from_utf8(line)
                 .map_err(|e| e.to_string())
                 .and_then(parse);
             match parsed {
-                Ok(record) => {
-                    if tx.blocking_send(Msg::Record(Box::new(record))).is_err() {
-                        return Ok(());
-                    }
-                }
+                Ok(record) => records.push(record),
                 Err(e) => {
                     tracing::error!(alert = "audit-input-unparseable", error = %e, "access-log line skipped");
                 }
             }
         }
         pos.offset += complete.len() as u64;
+        carry.drain(..=last_nl);
+        if !records.is_empty() && tx.blocking_send(Msg::Records(records)).is_err() {
+            return Ok(());
+        }
         let cp = Checkpoint {
             file: checkpoint.clone(),
             position: pos,
