@@ -106,7 +106,13 @@ where
                     let stopped: Shutdown = Box::pin(async move {
                         let _ = stop_rx.wait_for(|s| *s).await;
                     });
-                    serve(ReceiverStream::new(conn_rx), stopped).await
+                    let r = serve(ReceiverStream::new(conn_rx), stopped).await;
+                    // Said now, not only at shutdown: the accepting loop
+                    // skips this worker from here on.
+                    if let Err(e) = &r {
+                        tracing::error!(worker = n, error = %format!("{e:#}"), "gRPC worker stopped");
+                    }
+                    r
                 })
             })
             .context("cannot start a worker thread")?;
