@@ -117,13 +117,22 @@ impl Browser {
         id.unwrap_or_default()
     }
 
+    /// Clicks `css`, finding it again if the page re-rendered it between the
+    /// find and the click (a stale element is an error, not a click).
     fn click(&self, css: &str) {
-        let id = self.el(css);
-        self.call(
-            "POST",
-            &self.s(&format!("/element/{id}/click")),
-            Some(json!({})),
-        );
+        let mut last = Value::Null;
+        let ok = eventually(Duration::from_secs(10), || {
+            let Some(id) = self.find(css) else {
+                return false;
+            };
+            last = self.call(
+                "POST",
+                &self.s(&format!("/element/{id}/click")),
+                Some(json!({})),
+            );
+            last.get("error").is_none()
+        });
+        assert!(ok, "could not click {css}: {last}");
     }
 
     fn type_in(&self, css: &str, text: &str) {
@@ -174,7 +183,11 @@ impl Browser {
             last = self.text(css);
             last.contains(want)
         });
-        assert!(ok, "{css} never showed {want:?}; it shows {last:?}");
+        assert!(
+            ok,
+            "{css} never showed {want:?}; it shows {last:?} (the page's error line: {:?})",
+            self.text("#error")
+        );
     }
 
     fn screenshot(&self, name: &str) {
