@@ -422,12 +422,14 @@ impl Verdict {
         let d = &self.decision;
         let id = self.identity.as_ref();
         let field = |f: fn(&Identity) -> &str| id.map(f).unwrap_or("").to_string();
+        // Every key costs Envoy a Struct entry to decode and keep per
+        // request: only what a consumer reads (the access log, RLS
+        // descriptors), and an empty value is left out (read as empty).
         let mut fields = vec![
             ("agent_id", field(|i| &i.agent_id)),
             ("team_id", field(|i| &i.team_id)),
             ("project_id", field(|i| &i.project_id)),
             ("environment", field(|i| &i.environment)),
-            ("auth_type", field(|i| i.auth_type.as_str())),
             ("policy_id", d.policy_id.clone()),
             ("bundle_revision", self.revision.clone()),
             ("reason", d.reason.code().to_string()),
@@ -449,6 +451,7 @@ impl Verdict {
         Struct {
             fields: fields
                 .into_iter()
+                .filter(|(_, v)| !v.is_empty())
                 .map(|(k, v)| {
                     (
                         k.to_string(),
