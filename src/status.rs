@@ -42,24 +42,34 @@ fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// A service is healthy when its socket accepts; Envoy when its admin
-/// `/ready` answers 200.
-fn healthy(c: &Child) -> bool {
-    let Ok(mut s) = std::os::unix::net::UnixStream::connect(&c.probe) else {
+/// Healthy: a service's socket accepts and its metrics endpoint (beside
+/// it, `<name>-metrics.sock`) answers within 2 s — a stopped or wedged
+/// process still has its socket accepting into the kernel's backlog, so
+/// accepting alone proves nothing; Envoy when its admin `/ready` answers 200.
+fn healthy(c: &Child, run: &Path) -> bool {
+    if std::os::unix::net::UnixStream::connect(&c.probe).is_err() {
+        return false;
+    }
+    if c.name == "envoy" {
+        answers_200(&c.probe, "/ready")
+    } else {
+        answers_200(&run.join(format!("{}-metrics.sock", c.name)), "/metrics")
+    }
+}
+
+/// A GET of `path` on a Unix socket answers 200 within 2 s.
+fn answers_200(socket: &Path, path: &str) -> bool {
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
         return false;
     };
-    if c.name != "envoy" {
-        return true;
-    }
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(b"GET /ready HTTP/1.1\r\nHost: envoy\r\nConnection: close\r\n\r\n")
-        .is_err()
-    {
+    let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+    let req = format!("GET {path} HTTP/1.1\r\nHost: clawgress\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
         return false;
     }
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
-    buf.starts_with(b"HTTP/1.1 200")
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && &head == b"HTTP/1.1 200"
 }
 
 fn human(secs: u64) -> String {
@@ -104,7 +114,7 @@ pub fn show(state_dir: &Path, json: bool) -> Result<bool> {
             let running = c.pid.is_some_and(alive);
             let health = if !running {
                 "down"
-            } else if healthy(c) {
+            } else if healthy(c, &state_dir.join("run")) {
                 "healthy"
             } else {
                 "unhealthy"

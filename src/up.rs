@@ -297,6 +297,7 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
         boot.admin_socket.clone(),
         registry,
     );
+    watch_services(run.clone());
     let pidfile = run.join("up.pid");
     node::write_private(&pidfile, format!("{}\n", std::process::id()).as_bytes())?;
 
@@ -454,6 +455,46 @@ const SERVICES: [&str; 4] = ["admin", "authz", "ratelimit", "audit"];
 
 fn metrics_socket(run: &Path, name: &str) -> PathBuf {
     run.join(format!("{name}-metrics.sock"))
+}
+
+/// Probes each service's metrics endpoint every 2 s. A child whose socket
+/// accepts but that answers nothing for three probes in a row (stopped,
+/// wedged: its socket still accepts into the kernel's backlog, and every
+/// request that needs it fails closed with 503 meanwhile) is an alert, once
+/// per spell; a socket that refuses is a child not running, which the
+/// supervisor's exit handling covers.
+fn watch_services(run: PathBuf) {
+    const SILENT_PROBES: u32 = 3;
+    tokio::spawn(async move {
+        let mut silent = [0u32; SERVICES.len()];
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            for (i, name) in SERVICES.iter().enumerate() {
+                let sock = metrics_socket(&run, name);
+                if tokio::net::UnixStream::connect(&sock).await.is_err() {
+                    silent[i] = 0;
+                    continue;
+                }
+                if metrics::scrape_unix(&sock).await.is_some() {
+                    if silent[i] >= SILENT_PROBES {
+                        tracing::info!(child = name, "answering again");
+                    }
+                    silent[i] = 0;
+                    continue;
+                }
+                silent[i] += 1;
+                if silent[i] == SILENT_PROBES {
+                    tracing::error!(
+                        alert = "child-unresponsive",
+                        child = name,
+                        "running but not answering: requests that need it fail closed (503) until it answers"
+                    );
+                }
+            }
+        }
+    });
 }
 
 /// `admin_listen`: `/metrics` (this process's and every child's, merged),

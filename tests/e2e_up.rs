@@ -346,6 +346,66 @@ fn status_lists_children_with_pid_uptime_restarts_and_health() {
 }
 
 #[test]
+fn a_stopped_service_is_unhealthy_in_status_and_alerted() {
+    let up = Upstream::http();
+    let mut stack = Stack::start(&config_allowing(&[up.addr.port()], ""));
+    let target = format!("http://{}/", up.addr);
+    let proxy = stack.proxy_url(AGENT, KEY);
+    let status = |stack: &Stack| {
+        let out = Command::new(env!("CARGO_BIN_EXE_clawgress"))
+            .args(["status", "--json", "--state-dir"])
+            .arg(stack.state())
+            .output()
+            .expect("run");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        (out.status.code(), v["children"][1].clone())
+    };
+    assert_eq!(curl(&["-x", &proxy, &target], &[]).status, 200);
+    let pid = stack.service_pid("authz").expect("authz");
+    // Stopped, not exited: its socket still accepts into the backlog.
+    signal(pid, "STOP");
+    let r = curl(&["-x", &proxy, &target], &[]);
+    assert_eq!(
+        (r.status, r.json()["reason"].clone()),
+        (503, "authz-unavailable".into())
+    );
+    let (code, authz) = status(&stack);
+    assert_eq!(code, Some(1), "{authz}");
+    assert_eq!(
+        (authz["name"].as_str(), authz["health"].as_str()),
+        (Some("authz"), Some("unhealthy"))
+    );
+    let alerted = eventually(Duration::from_secs(20), || {
+        stack.stderr().contains("child-unresponsive")
+    });
+    signal(pid, "CONT");
+    assert!(alerted, "no child-unresponsive alert:\n{}", stack.stderr());
+    let log = stack.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("child-unresponsive"))
+        .unwrap_or_default();
+    assert!(line.contains("authz"), "{line}");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            status(&stack).1["health"] == "healthy"
+                && curl(&["-x", &proxy, &target], &[]).status == 200
+        }),
+        "authz did not come back"
+    );
+    assert!(eventually(Duration::from_secs(10), || stack
+        .stderr()
+        .contains("answering again")));
+    let log = stack.stderr();
+    assert_eq!(
+        log.matches("child-unresponsive").count(),
+        1,
+        "one alert per spell:\n{log}"
+    );
+    assert!(stack.stop().expect("stopped").success());
+}
+
+#[test]
 fn json_logs_are_one_object_per_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = dir.path().join("c.yaml");

@@ -314,6 +314,12 @@ const GUARDED_V6: &[(&str, u8)] = &[
     ("64:ff9b:1::", 48),
 ];
 
+/// Reserved by the IETF and never global unicast (`::`, `::1`, and odd forms
+/// such as `::1:0:0:1`); asked only after the forms that embed an IPv4
+/// address were judged by it. Not in the kernel's list: it holds
+/// `64:ff9b::/96`, where a NAT64 network's public IPv4 hosts live.
+const RESERVED_V6: (&str, u8) = ("::", 8);
+
 /// Every guarded range as a CIDR, for the kernel's rules (§8: Envoy's own
 /// egress to these is dropped in `proxy-only`). IPv6 forms that embed an
 /// IPv4 address are covered where the kernel sees them: IPv4-mapped
@@ -331,7 +337,7 @@ pub fn guarded_ranges() -> Vec<IpNet> {
         GUARDED_V6
             .iter()
             .copied()
-            .chain([("::", 96), ("::ffff:0:0", 96)])
+            .chain([("::", 96), ("::ffff:0:0", 96), ("::ffff:0:0:0", 96)])
             .filter_map(|(a, len)| Ipv6Net::new(a.parse().ok()?, len).ok().map(IpNet::V6)),
     );
     v
@@ -340,7 +346,7 @@ pub fn guarded_ranges() -> Vec<IpNet> {
 /// The IANA special-purpose range that contains `ip`, if any (DESIGN.md §4).
 ///
 /// IPv6 forms that embed an IPv4 address (`::ffff:0:0/96`, `::/96`,
-/// `64:ff9b::/96`, `2002::/16`) are judged by that address, and the range
+/// `::ffff:0:0:0/96`, `64:ff9b::/96`, `2002::/16`) are judged by that address, and the range
 /// returned is the IPv4 one: only an IPv4 policy CIDR inside it can open
 /// such a destination, never an IPv6 CIDR over the embedding block (which
 /// would otherwise open every embedded loopback and metadata address).
@@ -351,10 +357,13 @@ pub fn guarded_range(ip: IpAddr) -> Option<IpNet> {
             if let Some(v4) = embedded_v4(v6) {
                 return guarded_v4(v4).map(IpNet::V4);
             }
-            GUARDED_V6.iter().find_map(|(a, len)| {
-                let net = Ipv6Net::new(a.parse().ok()?, *len).ok()?;
-                net.contains(&v6).then_some(IpNet::V6(net))
-            })
+            GUARDED_V6
+                .iter()
+                .chain(&[RESERVED_V6])
+                .find_map(|(a, len)| {
+                    let net = Ipv6Net::new(a.parse().ok()?, *len).ok()?;
+                    net.contains(&v6).then_some(IpNet::V6(net))
+                })
         }
     }
 }
@@ -379,6 +388,9 @@ fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
     let low = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
     if s[..5] == [0, 0, 0, 0, 0] && (s[5] == 0 || s[5] == 0xffff) {
         return Some(low); // ::/96 compatible and ::ffff:0:0/96 mapped
+    }
+    if s[..4] == [0, 0, 0, 0] && s[4] == 0xffff && s[5] == 0 {
+        return Some(low); // ::ffff:0:0:0/96 IPv4-translated (RFC 2765, SIIT)
     }
     if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
         return Some(low); // 64:ff9b::/96 NAT64
@@ -524,6 +536,11 @@ mod tests {
             "fec0::1",
             "ff02::1",
             "::127.0.0.1",
+            "::ffff:0:7f00:1",
+            "::ffff:0:a9fe:a9fe",
+            "::ffff:0:10.0.0.1",
+            "::1:0:0:1",
+            "::ffff:0:0:1",
             "64:ff9b::a9fe:a9fe",
             "2002:7f00:1::",
             "64:ff9b:1::1",
@@ -538,6 +555,7 @@ mod tests {
             "64:ff9b::808:808",
             "2002:808:808::",
             "::8.8.8.8",
+            "::ffff:0:808:808",
         ] {
             let a: IpAddr = p.parse().expect("test ip");
             assert!(guarded_range(a).is_none(), "{p} should be public");

@@ -113,6 +113,12 @@ const CORPUS: &[(&str, &str)] = &[
     ("[::10.0.0.1]", P),
     ("[FE80::1]", P),
     ("[::FFFF:7F00:1]", P),
+    // IPv4-translated (RFC 2765, ::ffff:0:0:0/96) and the rest of ::/8.
+    ("[::ffff:0:7f00:1]", P),
+    ("[::ffff:0:127.0.0.1]", P),
+    ("[::ffff:0:a9fe:a9fe]", P),
+    ("[::ffff:0:a00:1]", P),
+    ("[::1:0:0:1]", P),
     // Malformed: never a crash, never an allow.
     ("", M),
     ("[", M),
