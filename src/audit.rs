@@ -2,6 +2,7 @@
 //! audit log (found through `--config`/`--state-dir` like `up`).
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use clawgress_audit_log::AuditRecord;
@@ -100,6 +101,60 @@ fn load(p: &Paths) -> Result<LogText> {
     Ok(log)
 }
 
+/// How long a live sink may leave records without a signed checkpoint: it
+/// signs at least every 5 s while records arrive and when it stops.
+const UNSIGNED_GRACE: Duration = Duration::from_secs(60);
+
+/// Records that should be under a signed checkpoint by now but are not. A
+/// chain alone can be rewritten end to end by anyone who can write the
+/// files (the hashes need no key); only the signed checkpoints pin it, so
+/// a log whose checkpoints were removed or cut must not pass as intact:
+/// - a sealed segment is signed before it is sealed, so its lines must be
+///   covered;
+/// - the unsealed tail is signed within seconds of being written, so lines
+///   last written more than [`UNSIGNED_GRACE`] ago must be covered too (or
+///   the sink died before signing and has not run since: started, it
+///   signs the tail within 5 s).
+fn unsigned_too_long(
+    p: &Paths,
+    log: &LogText,
+    records: u64,
+    covered: u64,
+    now: SystemTime,
+) -> Option<String> {
+    // The chain held, so seqs run 1..=records and a segment ends where the
+    // next one's name begins.
+    let segs = &log.segments;
+    for (k, s) in segs.iter().enumerate().filter(|(_, s)| s.sealed) {
+        let last_seq = segs
+            .get(k + 1)
+            .map_or(records, |n| n.first_seq.saturating_sub(1));
+        if last_seq > covered {
+            return Some(format!(
+                "segment {} is sealed, and a segment is signed before it is sealed, yet the signed checkpoints cover only the first {covered} records (it ends at seq {last_seq}): checkpoints were removed from {}",
+                s.name,
+                JsonlWriter::CHECKPOINTS
+            ));
+        }
+    }
+    if records <= covered {
+        return None;
+    }
+    let last = segs.last()?;
+    let written = std::fs::metadata(p.audit_dir.join(&last.name))
+        .and_then(|m| m.modified())
+        .ok()?;
+    let age = now.duration_since(written).unwrap_or_default();
+    (age > UNSIGNED_GRACE).then(|| {
+        format!(
+            "the last {} records were written {}s ago and are under no signed checkpoint (the sink signs within 5 s of writing and when it stops): either {} was cut or removed, or the sink died before signing and has not run since (started, it signs them within 5 s; verify again then)",
+            records - covered,
+            age.as_secs(),
+            JsonlWriter::CHECKPOINTS
+        )
+    })
+}
+
 /// Verify the chain across segments, every signed checkpoint and the
 /// consistency between them (and from a held checkpoint). Exit status:
 /// 0 intact, 1 tampered (the first problem is named, with its segment).
@@ -140,6 +195,19 @@ pub fn verify(p: &Paths, from: Option<&Path>, json: bool) -> Result<bool> {
                 seq.map_or("(none)".to_string(), |s| s.to_string())
             ),
         });
+    }
+    if report.problem.is_none() {
+        if let Some(detail) =
+            unsigned_too_long(p, &log, report.records, report.covered, SystemTime::now())
+        {
+            report.ok = false;
+            report.problem = Some(clawgress_audit_log::verify::Problem {
+                kind: clawgress_audit_log::verify::ProblemKind::CutOff,
+                line: 0,
+                seq: None,
+                detail,
+            });
+        }
     }
     if json {
         let mut v = serde_json::to_value(&report)?;

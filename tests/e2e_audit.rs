@@ -1079,6 +1079,38 @@ fn sealed_segments_verify_and_a_swapped_or_missing_segment_is_named() {
     let (code, out) = clawgress(&["audit", "verify", "--config", &cfg]);
     assert_eq!(code, 0, "restored: {out}");
 
+    // The checkpoints removed: anyone who can write the files could have
+    // rewritten the chain (its hashes need no key), so it is not intact.
+    let cps_path = audit.join("checkpoints.jsonl");
+    let kept = std::fs::read_to_string(&cps_path).expect("checkpoints");
+    std::fs::remove_file(&cps_path).expect("rm");
+    let (code, out) = clawgress(&["audit", "verify", "--config", &cfg]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("is sealed") && out.contains("checkpoints were removed"),
+        "{out}"
+    );
+    // Only the last (taken at stop) removed: the unsealed tail is under no
+    // checkpoint. Fresh, that is a sink that has not signed yet; written
+    // minutes ago, it is a cut.
+    let lines: Vec<&str> = kept.lines().collect();
+    std::fs::write(&cps_path, lines[..lines.len() - 1].join("\n") + "\n").expect("write");
+    let (code, out) = clawgress(&["audit", "verify", "--config", &cfg]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("not yet under a checkpoint"), "{out}");
+    let tail = &segments.last().expect("segments").1;
+    std::fs::File::options()
+        .write(true)
+        .open(tail)
+        .and_then(|f| f.set_modified(std::time::SystemTime::now() - Duration::from_secs(120)))
+        .expect("set mtime");
+    let (code, out) = clawgress(&["audit", "verify", "--config", &cfg]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("under no signed checkpoint"), "{out}");
+    std::fs::write(&cps_path, &kept).expect("restore");
+    let (code, out) = clawgress(&["audit", "verify", "--config", &cfg]);
+    assert_eq!(code, 0, "restored: {out}");
+
     // A middle segment deleted: records removed, where they were.
     std::fs::remove_file(&segments[1].1).expect("rm");
     let (code, out) = clawgress(&["audit", "verify", "--config", &cfg, "--json"]);

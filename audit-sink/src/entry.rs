@@ -222,6 +222,7 @@ impl Entry {
             80
         };
         let (destination_host, destination_port) = host_port(&self.authority, default_port);
+        let request_id = self.audit_key();
         let Entry {
             authz: a,
             ratelimit: rl,
@@ -256,7 +257,7 @@ impl Entry {
             kind: RecordKind::Request,
             seq: 0,
             timestamp: self.timestamp,
-            request_id: self.request_id,
+            request_id,
             agent_id: a.agent_id,
             team_id: a.team_id,
             project_id: a.project_id,
@@ -287,6 +288,34 @@ impl Entry {
             actor: String::new(),
             detail: String::new(),
         }
+    }
+
+    /// The request id the record is kept (and deduplicated) under. Envoy
+    /// replaces an agent's `x-request-id` before its filters run, so an
+    /// entry authz saw carries Envoy's own. A request Envoy refused before
+    /// that (a malformed path, an unparseable header) keeps whatever the
+    /// agent sent, or none: not an audit key (§3), since an agent could
+    /// reuse a real request's id and have that record dropped as a
+    /// duplicate. Such an entry is keyed by what Envoy logged of it
+    /// instead, fields the access-log file and the gRPC stream render
+    /// alike, so a replay of the file still deduplicates.
+    fn audit_key(&self) -> String {
+        if !self.authz.decision.is_empty() || self.authz_error {
+            return self.request_id.clone();
+        }
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for part in [
+            self.timestamp.as_str(),
+            &self.source_address,
+            &self.authority,
+            &self.response_code.to_string(),
+            &self.request_id,
+        ] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part.as_bytes());
+        }
+        format!("envoy-local-{}", hex::encode(&h.finalize()[..16]))
     }
 
     /// From Envoy's gRPC access-log entry.
@@ -592,6 +621,77 @@ mod tests {
             (r.decision.as_str(), r.reason.as_str()),
             ("deny", "authz-unavailable")
         );
+    }
+
+    /// A request Envoy refused before authz saw it keeps the agent's
+    /// `x-request-id` (or none): the record is keyed by what Envoy logged,
+    /// the same from the file and the gRPC stream, never by the agent's id.
+    #[test]
+    fn an_id_authz_never_saw_is_not_the_audit_key() {
+        let line = |ts: &str, id: &str, authz: &str| {
+            format!(
+                r#"{{"timestamp":"{ts}","request_id":{id},"method":"GET","scheme":"http","authority":"127.0.0.1:8080","path":"?/x","response_code":404,"response_flags":"NR","source_address":"127.0.0.1","authz":{authz}}}"#
+            )
+        };
+        let key = |l: String| {
+            Entry::from_json_line(&l)
+                .expect("parses")
+                .record()
+                .request_id
+        };
+        let victim = r#""0f1e2d3c-real-request""#;
+        let forged = key(line("2026-12-03T08:00:00.000Z", victim, "null"));
+        assert!(forged.starts_with("envoy-local-"), "{forged}");
+        assert_ne!(forged, "0f1e2d3c-real-request");
+        // Another such request, or one with no id at all: another key.
+        assert_ne!(
+            key(line("2026-12-03T08:00:00.001Z", victim, "null")),
+            forged
+        );
+        let none = key(line("2026-12-03T08:00:00.000Z", "null", "null"));
+        assert_ne!(none, forged);
+        assert!(none.starts_with("envoy-local-"), "{none}");
+        // Seen by authz: Envoy's id, as it was.
+        assert_eq!(
+            key(line(
+                "2026-12-03T08:00:00.000Z",
+                victim,
+                r#"{"decision":"deny"}"#
+            )),
+            "0f1e2d3c-real-request"
+        );
+        // The same request from the gRPC stream: the same key, so a replay
+        // of the file after a gap still deduplicates.
+        let proto = HttpAccessLogEntry {
+            common_properties: Some(AccessLogCommon {
+                start_time: Some(Timestamp {
+                    seconds: 1_796_284_800,
+                    nanos: 0,
+                }),
+                downstream_remote_address: Some(
+                    envoy_types::pb::envoy::config::core::v3::Address {
+                        address: Some(address::Address::SocketAddress(
+                            envoy_types::pb::envoy::config::core::v3::SocketAddress {
+                                address: "127.0.0.1".into(),
+                                ..Default::default()
+                            },
+                        )),
+                    },
+                ),
+                ..Default::default()
+            }),
+            request: Some(HttpRequestProperties {
+                request_id: "0f1e2d3c-real-request".into(),
+                authority: "127.0.0.1:8080".into(),
+                ..Default::default()
+            }),
+            response: Some(HttpResponseProperties {
+                response_code: Some(UInt32Value { value: 404 }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(record_from_entry(&proto).request_id, forged);
     }
 
     /// The key-by-key format (`access_log_file.yaml.tmpl`): unset keys are

@@ -768,7 +768,10 @@ enum Appended {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use envoy_types::pb::envoy::data::accesslog::v3::{HttpAccessLogEntry, HttpRequestProperties};
+    use envoy_types::pb::envoy::config::core::v3::Metadata;
+    use envoy_types::pb::envoy::data::accesslog::v3::{
+        AccessLogCommon, HttpAccessLogEntry, HttpRequestProperties,
+    };
     use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_client::AccessLogServiceClient;
     use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::HttpAccessLogEntries;
     use std::sync::{Arc, Mutex};
@@ -798,6 +801,28 @@ mod tests {
                 log_entry: ids
                     .iter()
                     .map(|id| HttpAccessLogEntry {
+                        // authz saw it: the id is Envoy's own.
+                        common_properties: Some(AccessLogCommon {
+                            metadata: Some(Metadata {
+                                filter_metadata: [(
+                                    "envoy.filters.http.ext_authz".to_string(),
+                                    envoy_types::pb::google::protobuf::Struct {
+                                        fields: [(
+                                            "decision".to_string(),
+                                            envoy_types::pb::google::protobuf::Value {
+                                                kind: Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(
+                                                    "allow".into(),
+                                                )),
+                                            },
+                                        )]
+                                        .into(),
+                                    },
+                                )]
+                                .into(),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }),
                         request: Some(HttpRequestProperties {
                             request_id: id.to_string(),
                             ..Default::default()

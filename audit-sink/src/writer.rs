@@ -222,6 +222,24 @@ impl JsonlWriter {
             .last()
             .and_then(|n| n.lines().nth(1).and_then(|s| s.parse().ok()))
             .unwrap_or(0);
+        // Every sealed segment was signed before it was sealed: if the
+        // checkpoints do not reach that far, someone removed them, and the
+        // next checkpoint would sign whatever the files now say. Said
+        // before signing, so the record of it is in the log.
+        let in_sealed = if scan.active_sealed {
+            scan.last_seq
+        } else {
+            scan.last_seq.saturating_sub(scan.active_records)
+        };
+        if key.is_some() && sealed < in_sealed {
+            tracing::error!(
+                alert = "audit-checkpoints-missing",
+                signed = sealed,
+                sealed_records = in_sealed,
+                file = %checkpoints.display(),
+                "the signed checkpoints cover fewer records than the sealed segments hold: checkpoints were removed; `clawgress audit verify --from` a checkpoint kept elsewhere tells whether the log was altered"
+            );
+        }
         Ok(JsonlWriter {
             dir: dir.to_path_buf(),
             file,

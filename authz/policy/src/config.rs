@@ -1002,10 +1002,15 @@ impl PolicyDocument {
     fn validate_inner(&self, text: Option<&str>) -> Vec<ConfigError> {
         let mut errs = Vec::new();
         let mut push = |path: String, needle: Option<String>, reason: String| {
-            let line = match (text, needle) {
-                (Some(t), Some(n)) => line_of(t, &n),
-                _ => None,
-            };
+            // The item's own lines first (`quotas[1]` names the second
+            // quota, not the agent of the same id); the whole text when the
+            // list is written in flow style.
+            let line = text.and_then(|t| match (item_lines(t, &path), needle) {
+                (Some((from, to)), Some(n)) => line_of_within(t, &n, from, to).or(Some(from)),
+                (Some((from, _)), None) => Some(from),
+                (None, Some(n)) => line_of(t, &n),
+                (None, None) => None,
+            });
             errs.push(ConfigError { path, line, reason });
         };
         let mut seen = std::collections::HashSet::new();
@@ -1271,6 +1276,67 @@ fn line_of(text: &str, needle: &str) -> Option<usize> {
     text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
 }
 
+/// The 1-based line of the first occurrence of `needle` in lines
+/// `from..=to`.
+fn line_of_within(text: &str, needle: &str, from: usize, to: usize) -> Option<usize> {
+    text.lines()
+        .enumerate()
+        .take(to)
+        .skip(from.saturating_sub(1))
+        .find(|(_, l)| l.contains(needle))
+        .map(|(i, _)| i + 1)
+}
+
+/// The first and last 1-based lines of the block-style list item a path
+/// starts with (`quotas[1].rps_limit` → the second `- ` under `quotas:`,
+/// `jwt.issuers[0]` → the first under `issuers:` under `jwt:`). None for a
+/// list in flow style or a path that names no item.
+fn item_lines(text: &str, path: &str) -> Option<(usize, usize)> {
+    let (keys, rest) = path.split_once('[')?;
+    let index: usize = rest.split(']').next()?.parse().ok()?;
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let content = |l: &str| {
+        let t = l.trim();
+        !t.is_empty() && !t.starts_with('#')
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    // Each key of the path in turn, each nested in the one before.
+    let mut at = 0usize;
+    let mut key_indent = 0usize;
+    for (n, key) in keys.split('.').enumerate() {
+        let pat = format!("{key}:");
+        let found = lines.iter().enumerate().skip(at).find(|(_, l)| {
+            content(l)
+                && (n == 0 && indent(l) == 0 || n > 0 && indent(l) > key_indent)
+                && l.trim_start().starts_with(&pat)
+        })?;
+        at = found.0 + 1;
+        key_indent = indent(found.1);
+    }
+    // The items: lines starting with `-` at the first item's indent, until
+    // a line back at (or left of) the key's indent.
+    let mut item_indent = None;
+    let mut starts = Vec::new();
+    let mut end = lines.len();
+    for (i, l) in lines.iter().enumerate().skip(at) {
+        if !content(l) {
+            continue;
+        }
+        let ind = indent(l);
+        let dash = l.trim_start().starts_with('-');
+        if ind < key_indent || ind == key_indent && !dash {
+            end = i;
+            break;
+        }
+        if dash && *item_indent.get_or_insert(ind) == ind {
+            starts.push(i);
+        }
+    }
+    let from = *starts.get(index)?;
+    let to = starts.get(index + 1).copied().unwrap_or(end);
+    Some((from + 1, to))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1360,6 +1426,28 @@ quotas:
         let text = format!("{GOOD}  - agent_id: build-bot\n    rps_limit: 0\n");
         let err = Document::from_yaml(&text).expect_err("zero limit");
         assert!(err.to_string().contains("quotas[1]"), "{err}");
+        // The second quota's own line, not the agent's of the same id.
+        let own = text.lines().count() - 1;
+        for e in &err.0 {
+            assert_eq!((e.path.as_str(), e.line), ("quotas[1]", Some(own)), "{err}");
+        }
+        // A duplicate agent: the second one's line.
+        let dup = GOOD.replace(
+            "policies:\n",
+            "  - agent_id: build-bot\n    auth_type: jwt\npolicies:\n",
+        );
+        let err = Document::from_yaml(&dup).expect_err("duplicate agent");
+        let second = dup
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| l.contains("- agent_id: build-bot"))
+            .nth(1)
+            .map(|(i, _)| i + 1);
+        assert_eq!(
+            (err.0[0].path.as_str(), err.0[0].line),
+            ("agents[1].agent_id", second),
+            "{err}"
+        );
         let text = GOOD.replace("    api_key_sha256: \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n", "");
         let err = Document::from_yaml(&text).expect_err("missing hash");
         assert_eq!(err.0[0].path, "agents[0].api_key_sha256");
