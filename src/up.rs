@@ -81,6 +81,10 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
     node::private_dir(&state)?;
     let run = state.join("run");
     node::private_dir(&run)?;
+    // One `up` per state directory: a second would rebind the first one's
+    // sockets, and on stopping take them away from it. Held until `up`
+    // exits (close-on-exec: no child keeps it).
+    let _one_up = lock_state(&state, &run)?;
     node::private_dir(&node::spool_dir(&doc, &state))?;
     crate::metrics::record_alerts_in(node::events_spool(&doc, &state), "up");
     let envoy = locate_envoy(args.envoy.as_deref())?;
@@ -455,6 +459,33 @@ const SERVICES: [&str; 4] = ["admin", "authz", "ratelimit", "audit"];
 
 fn metrics_socket(run: &Path, name: &str) -> PathBuf {
     run.join(format!("{name}-metrics.sock"))
+}
+
+/// Lock `run/up.lock`, or say which `up` holds it.
+fn lock_state(state: &Path, run: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = run.join("up.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let pid = std::fs::read_to_string(run.join("up.pid")).unwrap_or_default();
+            anyhow::bail!(
+                "another `clawgress up` (pid {}) is running on the state directory {}: stop it first, or give this one its own gateway.state_dir",
+                pid.trim(),
+                state.display()
+            )
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
 }
 
 /// Probes each service's metrics endpoint every 2 s. A child whose socket

@@ -406,6 +406,46 @@ fn a_stopped_service_is_unhealthy_in_status_and_alerted() {
 }
 
 #[test]
+fn a_second_up_on_the_same_state_dir_is_refused_and_the_first_keeps_serving() {
+    let up = Upstream::http();
+    let mut stack = Stack::start(&config_allowing(&[up.addr.port()], ""));
+    let target = format!("http://{}/", up.addr);
+    let proxy = stack.proxy_url(AGENT, KEY);
+    assert_eq!(curl(&["-x", &proxy, &target], &[]).status, 200);
+    // The same file with other ports: the same state_dir.
+    let text = std::fs::read_to_string(&stack.config).expect("read");
+    let other = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("  proxy_listen:") {
+                format!("  proxy_listen: 127.0.0.1:{}", free_port())
+            } else if l.starts_with("  admin_listen:") {
+                format!("  admin_listen: 127.0.0.1:{}", free_port())
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let second = stack.state().with_file_name("second.yaml");
+    std::fs::write(&second, other).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_clawgress"))
+        .args(["up", "--config"])
+        .arg(&second)
+        .output()
+        .expect("second up");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("another `clawgress up`") && err.contains(&stack.up_pid().to_string()),
+        "{err}"
+    );
+    // The first one's sockets are its own still.
+    assert_eq!(curl(&["-x", &proxy, &target], &[]).status, 200);
+    assert!(stack.stop().expect("stopped").success());
+}
+
+#[test]
 fn json_logs_are_one_object_per_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = dir.path().join("c.yaml");

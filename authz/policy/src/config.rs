@@ -612,9 +612,24 @@ impl Serialize for FieldMatch {
 #[serde(deny_unknown_fields)]
 pub struct DestinationMatch {
     pub hosts: Vec<HostPattern>,
-    /// Empty: any port.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Left out: any port. Written, at least one (an empty list would
+    /// read as "any", widening an allow rule).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "non_empty_ports"
+    )]
     pub ports: Vec<Port>,
+}
+
+fn non_empty_ports<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Port>, D::Error> {
+    let v = Vec::<Port>::deserialize(d)?;
+    if v.is_empty() {
+        return Err(serde::de::Error::custom(
+            "an empty list would match every port; leave ports out to match any",
+        ));
+    }
+    Ok(v)
 }
 
 /// A TCP port, 1–65535.
@@ -1477,6 +1492,7 @@ quotas:
             ("gateway: {transparent_listen: \"nowhere\"}\nagents: []\n", "transparent_listen"),
             ("policies:\n  - {policy_id: p, priority: 1, match: {destination: {hosts: [\"10.0.0.0/33\"]}}, action: allow}\n", "not a valid CIDR"),
             ("policies:\n  - {policy_id: p, priority: 1, match: {destination: {hosts: [\"*\"]}, method: []}, action: allow}\n", "empty list"),
+            ("policies:\n  - {policy_id: p, priority: 1, match: {destination: {hosts: [\"*\"], ports: []}}, action: allow}\n", "leave ports out"),
         ] {
             let err = Document::from_yaml(bad).expect_err(bad);
             assert!(err.to_string().contains(want), "{bad:?}: {err}");

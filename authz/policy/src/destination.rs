@@ -314,8 +314,14 @@ const GUARDED_V6: &[(&str, u8)] = &[
     ("64:ff9b:1::", 48),
 ];
 
-/// Reserved by the IETF and never global unicast (`::`, `::1`, and odd forms
-/// such as `::1:0:0:1`); asked only after the forms that embed an IPv4
+/// IPv6's own unspecified and loopback addresses: each its own range, so
+/// only a policy naming it opens it (the kernel's list covers both in
+/// `::/96`).
+const UNSPECIFIED_V6: (&str, u8) = ("::", 128);
+const LOOPBACK_V6: (&str, u8) = ("::1", 128);
+
+/// Reserved by the IETF and never global unicast (odd forms such as
+/// `::1:0:0:1`); asked only after the forms that embed an IPv4
 /// address were judged by it. Not in the kernel's list: it holds
 /// `64:ff9b::/96`, where a NAT64 network's public IPv4 hosts live.
 const RESERVED_V6: (&str, u8) = ("::", 8);
@@ -359,7 +365,7 @@ pub fn guarded_range(ip: IpAddr) -> Option<IpNet> {
             }
             GUARDED_V6
                 .iter()
-                .chain(&[RESERVED_V6])
+                .chain(&[UNSPECIFIED_V6, LOOPBACK_V6, RESERVED_V6])
                 .find_map(|(a, len)| {
                     let net = Ipv6Net::new(a.parse().ok()?, *len).ok()?;
                     net.contains(&v6).then_some(IpNet::V6(net))
@@ -386,7 +392,10 @@ fn guarded_v4(ip: Ipv4Addr) -> Option<Ipv4Net> {
 fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = v6.segments();
     let low = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
-    if s[..5] == [0, 0, 0, 0, 0] && (s[5] == 0 || s[5] == 0xffff) {
+    // `::` and `::1` are IPv6's own unspecified and loopback addresses, not
+    // IPv4-compatible ones: judged (and opened by a policy) as IPv6.
+    let own = s[..7] == [0; 7] && s[7] <= 1;
+    if s[..5] == [0, 0, 0, 0, 0] && (s[5] == 0 && !own || s[5] == 0xffff) {
         return Some(low); // ::/96 compatible and ::ffff:0:0/96 mapped
     }
     if s[..4] == [0, 0, 0, 0] && s[4] == 0xffff && s[5] == 0 {

@@ -869,6 +869,22 @@ policies:
             Reason::MalformedDestination
         );
         assert!(!eval(&s, &t, "127.0.0.2", "GET", "/").allow);
+        // IPv6's loopback is its own, not an IPv4-compatible 0.0.0.1: a
+        // policy naming ::1 opens it; `*` and ::/0 do not.
+        let doc = Document::from_yaml(
+            "policies:\n  - {policy_id: v6-local, priority: 1, match: {destination: {hosts: [\"::1/128\"]}}, action: allow}\n",
+        )
+        .expect("valid")
+        .policy();
+        let s6 = PolicySet::new(&doc, &[], "r");
+        assert!(eval(&s6, &t, "[::1]:8080", "GET", "/").allow);
+        for other in ["[::]:8080", "[::2]:8080", "127.0.0.1:8080"] {
+            assert!(!eval(&s6, &t, other, "GET", "/").allow, "{other}");
+        }
+        assert_eq!(
+            eval(&s, &wide, "[::1]:8080", "GET", "/").reason,
+            Reason::PrivateDestination
+        );
         // IPv6 forms embedding loopback are judged by the IPv4 inside: an
         // IPv6 CIDR over the embedding block does not open them.
         let doc = Document::from_yaml(
