@@ -472,9 +472,9 @@ fn lock_state(state: &Path, run: &Path) -> Result<std::fs::File> {
         .mode(0o600)
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
-    match f.try_lock() {
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => {
+        Err(rustix::io::Errno::WOULDBLOCK) => {
             let pid = std::fs::read_to_string(run.join("up.pid")).unwrap_or_default();
             anyhow::bail!(
                 "another `clawgress up` (pid {}) is running on the state directory {}: stop it first, or give this one its own gateway.state_dir",
@@ -482,8 +482,8 @@ fn lock_state(state: &Path, run: &Path) -> Result<std::fs::File> {
                 state.display()
             )
         }
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        Err(e) => {
+            Err(std::io::Error::from(e)).with_context(|| format!("cannot lock {}", path.display()))
         }
     }
 }
