@@ -89,6 +89,12 @@ impl Source {
         }
     }
 
+    /// Whether a bundle was ever kept here (`active` or `last-good` exists,
+    /// verifying or not).
+    pub fn any_kept(&self) -> bool {
+        self.active().exists() || self.last_good().exists()
+    }
+
     /// The bundle to start from: the active one if it verifies, else the
     /// last good one; `None` when neither exists or verifies.
     pub fn initial(&self) -> Option<InForce> {

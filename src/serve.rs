@@ -284,7 +284,16 @@ pub async fn serve(
         _ => None,
     };
     let initial = bundles.as_ref().and_then(|b| b.initial());
-    if bundles.is_some() && initial.is_none() {
+    // Bundles were kept here, yet none verifies (removed, damaged): the
+    // config file's policy may be revisions behind (a lockdown, a disabled
+    // agent undone), so nothing is allowed until a verified bundle comes.
+    let none_verifies = bundles.as_ref().is_some_and(|b| b.any_kept()) && initial.is_none();
+    if none_verifies {
+        tracing::error!(
+            alert = "bundle-rejected",
+            "no kept bundle verifies: denying every request (default-deny) until a verified bundle arrives; commit again, or restore bundle/last-good"
+        );
+    } else if bundles.is_some() && initial.is_none() {
         tracing::warn!(
             "no verified bundle yet: enforcing the config file's policy until one arrives"
         );
@@ -292,6 +301,11 @@ pub async fn serve(
     // The document in force: this node's settings with the bundle's policy.
     let start_doc = match &initial {
         Some(f) => doc.clone().with_policy(f.document.clone()),
+        None if none_verifies => {
+            let mut closed = doc.policy();
+            closed.policies.clear();
+            doc.clone().with_policy(closed)
+        }
         None => doc.clone(),
     };
     let revision_name = |doc: &clawgress_policy::Document, rev: Option<u64>| match rev {

@@ -446,6 +446,39 @@ fn a_second_up_on_the_same_state_dir_is_refused_and_the_first_keeps_serving() {
 }
 
 #[test]
+fn authz_restarted_with_no_verifying_bundle_allows_nothing() {
+    let up = Upstream::http();
+    let stack = Stack::start(&config_allowing(&[up.addr.port()], ""));
+    let target = format!("http://{}/", up.addr);
+    let proxy = stack.proxy_url(AGENT, KEY);
+    assert_eq!(curl(&["-x", &proxy, &target], &[]).status, 200);
+    // Both kept bundles damaged, then authz restarted: the config file's
+    // policy may be revisions behind, so it is not what comes back.
+    let dir = stack.state().join("bundle");
+    for f in ["active", "last-good"] {
+        std::fs::write(dir.join(f), b"not a bundle").expect("damage");
+    }
+    let pid = stack.service_pid("authz").expect("authz");
+    signal(pid, "KILL");
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            stack.service_pid("authz").is_some_and(|p| p != pid)
+                && curl(&["-x", &proxy, &target], &[]).status == 403
+        }),
+        "{}",
+        stack.stderr()
+    );
+    let r = curl(&["-x", &proxy, &target], &[]);
+    // (The upstream is on 127.0.0.1: with no policy, that is the guard's.)
+    assert_eq!(r.json()["policy_id"], "default-deny", "{r:?}");
+    assert!(
+        stack.stderr().contains("no kept bundle verifies"),
+        "{}",
+        stack.stderr()
+    );
+}
+
+#[test]
 fn json_logs_are_one_object_per_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = dir.path().join("c.yaml");
