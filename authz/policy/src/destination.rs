@@ -90,7 +90,10 @@ impl Destination {
         };
         let parsed = Destination::parse_host(host)?;
         let canonical = match &parsed {
-            Host::Ip(IpAddr::V4(v4)) if !host.starts_with('[') => host == v4.to_string(),
+            // Envoy parses no zone id: `[::1%lo]` would go to its resolver
+            // as a name (an agent-chosen DNS query), never as the address.
+            Host::Ip(_) if host.starts_with('[') => !host.contains('%'),
+            Host::Ip(IpAddr::V4(v4)) => host == v4.to_string(),
             _ => true,
         };
         Ok(Destination {
@@ -490,7 +493,16 @@ mod tests {
         assert_eq!(c("example.com"), Ok(true));
         assert_eq!(c("[::1]:80"), Ok(true));
         assert_eq!(c("[::ffff:127.0.0.1]:80"), Ok(true));
-        for a in ["127.1", "2130706433", "0x7f.1", "127.0.0.1.", "1.0x7f"] {
+        for a in [
+            "127.1",
+            "2130706433",
+            "0x7f.1",
+            "127.0.0.1.",
+            "1.0x7f",
+            "[::ffff:127.0.0.1%lo]:80",
+            "[fe80::1%25eth0]",
+            "[2606:4700::1111%eth0]",
+        ] {
             assert_eq!(c(a), Ok(false), "{a}");
         }
     }

@@ -856,7 +856,13 @@ policies:
         }
         // Other spellings are addresses to clients but names to Envoy's
         // resolver: never forwarded, even where the address is allowed.
-        for form in ["127.1:8080", "0x7f000001:8080", "127.0.0.1.:8080"] {
+        for form in [
+            "127.1:8080",
+            "0x7f000001:8080",
+            "127.0.0.1.:8080",
+            "[::ffff:127.0.0.1%lo]:8080",
+            "[::ffff:127.0.0.1%25lo]:8080",
+        ] {
             let d = eval(&s, &t, form, "GET", "/");
             assert_eq!(
                 (d.allow, d.reason),
