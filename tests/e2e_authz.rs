@@ -785,3 +785,31 @@ fn authz_is_sent_only_the_headers_it_reads() {
         "headers authz was sent"
     );
 }
+
+/// An IPv6 literal with a zone id in the Host header: Envoy would hand it
+/// to its resolver as a name, so authz never lets it through, even where
+/// a policy opens the address inside.
+#[test]
+fn a_zone_id_in_the_host_header_is_denied_not_resolved() {
+    use base64::Engine;
+    use std::io::{Read, Write};
+    let up = Upstream::http();
+    let stack = Stack::start(&config_allowing(&[up.addr.port()], ""));
+    let cred = base64::engine::general_purpose::STANDARD.encode(format!("{AGENT}:{KEY}"));
+    for host in ["[::ffff:127.0.0.1%lo]", "[::ffff:127.0.0.1%25lo]"] {
+        let mut s = std::net::TcpStream::connect(stack.proxy).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(
+            s,
+            "GET / HTTP/1.1\r\nHost: {host}:{}\r\nProxy-Authorization: Basic {cred}\r\nConnection: close\r\n\r\n",
+            up.addr.port()
+        )
+        .expect("write");
+        let mut resp = String::new();
+        let _ = s.read_to_string(&mut resp);
+        assert!(resp.starts_with("HTTP/1.1 403"), "{host}: {resp}");
+        assert!(resp.contains("private-destination"), "{host}: {resp}");
+    }
+    assert!(up.requests().is_empty(), "nothing reached the upstream");
+}
