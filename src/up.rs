@@ -49,6 +49,8 @@ struct Slot {
     restarts: u32,
     started_at: Option<std::time::SystemTime>,
     last_exit: Option<String>,
+    /// Held back from restarting while the config file does not validate.
+    held: bool,
 }
 
 enum Event {
@@ -235,6 +237,7 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
         restarts: 0,
         started_at: None,
         last_exit: None,
+        held: false,
     })
     .collect();
     let envoy_index = slots.len() - 1;
@@ -349,6 +352,31 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
                     });
                 }
                 Some(Event::Restart(i)) => {
+                    // A service re-reads the config file when it starts: one
+                    // that does not validate (mid-edit) would make it exit at
+                    // once, five times, and take the gateway down. Held back
+                    // instead, and started once the file validates again.
+                    if slots[i].spec.name != "envoy" {
+                        if let Err(e) = node::load(&config_path) {
+                            if !slots[i].held {
+                                tracing::error!(
+                                    alert = "config-rejected", child = slots[i].spec.name,
+                                    error = %format!("{e:#}"),
+                                    "not restarting the child until the config file validates again (checked every 5 s)"
+                                );
+                                slots[i].held = true;
+                            }
+                            let tx = tx.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(Duration::from_secs(5)).await;
+                                let _ = tx.send(Event::Restart(i));
+                            });
+                            continue;
+                        }
+                        if std::mem::take(&mut slots[i].held) {
+                            tracing::info!(child = slots[i].spec.name, "the config file validates again: restarting the child");
+                        }
+                    }
                     slots[i].restarts += 1;
                     if let Err(e) = start(&mut slots[i], i, &tx) {
                         tracing::error!(child = slots[i].spec.name, error = %e, "restart failed");

@@ -479,6 +479,49 @@ fn authz_restarted_with_no_verifying_bundle_allows_nothing() {
 }
 
 #[test]
+fn a_child_is_not_restarted_into_an_invalid_config_file() {
+    let up = Upstream::http();
+    let mut stack = Stack::start(&config_allowing(&[up.addr.port()], ""));
+    let target = format!("http://{}/", up.addr);
+    let proxy = stack.proxy_url(AGENT, KEY);
+    assert_eq!(curl(&["-x", &proxy, &target], &[]).status, 200);
+    // The file mid-edit, and authz dies meanwhile.
+    let good = std::fs::read_to_string(&stack.config).expect("read");
+    let bad = good.replace("action: allow", "action: maybe");
+    assert_ne!(good, bad);
+    std::fs::write(&stack.config, &bad).expect("write");
+    let pid = stack.service_pid("authz").expect("authz");
+    signal(pid, "KILL");
+    assert!(
+        eventually(Duration::from_secs(10), || stack.stderr().contains(
+            "not restarting the child until the config file validates"
+        )),
+        "{}",
+        stack.stderr()
+    );
+    // Fail closed meanwhile; `up` itself stays (no crash loop).
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !stack.stderr().contains("child-crash-loop"),
+        "{}",
+        stack.stderr()
+    );
+    assert_eq!(curl(&["-x", &proxy, &target], &[]).status, 503);
+    std::fs::write(&stack.config, &good).expect("restore");
+    assert!(
+        eventually(Duration::from_secs(15), || curl(
+            &["-x", &proxy, &target],
+            &[]
+        )
+        .status
+            == 200),
+        "{}",
+        stack.stderr()
+    );
+    assert!(stack.stop().expect("stopped").success());
+}
+
+#[test]
 fn json_logs_are_one_object_per_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = dir.path().join("c.yaml");
