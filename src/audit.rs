@@ -293,7 +293,12 @@ pub fn query(p: &Paths, q: &Query, json: bool) -> Result<()> {
     let since = match q.since.as_deref() {
         None => None,
         Some(s) => Some(match humantime::parse_duration(s) {
-            Ok(d) => std::time::SystemTime::now() - d,
+            // Further back than the epoch is the epoch (never a panic on
+            // `--since 1000y`).
+            Ok(d) => SystemTime::now()
+                .checked_sub(d)
+                .filter(|t| *t >= SystemTime::UNIX_EPOCH)
+                .unwrap_or(SystemTime::UNIX_EPOCH),
             Err(_) => humantime::parse_rfc3339_weak(s).map_err(|_| {
                 anyhow::anyhow!("--since {s:?}: a duration (1h, 15m) or an RFC 3339 time")
             })?,

@@ -318,7 +318,13 @@ fn audit_verify_names_tampering_and_query_reads_newest_first() {
     ]);
     let rows: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert_eq!(rows.as_array().map(|a| a.len()), Some(6));
-    for (since, n) in [("1h", 7), ("2099-01-01T00:00:00Z", 0)] {
+    for (since, n) in [
+        ("1h", 7),
+        ("2099-01-01T00:00:00Z", 0),
+        // Further back than the epoch: everything, never a panic.
+        ("1000y", 7),
+        ("18446744073709551615s", 7),
+    ] {
         let (code, out) = clawgress(&[
             "audit", "query", "--config", &cfg, "--since", since, "--json",
         ]);
