@@ -620,10 +620,22 @@ async fn admin_connection(mut s: tokio::net::TcpStream, handler: metrics::Handle
         return;
     };
     let path = metrics::request_path(&head);
-    if matches!(
-        path.split('?').next(),
-        Some("/metrics" | "/healthz" | "/readyz")
-    ) {
+    let path = path.split('?').next().unwrap_or_default();
+    // Metrics without a token on loopback only (§10): from elsewhere they
+    // need an admin token the control plane accepts.
+    if path == "/metrics"
+        && !s.peer_addr().is_ok_and(|a| a.ip().is_loopback())
+        && !token_accepted(&head, &admin).await
+    {
+        let body = "{\"error\":\"metrics need an admin token (Authorization: Bearer) from other hosts than this one\"}";
+        let resp = format!(
+            "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\nwww-authenticate: Bearer\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = s.write_all(resp.as_bytes()).await;
+        return;
+    }
+    if matches!(path, "/metrics" | "/healthz" | "/readyz") {
         return metrics::respond(s, &head, handler).await;
     }
     match tokio::net::UnixStream::connect(&admin).await {
@@ -641,6 +653,37 @@ async fn admin_connection(mut s: tokio::net::TcpStream, handler: metrics::Handle
             let _ = s.write_all(resp.as_bytes()).await;
         }
     }
+}
+
+/// Whether the request's `Authorization` header is a token the admin
+/// service accepts (asked with a viewer's read of the alerts).
+async fn token_accepted(head: &[u8], admin: &Path) -> bool {
+    let text = String::from_utf8_lossy(head);
+    let Some(auth) = text.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("authorization")
+            .then(|| v.trim().to_string())
+    }) else {
+        return false;
+    };
+    if auth.is_empty() || auth.contains(['\r', '\n']) {
+        return false;
+    }
+    let Ok(mut up) = tokio::net::UnixStream::connect(admin).await else {
+        return false;
+    };
+    let req = format!(
+        "GET /api/v1/alerts HTTP/1.1\r\nHost: admin\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"
+    );
+    if up.write_all(req.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut status = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), up.read_exact(&mut status))
+        .await
+        .is_ok_and(|r| r.is_ok())
+        && &status == b"HTTP/1.1 200"
 }
 
 /// 100 ms after the first exit, doubling per exit in the window, at most 5 s.
