@@ -433,7 +433,7 @@ fn main() -> ExitCode {
             let doc = config.as_deref().map(node::load).transpose()?;
             let env = |k: &str| std::env::var(k).ok();
             let dir = node::state_dir(state_dir.as_deref(), doc.as_ref(), &env)?;
-            up::signal_reload(&dir)
+            up::signal_reload(&dir, config.as_deref())
         })(),
         Command::Audit {
             command: AuditCommand::Prove { request_id, node },

@@ -87,6 +87,12 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
     // sockets, and on stopping take them away from it. Held until `up`
     // exits (close-on-exec: no child keeps it).
     let _one_up = lock_state(&state, &run)?;
+    // Which file this `up` re-reads on reload (`clawgress reload --config`
+    // checks it names the same one).
+    node::write_private(
+        &run.join("config.path"),
+        config_path.display().to_string().as_bytes(),
+    )?;
     node::private_dir(&node::spool_dir(&doc, &state))?;
     crate::metrics::record_alerts_in(node::events_spool(&doc, &state), "up");
     let envoy = locate_envoy(args.envoy.as_deref())?;
@@ -463,7 +469,7 @@ fn reload(
 }
 
 /// `clawgress reload`: signal the running `up` that owns `state_dir`.
-pub fn signal_reload(state_dir: &Path) -> Result<()> {
+pub fn signal_reload(state_dir: &Path, config: Option<&Path>) -> Result<()> {
     let pidfile = state_dir.join("run").join("up.pid");
     let text = std::fs::read_to_string(&pidfile).with_context(|| {
         format!(
@@ -477,6 +483,25 @@ pub fn signal_reload(state_dir: &Path) -> Result<()> {
         .with_context(|| format!("{} does not hold a pid", pidfile.display()))?;
     if !Path::new(&format!("/proc/{pid}")).exists() {
         bail!("`clawgress up` (pid {pid}) is not running");
+    }
+    // `up` re-reads the file it was started with: another one named here
+    // would be silently ignored.
+    if let (Some(given), Ok(running)) = (
+        config,
+        std::fs::read_to_string(state_dir.join("run").join("config.path")),
+    ) {
+        let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => true,
+        };
+        if !same(given, Path::new(running.trim())) {
+            let given = absolute(given)?;
+            bail!(
+                "`clawgress up` (pid {pid}) runs with {}, not {}: a reload re-reads the file it was started with; edit that one",
+                running.trim(),
+                given.display()
+            );
+        }
     }
     sys::signal(pid, sys::Sig::Hup);
     println!("reload requested from clawgress up (pid {pid}); its log says whether the config was accepted");

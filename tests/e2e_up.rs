@@ -167,6 +167,19 @@ fn reload_applies_a_valid_file_and_refuses_a_bad_one() {
         &format!("ports: [{}, {}]", a.addr.port(), b.addr.port()),
     );
     assert_ne!(text, widened);
+    // A copy elsewhere is not the file `up` re-reads: refused, named.
+    let copy = stack.state().with_file_name("copy.yaml");
+    std::fs::write(&copy, &widened).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_clawgress"))
+        .args(["reload", "--config"])
+        .arg(&copy)
+        .output()
+        .expect("reload");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("a reload re-reads the file it was started with"),
+        "{err}"
+    );
     std::fs::write(&stack.config, &widened).expect("write");
     let out = Command::new(env!("CARGO_BIN_EXE_clawgress"))
         .args(["reload", "--config"])
