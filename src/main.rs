@@ -93,6 +93,11 @@ enum Command {
         /// (mode 0660). `up`, run as root, gives Envoy's group this way.
         #[arg(long, value_name = "GID")]
         socket_group: Option<u32>,
+        /// This node's settings (gateway, stores, nft, audit) as JSON, in
+        /// place of the config file's: `up` fixes them at its start, so a
+        /// restarted child keeps what the others run with.
+        #[arg(long, value_name = "FILE")]
+        node_settings: Option<PathBuf>,
     },
     /// Make the running `up` re-read its config file (same as SIGHUP): a
     /// valid file is applied without a restart, an invalid one changes
@@ -357,6 +362,7 @@ fn main() -> ExitCode {
             bundle_url,
             bundle_token_file,
             socket_group,
+            node_settings,
         } => runtime(match service {
             // Their gRPC runs on per-core runtimes of its own (`pinned`).
             serve::Service::Authz | serve::Service::Ratelimit => false,
@@ -364,6 +370,7 @@ fn main() -> ExitCode {
         })
         .and_then(|rt| {
             serve::set_socket_group(socket_group);
+            serve::set_node_settings(node_settings);
             let r = rt.block_on(serve::serve(
                 service,
                 &config,

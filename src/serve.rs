@@ -147,6 +147,30 @@ pub fn set_socket_group(gid: Option<u32>) {
     }
 }
 
+static NODE_SETTINGS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// `--node-settings`: this node's settings as `up` fixed them at its start.
+pub fn set_node_settings(file: Option<PathBuf>) {
+    if let Some(f) = file {
+        let _ = NODE_SETTINGS.set(f);
+    }
+}
+
+/// The config file, with this node's settings from `--node-settings` when
+/// given (the file's own may have been edited since `up` started: they take
+/// effect when it restarts, not when one child does).
+fn load_config(config: &Path) -> Result<clawgress_policy::Document> {
+    let doc = node::load(config)?;
+    let Some(file) = NODE_SETTINGS.get() else {
+        return Ok(doc);
+    };
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let settings = serde_json::from_str(&text)
+        .with_context(|| format!("{} holds no node settings", file.display()))?;
+    Ok(doc.with_node(settings))
+}
+
 fn bind_unix(path: &Path) -> Result<UnixListener> {
     // A socket file left by a killed predecessor would make bind fail.
     match std::fs::remove_file(path) {
@@ -261,7 +285,7 @@ pub async fn serve(
     policy_source: PolicySource,
     mut registry: Registry,
 ) -> Result<()> {
-    let doc = node::load(config)?;
+    let doc = load_config(config)?;
     let state = node::state_dir(state_dir, Some(&doc), &|k| std::env::var(k).ok())?;
     let bundles = match service {
         Service::Authz | Service::Ratelimit => bundle_source(&policy_source, &state)?,

@@ -93,6 +93,14 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
         &run.join("config.path"),
         config_path.display().to_string().as_bytes(),
     )?;
+    // This node's settings as they are now, for every child: one restarted
+    // after the file's gateway/stores/nft/audit were edited keeps what the
+    // others (and Envoy's rendered config) run with.
+    let node_settings = run.join("node.json");
+    node::write_private(
+        &node_settings,
+        serde_json::to_string(&doc.node())?.as_bytes(),
+    )?;
     node::private_dir(&node::spool_dir(&doc, &state))?;
     crate::metrics::record_alerts_in(node::events_spool(&doc, &state), "up");
     let envoy = locate_envoy(args.envoy.as_deref())?;
@@ -172,6 +180,8 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
             format!("unix:{}", sock.display()),
             "--metrics-listen".into(),
             format!("unix:{}", metrics_socket(&run, name).display()),
+            "--node-settings".into(),
+            node_settings.display().to_string(),
         ],
         user: None,
         shared_files: vec![],

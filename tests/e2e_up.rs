@@ -535,6 +535,40 @@ fn a_child_is_not_restarted_into_an_invalid_config_file() {
 }
 
 #[test]
+fn a_restarted_child_keeps_the_node_settings_up_started_with() {
+    let up = Upstream::http();
+    let mut stack = Stack::start(&config_allowing(&[up.addr.port()], ""));
+    let target = format!("http://{}/", up.addr);
+    let proxy = stack.proxy_url(AGENT, KEY);
+    assert_eq!(curl(&["-x", &proxy, &target], &[]).status, 200);
+    assert_eq!(stack.wait_audit(1).len(), 1);
+    // The file's audit_dir edited (valid; takes effect when `up`
+    // restarts), then the sink dies and is restarted.
+    let elsewhere = stack.state().with_file_name("elsewhere");
+    let text = std::fs::read_to_string(&stack.config).expect("read");
+    std::fs::write(
+        &stack.config,
+        format!("stores:\n  audit_dir: {}\n{text}", elsewhere.display()),
+    )
+    .expect("write");
+    let pid = stack.service_pid("audit").expect("audit");
+    signal(pid, "KILL");
+    assert!(eventually(Duration::from_secs(10), || stack
+        .service_pid("audit")
+        .is_some_and(|p| p != pid)));
+    assert_eq!(curl(&["-x", &proxy, &target], &[]).status, 200);
+    // One chain, in the directory everything else runs with.
+    let recs = stack.wait_audit(2);
+    assert_eq!(recs.len(), 2, "{recs:?}");
+    assert!(
+        !elsewhere.exists(),
+        "the sink forked the log into {}",
+        elsewhere.display()
+    );
+    assert!(stack.stop().expect("stopped").success());
+}
+
+#[test]
 fn json_logs_are_one_object_per_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = dir.path().join("c.yaml");

@@ -70,6 +70,17 @@ pub struct Document {
     pub quotas: Vec<Quota>,
 }
 
+/// The part of the document that describes one node (§12: `gateway`,
+/// `stores`, `nft`, `audit`): what `up` fixes for its children at start.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSettings {
+    pub gateway: Gateway,
+    pub stores: Stores,
+    pub nft: Nft,
+    pub audit: AuditSettings,
+}
+
 /// The part of the document that revisions and bundles carry (§12: everything
 /// but `gateway`, `stores`, `nft` and `audit`).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -875,6 +886,27 @@ impl Document {
         }
     }
 
+    /// This node's settings (`gateway`, `stores`, `nft`, `audit`).
+    pub fn node(&self) -> NodeSettings {
+        NodeSettings {
+            gateway: self.gateway.clone(),
+            stores: self.stores.clone(),
+            nft: self.nft.clone(),
+            audit: self.audit.clone(),
+        }
+    }
+
+    /// The same policy with `node`'s settings.
+    pub fn with_node(self, node: NodeSettings) -> Document {
+        Document {
+            gateway: node.gateway,
+            stores: node.stores,
+            nft: node.nft,
+            audit: node.audit,
+            ..self
+        }
+    }
+
     /// The policy part, as revisions and bundles carry it.
     pub fn policy(&self) -> PolicyDocument {
         PolicyDocument {
@@ -1434,6 +1466,19 @@ quotas:
             let want_line = text.lines().position(|l| l.contains(to)).map(|i| i + 1);
             assert_eq!(err.0[0].line, want_line, "{to}: {err}");
         }
+    }
+
+    /// What `up` hands its children as JSON reads back the same.
+    #[test]
+    fn node_settings_round_trip_through_json() {
+        let text = format!(
+            "gateway:\n  proxy_listen: 127.0.0.1:10001\n  admin_listen: 127.0.0.1:9081\n  state_dir: /tmp/x\n  private_destinations_allowed: [10.1.0.0/16]\n  quota_check: rls\n  audit_input: grpc\nstores:\n  ratelimit: redis://127.0.0.1:6379\n  audit_query: sqlite\n  audit_dir: /tmp/x/audit\nnft:\n  mode: sovereign\n  exempt_users: [backup]\n  protected_sources: [10.20.0.0/24]\n  allowed_private: [10.30.0.0/16]\naudit:\n  min_free_mb: 64\n  on_full: allow\n{GOOD}"
+        );
+        let doc = Document::from_yaml(&text).expect("valid");
+        let json = serde_json::to_string(&doc.node()).expect("json");
+        let back: NodeSettings = serde_json::from_str(&json).expect("reads back");
+        assert_eq!(back, doc.node());
+        assert_eq!(Document::default().with_node(back).node(), doc.node());
     }
 
     #[test]
