@@ -466,6 +466,17 @@ fn reload(
         tracing::info!("reload: the policy is unchanged");
         return new;
     }
+    // A file with no agents, issuers, policies or quotas at all, where some
+    // are in force, is far likelier a save cut short than an intent (that
+    // is `clawgress lockdown`): committing it would deny everything.
+    if new.policy() == clawgress_policy::config::PolicyDocument::default() {
+        tracing::error!(
+            alert = "config-rejected",
+            file = %config.display(),
+            "reload refused: the file has no agents, jwt issuers, policies or quotas (cut short?); nothing changed — to deny everything, use `clawgress lockdown`"
+        );
+        return current;
+    }
     for slot in slots.iter().filter(|s| s.spec.name == "admin") {
         if let Some(pid) = slot.pid {
             sys::signal(pid, sys::Sig::Hup);

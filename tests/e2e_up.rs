@@ -234,6 +234,30 @@ fn reload_applies_a_valid_file_and_refuses_a_bad_one() {
         curl(&["-x", &proxy, &format!("http://{}/", a.addr)], &[]).status,
         200
     );
+
+    // A save cut short before `agents:` (only the gateway section left):
+    // valid YAML, but committing it would deny everything. Refused.
+    let cut = widened.split("agents:").next().expect("head").to_string();
+    std::fs::write(&stack.config, cut).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_clawgress"))
+        .args(["reload", "--config"])
+        .arg(&stack.config)
+        .output()
+        .expect("reload");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || stack
+            .stderr()
+            .contains("cut short?")),
+        "{}",
+        stack.stderr()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(curl(&["-x", &proxy, &to_b], &[]).status, 200);
 }
 
 #[test]
