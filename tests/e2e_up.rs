@@ -150,6 +150,24 @@ fn a_killed_envoy_is_restarted_and_traffic_resumes() {
     );
 }
 
+/// `clawgress status --json` for the stack's state directory.
+fn status(stack: &Stack) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_clawgress"))
+        .args(["status", "--json", "--state-dir"])
+        .arg(stack.state())
+        .output()
+        .expect("status")
+}
+
+/// `clawgress reload --config FILE`.
+fn reload(config: &std::path::Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_clawgress"))
+        .args(["reload", "--config"])
+        .arg(config)
+        .output()
+        .expect("reload")
+}
+
 #[test]
 fn reload_applies_a_valid_file_and_refuses_a_bad_one() {
     let a = Upstream::http();
@@ -170,22 +188,14 @@ fn reload_applies_a_valid_file_and_refuses_a_bad_one() {
     // A copy elsewhere is not the file `up` re-reads: refused, named.
     let copy = stack.state().with_file_name("copy.yaml");
     std::fs::write(&copy, &widened).expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_clawgress"))
-        .args(["reload", "--config"])
-        .arg(&copy)
-        .output()
-        .expect("reload");
+    let out = reload(&copy);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("a reload re-reads the file it was started with"),
         "{err}"
     );
     std::fs::write(&stack.config, &widened).expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_clawgress"))
-        .args(["reload", "--config"])
-        .arg(&stack.config)
-        .output()
-        .expect("reload");
+    let out = reload(&stack.config);
     assert!(
         out.status.success(),
         "{}",
@@ -239,11 +249,7 @@ fn reload_applies_a_valid_file_and_refuses_a_bad_one() {
     // valid YAML, but committing it would deny everything. Refused.
     let cut = widened.split("agents:").next().expect("head").to_string();
     std::fs::write(&stack.config, cut).expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_clawgress"))
-        .args(["reload", "--config"])
-        .arg(&stack.config)
-        .output()
-        .expect("reload");
+    let out = reload(&stack.config);
     assert!(
         out.status.success(),
         "{}",
@@ -344,13 +350,6 @@ fn sigterm_drains_envoy_so_requests_in_flight_complete() {
 #[test]
 fn status_lists_children_with_pid_uptime_restarts_and_health() {
     let mut stack = Stack::start(&config_allowing(&[free_port()], ""));
-    let status = |stack: &Stack| {
-        Command::new(env!("CARGO_BIN_EXE_clawgress"))
-            .args(["status", "--json", "--state-dir"])
-            .arg(stack.state())
-            .output()
-            .expect("run")
-    };
     let out = status(&stack);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
@@ -388,12 +387,8 @@ fn a_stopped_service_is_unhealthy_in_status_and_alerted() {
     let mut stack = Stack::start(&config_allowing(&[up.addr.port()], ""));
     let target = format!("http://{}/", up.addr);
     let proxy = stack.proxy_url(AGENT, KEY);
-    let status = |stack: &Stack| {
-        let out = Command::new(env!("CARGO_BIN_EXE_clawgress"))
-            .args(["status", "--json", "--state-dir"])
-            .arg(stack.state())
-            .output()
-            .expect("run");
+    let authz_health = |stack: &Stack| {
+        let out = status(stack);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         (out.status.code(), v["children"][1].clone())
     };
@@ -406,7 +401,7 @@ fn a_stopped_service_is_unhealthy_in_status_and_alerted() {
         (r.status, r.json()["reason"].clone()),
         (503, "authz-unavailable".into())
     );
-    let (code, authz) = status(&stack);
+    let (code, authz) = authz_health(&stack);
     assert_eq!(code, Some(1), "{authz}");
     assert_eq!(
         (authz["name"].as_str(), authz["health"].as_str()),
@@ -425,7 +420,7 @@ fn a_stopped_service_is_unhealthy_in_status_and_alerted() {
     assert!(line.contains("authz"), "{line}");
     assert!(
         eventually(Duration::from_secs(10), || {
-            status(&stack).1["health"] == "healthy"
+            authz_health(&stack).1["health"] == "healthy"
                 && curl(&["-x", &proxy, &target], &[]).status == 200
         }),
         "authz did not come back"

@@ -214,7 +214,7 @@ fn rfc3339_millis(seconds: i64, nanos: i32) -> String {
 
 impl Entry {
     /// The audit record for this entry.
-    pub fn record(self) -> AuditRecord {
+    pub fn record(mut self) -> AuditRecord {
         let connect = self.method == "CONNECT";
         let default_port = if connect || self.scheme == "https" {
             443
@@ -222,7 +222,9 @@ impl Entry {
             80
         };
         let (destination_host, destination_port) = host_port(&self.authority, default_port);
-        let request_id = self.audit_key();
+        let request_id = self
+            .derived_key()
+            .unwrap_or_else(|| std::mem::take(&mut self.request_id));
         let Entry {
             authz: a,
             ratelimit: rl,
@@ -290,18 +292,19 @@ impl Entry {
         }
     }
 
-    /// The request id the record is kept (and deduplicated) under. Envoy
-    /// replaces an agent's `x-request-id` before its filters run, so an
-    /// entry authz saw carries Envoy's own. A request Envoy refused before
+    /// The key the record is kept (and deduplicated) under when the request
+    /// id cannot be: `None` keeps the request id. Envoy replaces an agent's
+    /// `x-request-id` before its filters run, so an entry authz saw carries
+    /// Envoy's own. A request Envoy refused before
     /// that (a malformed path, an unparseable header) keeps whatever the
     /// agent sent, or none: not an audit key (§3), since an agent could
     /// reuse a real request's id and have that record dropped as a
     /// duplicate. Such an entry is keyed by what Envoy logged of it
     /// instead, fields the access-log file and the gRPC stream render
     /// alike, so a replay of the file still deduplicates.
-    fn audit_key(&self) -> String {
+    fn derived_key(&self) -> Option<String> {
         if !self.authz.decision.is_empty() || self.authz_error {
-            return self.request_id.clone();
+            return None;
         }
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
@@ -315,7 +318,7 @@ impl Entry {
             h.update((part.len() as u64).to_be_bytes());
             h.update(part.as_bytes());
         }
-        format!("envoy-local-{}", hex::encode(&h.finalize()[..16]))
+        Some(format!("envoy-local-{}", hex::encode(&h.finalize()[..16])))
     }
 
     /// From Envoy's gRPC access-log entry.
