@@ -437,10 +437,42 @@ fn main() -> ExitCode {
             }
         }
         Command::Reload { config, state_dir } => (|| {
-            let doc = config.as_deref().map(node::load).transpose()?;
             let env = |k: &str| std::env::var(k).ok();
-            let dir = node::state_dir(state_dir.as_deref(), doc.as_ref(), &env)?;
-            up::signal_reload(&dir, config.as_deref())
+            let loaded = config.as_deref().map(node::load).transpose();
+            // An invalid file still reaches `up`: it refuses the reload
+            // with the alert `config-rejected` (§10), which is what an
+            // operator's alerting sees. Its state directory is then read
+            // from the file as far as it parses.
+            let hint = match (&loaded, config.as_deref()) {
+                (Err(_), Some(p)) => node::state_dir_named_in(p),
+                _ => None,
+            };
+            let doc = loaded.as_ref().ok().and_then(|d| d.as_ref());
+            let signalled = node::state_dir(state_dir.as_deref().or(hint.as_deref()), doc, &env)
+                .and_then(|dir| up::signal_reload(&dir, config.as_deref()));
+            let (pid, file) = match (loaded, signalled) {
+                (Err(e), Ok((pid, _))) => {
+                    return Err(e.context(format!(
+                        "reload refused by clawgress up (pid {pid}) too: nothing changed (alert config-rejected)"
+                    )))
+                }
+                (Err(e), Err(_)) => return Err(e),
+                (Ok(_), Err(e)) => return Err(e),
+                (Ok(_), Ok(s)) => s,
+            };
+            // Say here what `up` will find, not only in its log.
+            match node::load(&file) {
+                Ok(_) => {
+                    println!(
+                        "reload requested from clawgress up (pid {pid}): {} is valid; its log says whether the policy changed",
+                        file.display()
+                    );
+                    Ok(())
+                }
+                Err(e) => Err(e.context(format!(
+                    "reload refused by clawgress up (pid {pid}): nothing changed (alert config-rejected)"
+                ))),
+            }
         })(),
         Command::Audit {
             command: AuditCommand::Prove { request_id, node },

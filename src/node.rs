@@ -86,6 +86,16 @@ pub fn state_dir(
     }
 }
 
+/// `gateway.state_dir` as written in a config file that does not validate
+/// (as far as it parses as YAML at all): where to find the running `up`
+/// that should hear about it.
+pub fn state_dir_named_in(path: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).ok()?;
+    // As `load` takes it: as written.
+    Some(PathBuf::from(v.get("gateway")?.get("state_dir")?.as_str()?))
+}
+
 /// The audit directory: `stores.audit_dir`, else `state_dir/audit`.
 pub fn audit_dir(doc: &Document, state_dir: &Path) -> PathBuf {
     doc.stores

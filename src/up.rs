@@ -490,7 +490,8 @@ fn reload(
 }
 
 /// `clawgress reload`: signal the running `up` that owns `state_dir`.
-pub fn signal_reload(state_dir: &Path, config: Option<&Path>) -> Result<()> {
+/// Returns its pid and the file it re-reads.
+pub fn signal_reload(state_dir: &Path, config: Option<&Path>) -> Result<(u32, PathBuf)> {
     let pidfile = state_dir.join("run").join("up.pid");
     let text = std::fs::read_to_string(&pidfile).with_context(|| {
         format!(
@@ -507,10 +508,8 @@ pub fn signal_reload(state_dir: &Path, config: Option<&Path>) -> Result<()> {
     }
     // `up` re-reads the file it was started with: another one named here
     // would be silently ignored.
-    if let (Some(given), Ok(running)) = (
-        config,
-        std::fs::read_to_string(state_dir.join("run").join("config.path")),
-    ) {
+    let running = std::fs::read_to_string(state_dir.join("run").join("config.path"));
+    if let (Some(given), Ok(running)) = (config, running.as_ref()) {
         let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
             (Ok(a), Ok(b)) => a == b,
             _ => true,
@@ -525,8 +524,17 @@ pub fn signal_reload(state_dir: &Path, config: Option<&Path>) -> Result<()> {
         }
     }
     sys::signal(pid, sys::Sig::Hup);
-    println!("reload requested from clawgress up (pid {pid}); its log says whether the config was accepted");
-    Ok(())
+    let file = match (running, config) {
+        (Ok(r), _) => PathBuf::from(r.trim()),
+        (Err(_), Some(c)) => c.to_path_buf(),
+        (Err(e), None) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "reload requested from clawgress up (pid {pid}), but which file it re-reads is unknown ({} unreadable)",
+                state_dir.join("run").join("config.path").display()
+            )))
+        }
+    };
+    Ok((pid, file))
 }
 
 const SERVICES: [&str; 4] = ["admin", "authz", "ratelimit", "audit"];

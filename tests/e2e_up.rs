@@ -239,6 +239,30 @@ fn reload_applies_a_valid_file_and_refuses_a_bad_one() {
         stack.stderr()
     );
     assert!(stack.stderr().contains("line "), "{}", stack.stderr());
+    // The same through `clawgress reload --config`: the CLI names the line
+    // and fails, and `up` still hears of it and raises the alert again
+    // (an operator's alerting sees the refused reload, §10).
+    let before = stack.stderr().matches("alert=\"config-rejected\"").count()
+        + stack.stderr().matches("alert=config-rejected").count();
+    let out = reload(&stack.config);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("line ")
+            && err.contains("priority")
+            && err.contains("config-rejected"),
+        "{err}"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || stack
+            .stderr()
+            .matches("alert=\"config-rejected\"")
+            .count()
+            + stack.stderr().matches("alert=config-rejected").count()
+            > before),
+        "up raised no second alert:\n{}",
+        stack.stderr()
+    );
     assert_eq!(curl(&["-x", &proxy, &to_b], &[]).status, 200);
     assert_eq!(
         curl(&["-x", &proxy, &format!("http://{}/", a.addr)], &[]).status,

@@ -34,14 +34,87 @@ impl Authorization for Floor {
         &self,
         _: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, tonic::Status> {
-        Ok(Response::new(CheckResponse {
-            status: Some(Status {
-                code: 0,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }))
+        Ok(Response::new(answer()))
     }
+}
+
+/// The floor answers a bare OK. For experiments only,
+/// `CLAWGRESS_BENCH_FLOOR_ANSWER` (comma-separated) adds parts of what
+/// authz answers, to see what each costs Envoy: `meta` (the eight metadata
+/// keys of an allow), `meta4` (four of them), `rl` (three `x-ratelimit-*`
+/// response headers), `rm` (remove `proxy-authorization`).
+fn answer() -> CheckResponse {
+    use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
+    use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+    use envoy_types::pb::envoy::service::auth::v3::OkHttpResponse;
+    use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+    static PARTS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let parts =
+        PARTS.get_or_init(|| std::env::var("CLAWGRESS_BENCH_FLOOR_ANSWER").unwrap_or_default());
+    let mut r = CheckResponse {
+        status: Some(Status {
+            code: 0,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let has = |p: &str| parts.split(',').any(|x| x == p);
+    let keys: &[(&str, &str)] = &[
+        ("agent_id", "agent-0042"),
+        ("team_id", "team-2"),
+        ("project_id", "proj-2"),
+        ("environment", "prod"),
+        ("policy_id", "allow-0042"),
+        ("bundle_revision", "r1"),
+        ("reason", "allowed"),
+        ("decision", "allow"),
+    ];
+    let n = if has("meta") {
+        8
+    } else if has("meta4") {
+        4
+    } else {
+        0
+    };
+    if n > 0 {
+        r.dynamic_metadata = Some(Struct {
+            fields: keys[..n]
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        Value {
+                            kind: Some(Kind::StringValue(v.to_string())),
+                        },
+                    )
+                })
+                .collect(),
+        });
+    }
+    let mut ok = OkHttpResponse::default();
+    if has("rl") {
+        for (k, v) in [
+            ("x-ratelimit-limit", "10, 10;w=1"),
+            ("x-ratelimit-remaining", "9"),
+            ("x-ratelimit-reset", "1"),
+        ] {
+            ok.response_headers_to_add.push(HeaderValueOption {
+                header: Some(HeaderValue {
+                    key: k.into(),
+                    value: v.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+    }
+    if has("rm") {
+        ok.headers_to_remove.push("proxy-authorization".into());
+    }
+    if has("rl") || has("rm") {
+        r.http_response = Some(HttpResponse::OkResponse(ok));
+    }
+    r
 }
 
 #[tonic::async_trait]

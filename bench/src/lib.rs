@@ -541,6 +541,10 @@ pub struct Run {
     pub cpu_us_per_req_by_service: std::collections::BTreeMap<String, f64>,
     pub envoy_peak_rss_mib: f64,
     pub services_peak_rss_mib: f64,
+    /// How long after the load the services took to go quiet (their CPU
+    /// until then is counted): the sink catching up.
+    #[serde(default)]
+    pub services_settle_ms: u64,
 }
 
 fn measure(
@@ -559,6 +563,11 @@ fn measure(
     let before = arm.cpu();
     let before_each = each(arm);
     let out = rt.block_on(f);
+    // Work a service does after the load stops (the sink's query-store
+    // batch, or whatever it deferred while Envoy had the CPU) is work for
+    // these requests: wait until the services go quiet before reading
+    // their CPU, so nothing deferred is left out of the figures.
+    let settle_ms = settle(arm);
     let after = arm.cpu();
     let after_each = each(arm);
     let n = out.completed().max(1) as f64;
@@ -585,8 +594,28 @@ fn measure(
             .collect(),
         envoy_peak_rss_mib: er as f64 / 1024.0,
         services_peak_rss_mib: sr as f64 / 1024.0,
+        services_settle_ms: settle_ms,
     };
     (run, out)
+}
+
+/// Wait (10 s at most) until the arm's services use less than 2 ms of CPU
+/// in 100 ms, twice running; returns how long that took, in ms.
+fn settle(arm: &Arm) -> u64 {
+    let start = std::time::Instant::now();
+    let mut last = arm.cpu().1;
+    let mut quiet = 0;
+    while quiet < 2 && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = arm.cpu().1;
+        quiet = if now.saturating_sub(last) < 2_000 {
+            quiet + 1
+        } else {
+            0
+        };
+        last = now;
+    }
+    start.elapsed().as_millis() as u64
 }
 
 /// Run everything; returns every run, in order.
@@ -668,6 +697,27 @@ pub fn run(o: &Options, progress: &mut dyn FnMut(&Run)) -> Result<Vec<Run>> {
                     load::open_loop(&t, rate, open, conns),
                 );
                 push(r, &mut runs);
+                // Experiment (`CLAWGRESS_BENCH_SINK_AB=1`, as root): the same
+                // run again with the sink at a background CPU priority
+                // (SCHED_BATCH, nice 10), paired. Tried 2026-12-03: at 50 %
+                // added p50 was worse in 3 of 4 pairs, throughput better
+                // only past saturation; not adopted.
+                if arm.name == "clawgress" && std::env::var_os("CLAWGRESS_BENCH_SINK_AB").is_some()
+                {
+                    if let Some((_, sink)) = arm.service_pids.iter().find(|(n, _)| n == "audit") {
+                        procstat::set_priority(*sink, true);
+                        let (mut r, _) = measure(
+                            &rt,
+                            arm,
+                            format!("open@{level:.2}"),
+                            Some(rate),
+                            load::open_loop(&t, rate, open, conns),
+                        );
+                        procstat::set_priority(*sink, false);
+                        r.arm = "clawgress/sink-batch".into();
+                        push(r, &mut runs);
+                    }
+                }
             }
         }
     }

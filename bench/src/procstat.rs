@@ -50,3 +50,28 @@ pub fn raise_nofile(want: u64) -> u64 {
     }
     r.rlim_cur
 }
+
+/// Every thread of `pid` to the sink's background priority (`SCHED_BATCH`,
+/// nice 10) or back to the normal one (needs root). For the A/B experiment.
+pub fn set_priority(pid: u32, background: bool) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    for t in tasks.flatten() {
+        let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let param = libc::sched_param { sched_priority: 0 };
+        let (policy, nice) = if background {
+            (libc::SCHED_BATCH, 10)
+        } else {
+            (libc::SCHED_OTHER, 0)
+        };
+        // SAFETY: both calls read only `param`, which outlives them; a
+        // thread gone meanwhile yields ESRCH.
+        unsafe {
+            libc::sched_setscheduler(tid, policy, &param);
+            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice);
+        }
+    }
+}
