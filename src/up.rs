@@ -710,7 +710,8 @@ async fn admin_connection(mut s: tokio::net::TcpStream, handler: metrics::Handle
 }
 
 /// Whether the request's `Authorization` header is a token the admin
-/// service accepts (asked with a viewer's read of the alerts).
+/// service accepts (asked with a viewer's read of the profiles: a static
+/// answer, so a query-store outage never locks Prometheus out).
 async fn token_accepted(head: &[u8], admin: &Path) -> bool {
     let text = String::from_utf8_lossy(head);
     let Some(auth) = text.lines().find_map(|l| {
@@ -728,7 +729,7 @@ async fn token_accepted(head: &[u8], admin: &Path) -> bool {
         return false;
     };
     let req = format!(
-        "GET /api/v1/alerts HTTP/1.1\r\nHost: admin\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"
+        "GET /api/v1/profiles HTTP/1.1\r\nHost: admin\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"
     );
     if up.write_all(req.as_bytes()).await.is_err() {
         return false;

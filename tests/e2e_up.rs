@@ -128,11 +128,7 @@ fn a_crash_looping_child_makes_up_exit_nonzero_naming_it() {
 
 #[test]
 fn a_killed_envoy_is_restarted_and_traffic_resumes() {
-    let up = Upstream::http();
-    let stack = Stack::start(&config_allowing(&[up.addr.port()], ""));
-    let target = format!("http://{}/", up.addr);
-    let proxy = stack.proxy_url(AGENT, KEY);
-    assert_eq!(curl(&["-x", &proxy, &target], &[]).status, 200);
+    let (stack, _up, target, proxy) = allowed_stack();
     let pid = stack.envoy_pid().expect("envoy pid");
     signal(pid, "KILL");
     assert!(
@@ -157,6 +153,17 @@ fn status(stack: &Stack) -> std::process::Output {
         .arg(stack.state())
         .output()
         .expect("status")
+}
+
+/// A running stack whose agent may reach one plain-HTTP upstream, checked
+/// with a request through it: (stack, upstream, its URL, the proxy URL).
+fn allowed_stack() -> (Stack, Upstream, String, String) {
+    let up = Upstream::http();
+    let stack = Stack::start(&config_allowing(&[up.addr.port()], ""));
+    let target = format!("http://{}/", up.addr);
+    let proxy = stack.proxy_url(AGENT, KEY);
+    assert_eq!(curl(&["-x", &proxy, &target], &[]).status, 200);
+    (stack, up, target, proxy)
 }
 
 /// `clawgress reload --config FILE`.
@@ -463,11 +470,7 @@ fn a_stopped_service_is_unhealthy_in_status_and_alerted() {
 
 #[test]
 fn a_second_up_on_the_same_state_dir_is_refused_and_the_first_keeps_serving() {
-    let up = Upstream::http();
-    let mut stack = Stack::start(&config_allowing(&[up.addr.port()], ""));
-    let target = format!("http://{}/", up.addr);
-    let proxy = stack.proxy_url(AGENT, KEY);
-    assert_eq!(curl(&["-x", &proxy, &target], &[]).status, 200);
+    let (mut stack, _up, target, proxy) = allowed_stack();
     // The same file with other ports: the same state_dir.
     let text = std::fs::read_to_string(&stack.config).expect("read");
     let other = text
@@ -503,11 +506,7 @@ fn a_second_up_on_the_same_state_dir_is_refused_and_the_first_keeps_serving() {
 
 #[test]
 fn authz_restarted_with_no_verifying_bundle_allows_nothing() {
-    let up = Upstream::http();
-    let stack = Stack::start(&config_allowing(&[up.addr.port()], ""));
-    let target = format!("http://{}/", up.addr);
-    let proxy = stack.proxy_url(AGENT, KEY);
-    assert_eq!(curl(&["-x", &proxy, &target], &[]).status, 200);
+    let (stack, _up, target, proxy) = allowed_stack();
     // Both kept bundles damaged, then authz restarted: the config file's
     // policy may be revisions behind, so it is not what comes back.
     let dir = stack.state().join("bundle");
@@ -536,11 +535,7 @@ fn authz_restarted_with_no_verifying_bundle_allows_nothing() {
 
 #[test]
 fn a_child_is_not_restarted_into_an_invalid_config_file() {
-    let up = Upstream::http();
-    let mut stack = Stack::start(&config_allowing(&[up.addr.port()], ""));
-    let target = format!("http://{}/", up.addr);
-    let proxy = stack.proxy_url(AGENT, KEY);
-    assert_eq!(curl(&["-x", &proxy, &target], &[]).status, 200);
+    let (mut stack, _up, target, proxy) = allowed_stack();
     // The file mid-edit, and authz dies meanwhile.
     let good = std::fs::read_to_string(&stack.config).expect("read");
     let bad = good.replace("action: allow", "action: maybe");
@@ -579,11 +574,7 @@ fn a_child_is_not_restarted_into_an_invalid_config_file() {
 
 #[test]
 fn a_restarted_child_keeps_the_node_settings_up_started_with() {
-    let up = Upstream::http();
-    let mut stack = Stack::start(&config_allowing(&[up.addr.port()], ""));
-    let target = format!("http://{}/", up.addr);
-    let proxy = stack.proxy_url(AGENT, KEY);
-    assert_eq!(curl(&["-x", &proxy, &target], &[]).status, 200);
+    let (mut stack, _up, target, proxy) = allowed_stack();
     assert_eq!(stack.wait_audit(1).len(), 1);
     // The file's audit_dir edited (valid; takes effect when `up`
     // restarts), then the sink dies and is restarted.

@@ -304,30 +304,36 @@ const GUARDED_V4: &[(u8, u8, u8, u8, u8)] = &[
     (240, 0, 0, 0, 4),
 ];
 
-const GUARDED_V6: &[(&str, u8)] = &[
-    ("100::", 64),
-    ("2001::", 32),
-    ("2001:db8::", 32),
-    ("fc00::", 7),
-    ("fe80::", 10),
-    ("fec0::", 10),
-    ("ff00::", 8),
+/// Addresses, not text: `guarded_range` runs on every Check of an IPv6
+/// literal, and parses nothing.
+const fn v6(a: u16, b: u16, c: u16) -> Ipv6Addr {
+    Ipv6Addr::new(a, b, c, 0, 0, 0, 0, 0)
+}
+
+const GUARDED_V6: &[(Ipv6Addr, u8)] = &[
+    (v6(0x100, 0, 0), 64),
+    (v6(0x2001, 0, 0), 32),
+    (v6(0x2001, 0xdb8, 0), 32),
+    (v6(0xfc00, 0, 0), 7),
+    (v6(0xfe80, 0, 0), 10),
+    (v6(0xfec0, 0, 0), 10),
+    (v6(0xff00, 0, 0), 8),
     // Local-use NAT64 prefix (RFC 8215): where the IPv4 sits depends on the
     // operator's prefix length, so the whole prefix is guarded.
-    ("64:ff9b:1::", 48),
+    (v6(0x64, 0xff9b, 1), 48),
 ];
 
 /// IPv6's own unspecified and loopback addresses: each its own range, so
 /// only a policy naming it opens it (the kernel's list covers both in
 /// `::/96`).
-const UNSPECIFIED_V6: (&str, u8) = ("::", 128);
-const LOOPBACK_V6: (&str, u8) = ("::1", 128);
+const UNSPECIFIED_V6: (Ipv6Addr, u8) = (Ipv6Addr::UNSPECIFIED, 128);
+const LOOPBACK_V6: (Ipv6Addr, u8) = (Ipv6Addr::LOCALHOST, 128);
 
 /// Reserved by the IETF and never global unicast (odd forms such as
 /// `::1:0:0:1`); asked only after the forms that embed an IPv4
 /// address were judged by it. Not in the kernel's list: it holds
 /// `64:ff9b::/96`, where a NAT64 network's public IPv4 hosts live.
-const RESERVED_V6: (&str, u8) = ("::", 8);
+const RESERVED_V6: (Ipv6Addr, u8) = (Ipv6Addr::UNSPECIFIED, 8);
 
 /// Every guarded range as a CIDR, for the kernel's rules (§8: Envoy's own
 /// egress to these is dropped in `proxy-only`). IPv6 forms that embed an
@@ -346,8 +352,12 @@ pub fn guarded_ranges() -> Vec<IpNet> {
         GUARDED_V6
             .iter()
             .copied()
-            .chain([("::", 96), ("::ffff:0:0", 96), ("::ffff:0:0:0", 96)])
-            .filter_map(|(a, len)| Ipv6Net::new(a.parse().ok()?, len).ok().map(IpNet::V6)),
+            .chain([
+                (Ipv6Addr::UNSPECIFIED, 96),
+                (Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0), 96),
+                (Ipv6Addr::new(0, 0, 0, 0, 0xffff, 0, 0, 0), 96),
+            ])
+            .filter_map(|(a, len)| Ipv6Net::new(a, len).ok().map(IpNet::V6)),
     );
     v
 }
@@ -369,8 +379,8 @@ pub fn guarded_range(ip: IpAddr) -> Option<IpNet> {
             GUARDED_V6
                 .iter()
                 .chain(&[UNSPECIFIED_V6, LOOPBACK_V6, RESERVED_V6])
-                .find_map(|(a, len)| {
-                    let net = Ipv6Net::new(a.parse().ok()?, *len).ok()?;
+                .find_map(|&(a, len)| {
+                    let net = Ipv6Net::new(a, len).ok()?;
                     net.contains(&v6).then_some(IpNet::V6(net))
                 })
         }
