@@ -450,18 +450,18 @@ fn main() -> ExitCode {
             let doc = loaded.as_ref().ok().and_then(|d| d.as_ref());
             let signalled = node::state_dir(state_dir.as_deref().or(hint.as_deref()), doc, &env)
                 .and_then(|dir| up::signal_reload(&dir, config.as_deref()));
-            let (pid, file) = match (loaded, signalled) {
+            let (pid, file, loaded) = match (loaded, signalled) {
                 (Err(e), Ok((pid, _))) => {
                     return Err(e.context(format!(
                         "reload refused by clawgress up (pid {pid}) too: nothing changed (alert config-rejected)"
                     )))
                 }
-                (Err(e), Err(_)) => return Err(e),
-                (Ok(_), Err(e)) => return Err(e),
-                (Ok(_), Ok(s)) => s,
+                (Err(e), Err(_)) | (Ok(_), Err(e)) => return Err(e),
+                (Ok(doc), Ok((pid, file))) => (pid, file, doc.is_some()),
             };
-            // Say here what `up` will find, not only in its log.
-            match node::load(&file) {
+            // Say here what `up` will find, not only in its log (a file
+            // named by `--config` is the one `up` re-reads, loaded above).
+            match if loaded { Ok(()) } else { node::load(&file).map(drop) } {
                 Ok(_) => {
                     println!(
                         "reload requested from clawgress up (pid {pid}): {} is valid; its log says whether the policy changed",
