@@ -60,6 +60,10 @@ pub struct Options {
     /// Agents and policies in the clawgress arm's config.
     pub agents: usize,
     pub policies: usize,
+    /// Experiments: a second clawgress build run as a fourth arm
+    /// (`clawgress-b`), same config, interleaved with the others, so two
+    /// builds are compared within one run instead of across runs.
+    pub compare: Option<PathBuf>,
 }
 
 impl Options {
@@ -77,6 +81,7 @@ impl Options {
             levels: vec![0.25, 0.5, 0.75],
             agents: 1_000,
             policies: 1_000,
+            compare: None,
         }
     }
 
@@ -100,11 +105,12 @@ impl Options {
             levels: vec![0.5],
             agents: 20,
             policies: 20,
+            compare: None,
         }
     }
 }
 
-pub const ARMS: [&str; 3] = ["bare", "floor", "clawgress"];
+pub const ARMS: [&str; 4] = ["bare", "floor", "clawgress", "clawgress-b"];
 
 const AGENT: &str = "bench";
 const KEY: &str = "bench-key-not-secret-0123456789abcdef";
@@ -314,6 +320,82 @@ pub fn bare_config(generated: &str) -> Result<String> {
     Ok(serde_yaml_ng::to_string(&v)?)
 }
 
+/// Start one clawgress arm: `binary up` with the realistic config, its
+/// state in `dir/name`. Returns the arm and its state directory.
+fn start_clawgress(
+    o: &Options,
+    binary: &Path,
+    name: &'static str,
+    dir: &Path,
+    upstream: SocketAddr,
+) -> Result<(Arm, PathBuf)> {
+    let state = dir.join(name);
+    let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let cfg = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &cfg,
+        clawgress_config(proxy, admin, &state, upstream, o.agents, o.policies),
+    )?;
+    let mut up = Command::new(binary)
+        .arg("up")
+        .arg("--config")
+        .arg(&cfg)
+        .env("CLAWGRESS_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {}", binary.display()))?;
+    let stdout = up.stdout.take().context("up's stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.starts_with("clawgress is up") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    if rx.recv_timeout(Duration::from_secs(90)).is_err() {
+        let _ = up.kill();
+        bail!(
+            "clawgress up did not come up (state in {})",
+            state.display()
+        );
+    }
+    let status: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(state.join("run/status.json")).context("status.json")?,
+    )?;
+    let mut envoy_pid = 0;
+    let mut service_pids = Vec::new();
+    for c in status["children"].as_array().into_iter().flatten() {
+        let (Some(name), Some(pid)) = (c["name"].as_str(), c["pid"].as_u64()) else {
+            continue;
+        };
+        if name == "envoy" {
+            envoy_pid = pid as u32;
+        } else {
+            service_pids.push((name.to_string(), pid as u32));
+        }
+    }
+    if envoy_pid == 0 {
+        bail!("clawgress up reports no Envoy: {status}");
+    }
+    Ok((
+        Arm {
+            name,
+            proxy,
+            envoy_pid,
+            service_pids,
+            children: vec![up],
+        },
+        state,
+    ))
+}
+
 impl Bench {
     /// Start the upstream and the three arms.
     pub fn start(o: &Options, rt: &tokio::runtime::Runtime) -> Result<Bench> {
@@ -341,69 +423,15 @@ impl Bench {
         };
 
         // clawgress: `up` with the realistic config.
-        let state = dir.join("clawgress");
-        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let cfg = dir.join("clawgress.yaml");
-        std::fs::write(
-            &cfg,
-            clawgress_config(proxy, admin, &state, upstream, o.agents, o.policies),
-        )?;
-        let mut up = Command::new(&o.clawgress)
-            .arg("up")
-            .arg("--config")
-            .arg(&cfg)
-            .env("CLAWGRESS_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("cannot start {}", o.clawgress.display()))?;
-        let stdout = up.stdout.take().context("up's stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if line.starts_with("clawgress is up") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        if rx.recv_timeout(Duration::from_secs(90)).is_err() {
-            let _ = up.kill();
-            bail!(
-                "clawgress up did not come up (state in {})",
-                state.display()
-            );
-        }
-        let status: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(state.join("run/status.json")).context("status.json")?,
-        )?;
-        let mut envoy_pid = 0;
-        let mut service_pids = Vec::new();
-        for c in status["children"].as_array().into_iter().flatten() {
-            let (Some(name), Some(pid)) = (c["name"].as_str(), c["pid"].as_u64()) else {
-                continue;
-            };
-            if name == "envoy" {
-                envoy_pid = pid as u32;
-            } else {
-                service_pids.push((name.to_string(), pid as u32));
-            }
-        }
-        if envoy_pid == 0 {
-            bail!("clawgress up reports no Envoy: {status}");
+        let (arm, state) = start_clawgress(o, &o.clawgress, "clawgress", &dir, upstream)?;
+        let proxy = arm.proxy;
+        bench.arms.push(arm);
+        // The experiment arm (`--compare`): another build, same config.
+        if let Some(b) = &o.compare {
+            let (arm, _) = start_clawgress(o, b, "clawgress-b", &dir, upstream)?;
+            bench.arms.push(arm);
         }
         let generated = std::fs::read_to_string(state.join("run/envoy.yaml"))?;
-        bench.arms.push(Arm {
-            name: "clawgress",
-            proxy,
-            envoy_pid,
-            service_pids,
-            children: vec![up],
-        });
 
         // floor: the same Envoy config, every path moved to the floor's
         // directory, the proxy on its own port, do-nothing services.

@@ -44,6 +44,10 @@ enum Cmd {
         /// Seconds, not minutes: a check that every arm runs.
         #[arg(long)]
         smoke: bool,
+        /// Experiments: also run this clawgress binary as a fourth arm,
+        /// `clawgress-b` (same config), interleaved with the others.
+        #[arg(long, value_name = "BINARY")]
+        compare: Option<PathBuf>,
     },
     /// Print the table again from a JSON file a run wrote.
     Report {
@@ -114,6 +118,7 @@ fn main() -> Result<()> {
             reps,
             hold,
             smoke,
+            compare,
         } => {
             let exe = std::env::current_exe().context("own path")?;
             let mut o = if smoke {
@@ -128,9 +133,15 @@ fn main() -> Result<()> {
             if !smoke {
                 (o.open_secs, o.closed_secs, o.reps, o.hold) = (open_secs, closed_secs, reps, hold);
             }
+            o.compare = compare;
             eprintln!(
-                "bench: 3 arms, {} reps, open loop {} s at {:?} of the floor's max, closed loop {} s, hold {}",
-                o.reps, o.open_secs, o.levels, o.closed_secs, o.hold
+                "bench: {} arms, {} reps, open loop {} s at {:?} of the floor's max, closed loop {} s, hold {}",
+                3 + usize::from(o.compare.is_some()),
+                o.reps,
+                o.open_secs,
+                o.levels,
+                o.closed_secs,
+                o.hold
             );
             let runs = clawgress_bench::run(&o, &mut |r| {
                 eprintln!(

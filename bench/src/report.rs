@@ -38,7 +38,14 @@ pub struct Verdict {
 }
 
 pub fn verdicts(runs: &[Run]) -> Vec<Verdict> {
+    verdicts_of(runs, "clawgress")
+}
+
+/// The verdicts for one clawgress arm (`clawgress`, or the experiment's
+/// `clawgress-b`).
+pub fn verdicts_of(runs: &[Run], arm: &str) -> Vec<Verdict> {
     let mut v = Vec::new();
+    let this = arm;
     let added = |arm: &str, f: fn(&Run) -> f64| {
         figure(runs, arm, "open@0.50", f) - figure(runs, "bare", "open@0.50", f)
     };
@@ -46,7 +53,7 @@ pub fn verdicts(runs: &[Run]) -> Vec<Verdict> {
         ("p50", (|r: &Run| r.p50_ms) as fn(&Run) -> f64),
         ("p99", |r: &Run| r.p99_ms),
     ] {
-        let (c, fl) = (added("clawgress", f), added("floor", f));
+        let (c, fl) = (added(this, f), added("floor", f));
         let ratio = c / fl.max(1e-3);
         v.push(Verdict {
             target: format!("added {name} at 50 % of the floor's max: clawgress ÷ floor"),
@@ -55,7 +62,7 @@ pub fn verdicts(runs: &[Run]) -> Vec<Verdict> {
             pass: ratio <= 1.25,
         });
     }
-    let t = figure(runs, "clawgress", "closed", |r| r.achieved_rps)
+    let t = figure(runs, this, "closed", |r| r.achieved_rps)
         / figure(runs, "floor", "closed", |r| r.achieved_rps).max(1e-9);
     v.push(Verdict {
         target: "max throughput: clawgress ÷ floor".into(),
@@ -66,9 +73,7 @@ pub fn verdicts(runs: &[Run]) -> Vec<Verdict> {
     // Only when the floor's services ran as a process of their own.
     let floor_cpu = figure(runs, "floor", "open@0.50", |r| r.services_cpu_us_per_req);
     if floor_cpu > 0.0 {
-        let cpu = figure(runs, "clawgress", "open@0.50", |r| {
-            r.services_cpu_us_per_req
-        }) / floor_cpu;
+        let cpu = figure(runs, this, "open@0.50", |r| r.services_cpu_us_per_req) / floor_cpu;
         v.push(Verdict {
             target: "services' CPU per request at 50 %: clawgress ÷ floor".into(),
             value: cpu,
@@ -83,7 +88,10 @@ pub fn verdicts(runs: &[Run]) -> Vec<Verdict> {
             "keep-alive connections held open at once through clawgress (a proxied request each before and after)",
         ),
     ] {
-        if let Some(h) = runs.iter().find(|r| r.kind.starts_with(prefix)) {
+        if let Some(h) = runs
+            .iter()
+            .find(|r| r.arm == this && r.kind.starts_with(prefix))
+        {
             let held = h.ok as f64;
             let want = 10_000.0;
             v.push(Verdict {
@@ -153,6 +161,18 @@ pub fn markdown(runs: &[Run]) -> String {
             v.limit,
             if v.pass { "pass" } else { "**miss**" }
         ));
+    }
+    if runs.iter().any(|r| r.arm == "clawgress-b") {
+        s.push_str("\n| the same for the experiment arm `clawgress-b` | measured | limit | |\n|---|---:|---:|---|\n");
+        for v in verdicts_of(runs, "clawgress-b") {
+            s.push_str(&format!(
+                "| {} | {:.2} | {:.2} | {} |\n",
+                v.target.replace("clawgress ÷", "clawgress-b ÷"),
+                v.value,
+                v.limit,
+                if v.pass { "pass" } else { "**miss**" }
+            ));
+        }
     }
     s
 }
