@@ -854,10 +854,19 @@ impl Document {
             let inner = e.inner();
             // serde_yaml_ng marks a bad value at the start of the mapping
             // that holds it; walk forward from there to the key's own line.
-            let line = inner
-                .location()
-                .map(|l| line_of_key(text, l.line(), &path).unwrap_or(l.line()));
             let msg = inner.to_string();
+            let line = inner.location().map(|l| {
+                // A key given twice: serde_yaml_ng names the mapping; the
+                // operator wants the second occurrence.
+                const DUP: &str = "duplicate field `";
+                let twice = msg
+                    .find(DUP)
+                    .and_then(|i| msg[i + DUP.len()..].split('`').next())
+                    .and_then(|key| line_of_duplicate(text, l.line(), key));
+                twice
+                    .or_else(|| line_of_key(text, l.line(), &path))
+                    .unwrap_or(l.line())
+            });
             let msg = match msg.rfind(" at line ") {
                 Some(i) => msg[..i].to_string(),
                 None => msg,
@@ -1318,6 +1327,54 @@ fn line_of_key(text: &str, from: usize, path: &str) -> Option<usize> {
         .map(|(i, _)| i + 1)
 }
 
+/// The 1-based line where `key` appears a second time in the block-style
+/// mapping whose first key is on line `from` (a list item's, `- key: …`,
+/// or a plain one). None for flow style or when it cannot be told.
+fn line_of_duplicate(text: &str, from: usize, key: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let first = lines.get(from.checked_sub(1)?)?;
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    // The column the mapping's keys start at.
+    let mut col = indent(first);
+    let mut rest = &first[col..];
+    while let Some(r) = rest.strip_prefix('-') {
+        let t = r.trim_start_matches(' ');
+        col += rest.len() - t.len();
+        rest = t;
+    }
+    if rest.starts_with('{') {
+        return None;
+    }
+    let names = |t: &str| {
+        [
+            format!("{key}:"),
+            format!("\"{key}\":"),
+            format!("'{key}':"),
+        ]
+        .iter()
+        .any(|p| t.starts_with(p.as_str()))
+    };
+    let mut seen = 0;
+    for (i, l) in lines.iter().enumerate().skip(from - 1) {
+        let t = l.trim_start();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        let at = if i + 1 == from { col } else { indent(l) };
+        if i + 1 != from && (at < col || (at + 2 == col && t.starts_with("- "))) {
+            break; // the mapping ended, or the next list item began
+        }
+        let here = if i + 1 == from { rest } else { t };
+        if at == col && names(here) {
+            seen += 1;
+            if seen == 2 {
+                return Some(i + 1);
+            }
+        }
+    }
+    None
+}
+
 /// The 1-based line of the first occurrence of `needle`.
 fn line_of(text: &str, needle: &str) -> Option<usize> {
     text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
@@ -1479,6 +1536,42 @@ quotas:
         let back: NodeSettings = serde_json::from_str(&json).expect("reads back");
         assert_eq!(back, doc.node());
         assert_eq!(Document::default().with_node(back).node(), doc.node());
+    }
+
+    #[test]
+    fn a_key_given_twice_is_named_at_its_second_line() {
+        let cases = [
+            // Top level, far from the first line.
+            ("gateway: {}\nagents: []\npolicies: []\nagents: []\n", 4, ""),
+            // In a nested mapping.
+            (
+                "gateway:\n  proxy_listen: 127.0.0.1:1\n  # note\n  proxy_listen: 127.0.0.1:2\nagents: []\npolicies: []\n",
+                4,
+                "gateway",
+            ),
+            // In a list item, the second item's same key not counted.
+            (
+                "agents: []\npolicies:\n  - policy_id: a\n    priority: 1\n    match: {destination: {hosts: [a.example]}}\n    action: allow\n  - policy_id: b\n    action: allow\n    priority: 1\n    action: deny\n",
+                10,
+                "policies[1]",
+            ),
+            // Quoted the second time.
+            ("agents: []\npolicies: []\n\"agents\": []\n", 3, ""),
+        ];
+        for (text, line, path) in cases {
+            let err = Document::from_yaml(text).expect_err("duplicate key");
+            assert_eq!(err.0.len(), 1, "{err}");
+            assert!(err.0[0].reason.contains("duplicate field"), "{err}");
+            assert_eq!(
+                (err.0[0].path.as_str(), err.0[0].line),
+                (path, Some(line)),
+                "{text}\n{err}"
+            );
+        }
+        // Flow style: the mapping's own line.
+        let err = Document::from_yaml("agents: []\npolicies: []\ngateway: {proxy_listen: 127.0.0.1:1, proxy_listen: 127.0.0.1:2}\n")
+            .expect_err("duplicate key");
+        assert_eq!(err.0[0].line, Some(3), "{err}");
     }
 
     #[test]
