@@ -279,7 +279,14 @@ pub fn default_config(state_dir: &Path) -> Result<(PathBuf, Option<String>)> {
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
+    // A temp name of this process's own: two services keeping the same
+    // file (authz and ratelimit, `bundle/last-good`) never write into one
+    // temp file at once.
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -293,9 +300,65 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Keep the document `up` accepted (from `--config` at start, or at the
+/// last reload that validated) as `run/config.yaml`, key-file paths made
+/// absolute: the services read this one when they (re)start, so a child
+/// restarted while the operator's file is mid-edit or invalid runs with
+/// what is in force instead of failing (§10: an invalid file changes
+/// nothing). Returns None, after saying why, when the written copy would
+/// not load back as the same document (the file itself is used then).
+pub fn keep_accepted(run: &Path, doc: &Document) -> Option<PathBuf> {
+    let path = run.join("config.yaml");
+    let attempt = || -> Result<()> {
+        let text = serde_yaml_ng::to_string(doc)?;
+        let back = Document::from_yaml(&text)
+            .map_err(|e| anyhow::anyhow!("it does not load back: {e}"))?;
+        if &back != doc {
+            anyhow::bail!("it loads back as a different document");
+        }
+        write_private(&path, text.as_bytes())
+    };
+    match attempt() {
+        Ok(()) => Some(path),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "cannot keep the accepted config; services restart from the config file itself");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_accepted_document_is_kept_and_loads_back_the_same() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = r#"
+gateway: {proxy_listen: "127.0.0.1:10001", quota_check: rls, audit_input: grpc, private_destinations_allowed: [10.1.2.0/24]}
+stores: {ratelimit: "redis://127.0.0.1:6379", ratelimit_failure_mode: allow}
+nft: {mode: sovereign, exempt_users: [ops], allowed_private: [192.168.0.0/16]}
+audit: {min_free_mb: 64, on_full: allow}
+agents:
+  - {agent_id: bot, team_id: t, project_id: p, environment: prod, auth_type: api_key, api_key_sha256: "0000000000000000000000000000000000000000000000000000000000000000", profile: external-api}
+  - {agent_id: vm, auth_type: source_ip, source_cidrs: [10.20.0.0/24], status: disabled}
+jwt:
+  issuers:
+    - {issuer: "https://idp.example", audiences: [clawgress], jwks_file: /etc/clawgress/jwks.json, clock_skew_s: 30}
+policies:
+  - {policy_id: a, priority: 5, mode: shadow, match: {identity: {team_id: [t, u]}, destination: {hosts: ["*.example.com", 203.0.113.0/24], ports: [443]}, method: [GET], path_prefix: /v1/}, action: deny}
+quotas:
+  - {agent_id: bot, rps_limit: 10, rpm_limit: 300, mode: alert_only}
+"#;
+        let doc = Document::from_yaml(text).expect("valid");
+        let kept = keep_accepted(dir.path(), &doc).expect("kept");
+        let back = Document::from_yaml(&std::fs::read_to_string(&kept).expect("read"))
+            .expect("loads back");
+        assert_eq!(back, doc);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&kept).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
 
     #[test]
     fn embedded_default_is_valid_and_key_printed_once() {

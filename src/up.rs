@@ -165,6 +165,9 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
     }
 
     let me = std::env::current_exe().context("cannot find the clawgress binary")?;
+    // The services but admin start from the document accepted (kept in
+    // run/); admin reads the operator's file, which it commits on reload.
+    let accepted = node::keep_accepted(&run, &doc);
     let service = |name: &'static str, sock: &Path| Spec {
         name,
         probe: sock.to_path_buf(),
@@ -173,7 +176,10 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
             "serve".into(),
             name.into(),
             "--config".into(),
-            config_path.display().to_string(),
+            match &accepted {
+                Some(a) if name != "admin" => a.display().to_string(),
+                _ => config_path.display().to_string(),
+            },
             "--state-dir".into(),
             state.display().to_string(),
             "--listen".into(),
@@ -335,7 +341,11 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
                 break Ok(());
             }
             _ = hup.recv() => {
-                doc = reload(&config_path, doc, &slots);
+                let new = reload(&config_path, doc.clone(), &slots);
+                if new != doc && accepted.is_some() {
+                    node::keep_accepted(&run, &new);
+                }
+                doc = new;
             }
             ev = rx.recv() => match ev {
                 None => break Ok(()),
@@ -368,11 +378,14 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
                     });
                 }
                 Some(Event::Restart(i)) => {
-                    // A service re-reads the config file when it starts: one
-                    // that does not validate (mid-edit) would make it exit at
-                    // once, five times, and take the gateway down. Held back
-                    // instead, and started once the file validates again.
-                    if slots[i].spec.name != "envoy" {
+                    // A service that reads the operator's file when it
+                    // starts (admin; every service when the accepted copy
+                    // could not be kept) would exit at once on one that
+                    // does not validate (mid-edit), five times, and take the
+                    // gateway down. Held back instead, and started once the
+                    // file validates again.
+                    let reads_file = slots[i].spec.args.iter().any(|a| Path::new(a) == config_path);
+                    if slots[i].spec.name != "envoy" && reads_file {
                         if let Err(e) = node::load(&config_path) {
                             if !slots[i].held {
                                 tracing::error!(

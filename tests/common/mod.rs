@@ -167,7 +167,9 @@ impl Stack {
     /// The PID of a supervised service (`authz`, `ratelimit`, `audit`),
     /// found by its command line, which names this stack's config.
     pub fn service_pid(&self, name: &str) -> Option<u32> {
-        let cfg = self.config.display().to_string();
+        // `serve` children of this stack's `up` name its state directory
+        // (their --config is `up`'s accepted copy in it, but admin's).
+        let state = self.state().display().to_string();
         for entry in std::fs::read_dir("/proc").ok()?.flatten() {
             let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
                 continue;
@@ -181,7 +183,7 @@ impl Stack {
                 .collect();
             if args.iter().any(|a| a == "serve")
                 && args.iter().any(|a| a == name)
-                && args.contains(&cfg)
+                && args.contains(&state)
             {
                 return Some(pid);
             }
