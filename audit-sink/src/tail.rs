@@ -143,14 +143,30 @@ pub fn follow(
         let complete = &carry[..=last_nl];
         // One message per read: the writer appends and syncs it whole.
         let mut records = Vec::new();
-        for line in complete.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            let parsed = std::str::from_utf8(line)
-                .map_err(|e| e.to_string())
-                .and_then(parse);
-            match parsed {
+        let mut at = pos.offset;
+        for line in complete.split(|b| *b == b'\n') {
+            let offset = at;
+            at += line.len() as u64 + 1;
+            if line.is_empty() {
+                continue;
+            }
+            match parse_bytes(line, parse) {
                 Ok(record) => records.push(record),
                 Err(e) => {
-                    tracing::error!(alert = "audit-input-unparseable", error = %e, "access-log line skipped");
+                    // Cut short (a full disk stops Envoy mid-line) and the
+                    // next entry written on after it: keep that one, and
+                    // count what could not be read in a signed gap record.
+                    let (lost, rest) = salvage(line, parse);
+                    tracing::error!(
+                        alert = "audit-input-unparseable",
+                        error = %e,
+                        offset,
+                        bytes = lost,
+                        salvaged = rest.is_some(),
+                        "access-log line could not be read; counted in a gap record"
+                    );
+                    records.push(unreadable(pos.inode, offset, lost, &e));
+                    records.extend(rest);
                 }
             }
         }
@@ -168,6 +184,58 @@ pub fn follow(
         }
     }
     Ok(())
+}
+
+fn parse_bytes(
+    line: &[u8],
+    parse: fn(&str) -> Result<AuditRecord, String>,
+) -> Result<AuditRecord, String> {
+    std::str::from_utf8(line)
+        .map_err(|e| e.to_string())
+        .and_then(parse)
+}
+
+/// An unreadable line may end in a whole entry: a line cut short, with the
+/// next one written straight after it. Every entry is one JSON object, and
+/// `{"` only ever starts an object (inside strings `"` is escaped), so the
+/// first such start from which the rest of the line parses is that entry.
+/// Returns the bytes not accounted for and the entry, if any.
+fn salvage(
+    line: &[u8],
+    parse: fn(&str) -> Result<AuditRecord, String>,
+) -> (usize, Option<AuditRecord>) {
+    let starts = line
+        .windows(2)
+        .enumerate()
+        .skip(1)
+        .filter(|(_, w)| w == b"{\"")
+        .map(|(i, _)| i)
+        .take(64);
+    for i in starts {
+        if let Ok(r) = parse_bytes(&line[i..], parse) {
+            return (i, Some(r));
+        }
+    }
+    (line.len(), None)
+}
+
+/// The signed trace of an input line that could not be read: a gap record
+/// keyed by where the line was, so reading the file again after a crash
+/// does not count it twice.
+fn unreadable(inode: u64, offset: u64, bytes: usize, error: &str) -> AuditRecord {
+    AuditRecord {
+        kind: clawgress_audit_log::RecordKind::Gap,
+        timestamp: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        request_id: format!("gap-input-{inode}-{offset}"),
+        reason: "input-unreadable".into(),
+        detail: format!(
+            "{bytes} bytes of the input at offset {offset} could not be read (an entry cut short, e.g. by a full disk): {error}"
+        ),
+        // As in a storage-full gap: how many entries were lost.
+        bytes_out: 1,
+        actor: "audit".into(),
+        ..Default::default()
+    }
 }
 
 /// Envoy's JSON access-log lines.
@@ -204,5 +272,81 @@ mod tests {
         assert_eq!(Checkpoint::load(&f), cp.position);
         std::fs::write(&f, "nonsense").expect("write");
         assert_eq!(Checkpoint::load(&f), Position::default());
+    }
+
+    fn entry(id: &str) -> String {
+        format!(
+            r#"{{"authority":"example.com:80","authz":{{"agent_id":"bot","decision":"allow","policy_id":"p","reason":"policy-allow"}},"duration_ms":"3","method":"GET","path":"/{id}","request_id":"{id}","response_code":"200","timestamp":"2026-11-23T10:00:00.000Z"}}"#
+        )
+    }
+
+    /// A full disk cuts an entry short (mid-character, even) and Envoy
+    /// writes the next one straight after it: that one is kept, the cut
+    /// one is counted in a gap record, and reading the file again after a
+    /// crash yields the same gap record (same key), not a second one.
+    #[test]
+    fn an_entry_written_after_a_cut_one_is_kept_and_the_cut_one_counted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("access.log");
+        let cut = entry("r2");
+        let mut cut = cut.as_bytes()[..cut.len() / 2].to_vec();
+        cut.extend_from_slice("é".as_bytes().get(..1).unwrap_or_default());
+        let mut text = format!("{}\n", entry("r1")).into_bytes();
+        text.extend_from_slice(&cut);
+        text.extend_from_slice(
+            format!("{}\n{}\nnot json at all\n", entry("r3"), entry("r4")).as_bytes(),
+        );
+        std::fs::write(&log, &text).expect("write");
+        let read = |cp: &Path| {
+            let (tx, mut rx) = mpsc::channel(16);
+            let stop = Arc::new(AtomicBool::new(false));
+            let (l, c, s) = (log.clone(), cp.to_path_buf(), stop.clone());
+            let t = std::thread::spawn(move || {
+                follow(l, c, tx, s, Default::default(), access_log_line)
+            });
+            // Never hang: stopped after 10 s, the channel closes.
+            let watchdog = stop.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_secs(10));
+                watchdog.store(true, Ordering::Relaxed);
+            });
+            let mut got = Vec::new();
+            while got.len() < 5 {
+                match rx.blocking_recv() {
+                    Some(Msg::Records(rs)) => got.extend(rs),
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            drop(rx);
+            let _ = t.join();
+            got
+        };
+        let got = read(&dir.path().join("cp1"));
+        let ids: Vec<&str> = got.iter().map(|r| r.request_id.as_str()).collect();
+        let second = format!("{}", entry("r1").len() + 1);
+        assert_eq!(ids.len(), 5, "{ids:?}");
+        assert_eq!((ids[0], ids[2], ids[3]), ("r1", "r3", "r4"), "{ids:?}");
+        assert!(
+            ids[1].starts_with("gap-input-") && ids[1].ends_with(&second),
+            "{ids:?}"
+        );
+        assert_eq!(got[1].kind, clawgress_audit_log::RecordKind::Gap);
+        assert!(
+            got[1].detail.contains(&format!("{} bytes", cut.len())),
+            "{}",
+            got[1].detail
+        );
+        assert!(
+            ids[4].starts_with("gap-input-") && ids[4] != ids[1],
+            "{ids:?}"
+        );
+        assert_eq!(got[3].path, "/r4");
+        // Read again from the start (a crash before the position was
+        // saved): the same keys, which the writer drops as seen.
+        let again = read(&dir.path().join("cp2"));
+        let again: Vec<&str> = again.iter().map(|r| r.request_id.as_str()).collect();
+        assert_eq!(again, ids);
     }
 }
