@@ -550,9 +550,13 @@ pub async fn serve(
                 doc.audit.segment_records,
             )
             .with_context(|| format!("cannot open audit log in {}", dir.display()))?;
+            // Both settings follow the spool file (`grpc` streams entries
+            // too, and each is kept once): with `grpc`, what Envoy could not
+            // stream while the sink was away is in the file (§6). A sink on
+            // another host, whose Envoy writes no file here, waits for one.
             let input = match doc.gateway.audit_input {
-                clawgress_policy::config::AuditInput::Grpc => clawgress_audit_sink::Input::Grpc,
-                clawgress_policy::config::AuditInput::File => {
+                clawgress_policy::config::AuditInput::Grpc
+                | clawgress_policy::config::AuditInput::File => {
                     let spool = node::spool_dir(&doc, &state);
                     node::private_dir(&spool)?;
                     clawgress_audit_sink::Input::File {

@@ -116,9 +116,8 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
         // of the state directory and no writing anywhere but its files.
         node::share_with_group(&state, gid, 0o710)?;
         node::share_with_group(&run, gid, 0o750)?;
-        if doc.gateway.audit_input == clawgress_policy::config::AuditInput::File {
-            node::share_with_group(&node::spool_dir(&doc, &state), gid, 0o710)?;
-        }
+        // The spool: Envoy writes it whatever `audit_input` is.
+        node::share_with_group(&node::spool_dir(&doc, &state), gid, 0o710)?;
         // Files made before the state directory was shared (SQLite
         // databases, …) are the owner's alone from now on, and so is
         // everything made from here on unless shared explicitly.
@@ -154,7 +153,11 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
                 node::private_dir(&node::spool_dir(&doc, &state))?;
                 clawgress_envoy::AccessLog::File(node::access_log_file(&doc, &state))
             }
-            clawgress_policy::config::AuditInput::Grpc => clawgress_envoy::AccessLog::Grpc,
+            // The stream, and the spool file that outlives the sink (§6).
+            clawgress_policy::config::AuditInput::Grpc => {
+                node::private_dir(&node::spool_dir(&doc, &state))?;
+                clawgress_envoy::AccessLog::GrpcAndFile(node::access_log_file(&doc, &state))
+            }
         },
         transparent_listen: doc.gateway.transparent_listen,
     };
@@ -242,11 +245,7 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
             shared_files: match envoy_user {
                 None => vec![],
                 Some(_) => {
-                    let mut f = vec![state.join("envoy.log")];
-                    if doc.gateway.audit_input == clawgress_policy::config::AuditInput::File {
-                        f.push(node::access_log_file(&doc, &state));
-                    }
-                    f
+                    vec![state.join("envoy.log"), node::access_log_file(&doc, &state)]
                 }
             },
         },

@@ -25,8 +25,13 @@ pub const TRANSPARENT_LISTENER: &str = include_str!("../transparent_listener.yam
 pub enum AccessLog {
     /// JSON lines appended to this file (the spool the sink follows).
     File(PathBuf),
-    /// gRPC access-log stream to the sink's socket.
+    /// gRPC access-log stream to the sink's socket (a sink on another
+    /// host: while it is away, entries beyond Envoy's buffer are lost).
     Grpc,
+    /// The gRPC stream, and the same JSON lines in this file as the spool
+    /// that outlives the sink (DESIGN §6): the sink follows both and keeps
+    /// each entry once. `gateway.audit_input: grpc` under `clawgress up`.
+    GrpcAndFile(PathBuf),
 }
 
 /// Where the rendered Envoy listens and where it finds the services.
@@ -81,11 +86,18 @@ impl Bootstrap {
             AccessLog::File(p) => ACCESS_LOG_FILE
                 .trim_end()
                 .replace("{{access_log_path}}", path_str(p)?),
+            AccessLog::GrpcAndFile(p) => format!(
+                "{}\n{}",
+                ACCESS_LOG_GRPC.trim_end(),
+                ACCESS_LOG_FILE
+                    .trim_end()
+                    .replace("{{access_log_path}}", path_str(p)?)
+            ),
         };
         let transparent = match (&self.transparent_listen, &self.access_log) {
             (None, _) => String::new(),
             (Some(_), AccessLog::Grpc) => return Err(RenderError::TransparentNeedsFileLog),
-            (Some(t), AccessLog::File(p)) => TRANSPARENT_LISTENER
+            (Some(t), AccessLog::File(p) | AccessLog::GrpcAndFile(p)) => TRANSPARENT_LISTENER
                 .replace("{{access_log_path}}", path_str(p)?)
                 .replace("{{transparent_address}}", &t.ip().to_string())
                 .replace("{{transparent_port}}", &t.port().to_string())
@@ -239,6 +251,20 @@ mod tests {
             .render()
             .expect("render")
             .contains("name: envoy.filters.http.ratelimit"));
+        validate(&b);
+        // audit_input: grpc under `up`: the stream and the spool file both,
+        // the transparent listener logging to the file.
+        let spool = dir.path().join("spool/envoy-access.log");
+        b.access_log = AccessLog::GrpcAndFile(spool.clone());
+        b.transparent_listen = Some("0.0.0.0:15001".parse().expect("addr"));
+        let out = b.render().expect("render");
+        assert!(out.contains("envoy.access_loggers.http_grpc"), "{out}");
+        assert!(
+            out.matches(&format!("path: \"{}\"", spool.display()))
+                .count()
+                >= 2,
+            "{out}"
+        );
         validate(&b);
     }
 
