@@ -326,6 +326,11 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
         registry,
     );
     watch_services(run.clone());
+    if doc.gateway.quota_check == clawgress_policy::config::QuotaCheck::Rls
+        && doc.stores.ratelimit_failure_mode == clawgress_policy::config::FailureMode::Allow
+    {
+        watch_ratelimit_fail_open(boot.admin_socket.clone());
+    }
     let pidfile = run.join("up.pid");
     node::write_private(&pidfile, format!("{}\n", std::process::id()).as_bytes())?;
 
@@ -620,6 +625,51 @@ fn watch_services(run: PathBuf) {
             }
         }
     });
+}
+
+/// `quota_check: rls` with `failure_mode: allow`: Envoy's rate-limit filter
+/// lets a request through unchecked when our RLS does not answer, and says
+/// so only in its own counter. Read every 2 s; each rise is the alert
+/// `ratelimit-unavailable` naming how many went through (§10: alert each
+/// time). Envoy restarted (counters back to zero): counted from there.
+fn watch_ratelimit_fail_open(admin: PathBuf) {
+    tokio::spawn(async move {
+        let mut seen: Option<u64> = Some(0);
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(body) = envoy_admin(
+                &admin,
+                "GET",
+                "/stats?filter=ratelimit%5C.failure_mode_allowed",
+            )
+            .await
+            else {
+                continue;
+            };
+            let now = failure_mode_allowed(&body);
+            match seen {
+                Some(before) if now > before => tracing::error!(
+                    alert = "ratelimit-unavailable",
+                    requests = now - before,
+                    "the rate-limit service did not answer: failure_mode: allow let these requests through unchecked"
+                ),
+                _ => {}
+            }
+            seen = Some(now);
+        }
+    });
+}
+
+/// The sum of Envoy's `…ratelimit.failure_mode_allowed` counters in a
+/// `/stats` text body (one per cluster the filter ran for).
+fn failure_mode_allowed(body: &str) -> u64 {
+    body.lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(name, _)| name.trim().ends_with("ratelimit.failure_mode_allowed"))
+        .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+        .sum()
 }
 
 /// `admin_listen`: `/metrics` (this process's and every child's, merged),

@@ -251,3 +251,44 @@ fn with_quota_check_authz_a_store_outage_fails_closed_too() {
     );
     assert_eq!(up.requests().len(), 1);
 }
+
+/// `quota_check: rls` with `failure_mode: allow`: a rate-limit service that
+/// does not answer lets requests through (Envoy's filter fails open), and
+/// `up` raises `ratelimit-unavailable` naming how many (§10: alert each
+/// time) — before, nothing said so.
+#[test]
+fn rls_failing_open_raises_an_alert_naming_the_requests() {
+    let up = Upstream::http();
+    let mut stack = Stack::start_with_gateway(
+        "  quota_check: rls\n",
+        &format!(
+            "stores:\n  ratelimit_failure_mode: allow\n{}",
+            config_allowing(
+                &[up.addr.port()],
+                "quotas:\n  - {agent_id: bot, rps_limit: 1000}\n"
+            )
+        ),
+    );
+    let target = format!("http://{}/", up.addr);
+    let proxy = stack.proxy_url(AGENT, KEY);
+    assert_eq!(curl(&["-x", &proxy, &target], &[]).status, 200);
+    let rl = stack.service_pid("ratelimit").expect("ratelimit");
+    signal(rl, "STOP");
+    for _ in 0..3 {
+        assert_eq!(curl(&["-x", &proxy, &target], &[]).status, 200);
+    }
+    // Counted every 2 s: the three may be split over two alerts.
+    let counted = |log: &str| -> u64 {
+        log.lines()
+            .filter(|l| l.contains("ratelimit-unavailable"))
+            .filter_map(|l| l.split("requests=").nth(1))
+            .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let alerted = eventually(std::time::Duration::from_secs(10), || {
+        counted(&stack.stderr()) == 3
+    });
+    signal(rl, "CONT");
+    assert!(alerted, "{}", stack.stderr());
+    assert!(stack.stop().expect("stopped").success());
+}
