@@ -425,9 +425,22 @@ fn main() -> ExitCode {
         }
         Command::Status { node } => {
             let run = || -> anyhow::Result<bool> {
-                let doc = node.config.as_deref().map(node::load).transpose()?;
                 let env = |k: &str| std::env::var(k).ok();
-                let dir = node::state_dir(node.state_dir.as_deref(), doc.as_ref(), &env)?;
+                let (doc, named) = match node.config.as_deref().map(node::load).transpose() {
+                    Ok(doc) => (doc, None),
+                    // Status is what an operator runs when something is
+                    // wrong: a file mid-edit still names its state dir.
+                    Err(e) => {
+                        let named = node.config.as_deref().and_then(node::state_dir_named_in);
+                        if named.is_none() && node.state_dir.is_none() {
+                            return Err(e);
+                        }
+                        eprintln!("warning: {e:#}");
+                        (None, named)
+                    }
+                };
+                let given = node.state_dir.clone().or(named);
+                let dir = node::state_dir(given.as_deref(), doc.as_ref(), &env)?;
                 status::show(&dir, node.json)
             };
             match run() {

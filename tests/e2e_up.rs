@@ -581,6 +581,21 @@ fn a_child_restarted_while_the_file_is_invalid_runs_with_what_is_in_force() {
     );
     // Enforcement is not admin's: still allowed.
     assert_eq!(curl(&["-x", &proxy, &target], &[]).status, 200);
+    // `status --config` still works with the file invalid (the state dir
+    // read from it as far as it parses), and says what is wrong with it.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clawgress"))
+        .args(["status", "--json", "--config"])
+        .arg(&stack.config)
+        .output()
+        .expect("status");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        stdout.contains("\"authz\"") && stderr.contains("maybe"),
+        "{stdout}\n{stderr}"
+    );
     std::fs::write(&stack.config, &good).expect("restore");
     assert!(
         eventually(Duration::from_secs(15), || stack
