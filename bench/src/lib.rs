@@ -110,7 +110,9 @@ impl Options {
     }
 }
 
-pub const ARMS: [&str; 4] = ["bare", "floor", "clawgress", "clawgress-b"];
+pub const ARMS: [&str; 3] = ["bare", "floor", "clawgress"];
+/// The experiment arm (`--compare`): another clawgress build.
+pub const COMPARE_ARM: &str = "clawgress-b";
 
 const AGENT: &str = "bench";
 const KEY: &str = "bench-key-not-secret-0123456789abcdef";
@@ -428,7 +430,7 @@ impl Bench {
         bench.arms.push(arm);
         // The experiment arm (`--compare`): another build, same config.
         if let Some(b) = &o.compare {
-            let (arm, _) = start_clawgress(o, b, "clawgress-b", &dir, upstream)?;
+            let (arm, _) = start_clawgress(o, b, COMPARE_ARM, &dir, upstream)?;
             bench.arms.push(arm);
         }
         let generated = std::fs::read_to_string(state.join("run/envoy.yaml"))?;

@@ -120,7 +120,7 @@ pub fn markdown(runs: &[Run]) -> String {
         "| run | arm | offered req/s | achieved req/s | p50 ms | p90 ms | p99 ms | max ms | added p50 / p99 ms | Envoy CPU µs/req | services CPU µs/req | Envoy / services peak RSS MiB | non-2xx | errors |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for k in &kinds {
-        for arm in crate::ARMS {
+        for arm in crate::ARMS.into_iter().chain([crate::COMPARE_ARM]) {
             let rs = pooled(runs, arm, k);
             if rs.is_empty() {
                 continue;
@@ -162,9 +162,9 @@ pub fn markdown(runs: &[Run]) -> String {
             if v.pass { "pass" } else { "**miss**" }
         ));
     }
-    if runs.iter().any(|r| r.arm == "clawgress-b") {
+    if runs.iter().any(|r| r.arm == crate::COMPARE_ARM) {
         s.push_str("\n| the same for the experiment arm `clawgress-b` | measured | limit | |\n|---|---:|---:|---|\n");
-        for v in verdicts_of(runs, "clawgress-b") {
+        for v in verdicts_of(runs, crate::COMPARE_ARM) {
             s.push_str(&format!(
                 "| {} | {:.2} | {:.2} | {} |\n",
                 v.target.replace("clawgress ÷", "clawgress-b ÷"),
