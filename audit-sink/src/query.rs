@@ -190,7 +190,7 @@ impl QueryStore {
                 let conn = rusqlite::Connection::open(path)?;
                 conn.busy_timeout(std::time::Duration::from_secs(5))?;
                 // WAL, synced at checkpoints (the log is the record of truth:
-                // what a crash loses here comes back from it). Seven indexes
+                // what a crash loses here comes back from it). Six indexes
                 // over a growing table: with SQLite's 2 MiB default cache
                 // every batch re-read index pages through pread (profiled:
                 // the query store was two thirds of the sink's CPU), so a
