@@ -326,11 +326,13 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
         registry,
     );
     watch_services(run.clone());
+    let mut counters = vec![SPOOL_WRITE_FAILED];
     if doc.gateway.quota_check == clawgress_policy::config::QuotaCheck::Rls
         && doc.stores.ratelimit_failure_mode == clawgress_policy::config::FailureMode::Allow
     {
-        watch_ratelimit_fail_open(boot.admin_socket.clone());
+        counters.push(RATELIMIT_FAIL_OPEN);
     }
+    watch_envoy_counters(boot.admin_socket.clone(), counters);
     let pidfile = run.join("up.pid");
     node::write_private(&pidfile, format!("{}\n", std::process::id()).as_bytes())?;
 
@@ -627,47 +629,71 @@ fn watch_services(run: PathBuf) {
     });
 }
 
+/// A counter of Envoy's that means something went unrecorded or
+/// unchecked, read every 2 s from its admin `/stats`: each rise is the
+/// alert `alert`, naming by how much. Envoy restarted (counters back to
+/// zero): counted from there.
+struct EnvoyCounter {
+    /// The stat's name ends with this (summed over every prefix).
+    suffix: &'static str,
+    alert: &'static str,
+    what: &'static str,
+}
+
 /// `quota_check: rls` with `failure_mode: allow`: Envoy's rate-limit filter
 /// lets a request through unchecked when our RLS does not answer, and says
-/// so only in its own counter. Read every 2 s; each rise is the alert
-/// `ratelimit-unavailable` naming how many went through (§10: alert each
-/// time). Envoy restarted (counters back to zero): counted from there.
-fn watch_ratelimit_fail_open(admin: PathBuf) {
+/// so only in this counter (§10: alert each time).
+const RATELIMIT_FAIL_OPEN: EnvoyCounter = EnvoyCounter {
+    suffix: "ratelimit.failure_mode_allowed",
+    alert: "ratelimit-unavailable",
+    what: "the rate-limit service did not answer: failure_mode: allow let these requests through unchecked",
+};
+
+/// Envoy could not write to its files (the access-log spool, its log): a
+/// full or unwritable disk. What those writes held is not in the spool, so
+/// the sink never sees it; the alert is all that says so.
+const SPOOL_WRITE_FAILED: EnvoyCounter = EnvoyCounter {
+    suffix: "filesystem.write_failed",
+    alert: "audit-spool-write-failed",
+    what: "Envoy could not write to the access-log spool (disk full or unwritable): the entries in these writes are lost",
+};
+
+fn watch_envoy_counters(admin: PathBuf, counters: Vec<EnvoyCounter>) {
     tokio::spawn(async move {
-        let mut seen: Option<u64> = Some(0);
+        let mut seen = vec![0u64; counters.len()];
+        let filter = format!(
+            "/stats?filter={}",
+            counters
+                .iter()
+                .map(|c| c.suffix.replace('.', "%5C."))
+                .collect::<Vec<_>>()
+                .join("%7C")
+        );
         let mut tick = tokio::time::interval(Duration::from_secs(2));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let Some(body) = envoy_admin(
-                &admin,
-                "GET",
-                "/stats?filter=ratelimit%5C.failure_mode_allowed",
-            )
-            .await
-            else {
+            // Only the counters asked for (a regex: `a|b`).
+            let Some(body) = envoy_admin(&admin, "GET", &filter).await else {
                 continue;
             };
-            let now = failure_mode_allowed(&body);
-            match seen {
-                Some(before) if now > before => tracing::error!(
-                    alert = "ratelimit-unavailable",
-                    requests = now - before,
-                    "the rate-limit service did not answer: failure_mode: allow let these requests through unchecked"
-                ),
-                _ => {}
+            for (c, before) in counters.iter().zip(seen.iter_mut()) {
+                let now = counter_sum(&body, c.suffix);
+                if now > *before {
+                    tracing::error!(alert = c.alert, count = now - *before, "{}", c.what);
+                }
+                *before = now;
             }
-            seen = Some(now);
         }
     });
 }
 
-/// The sum of Envoy's `…ratelimit.failure_mode_allowed` counters in a
-/// `/stats` text body (one per cluster the filter ran for).
-fn failure_mode_allowed(body: &str) -> u64 {
+/// The sum of the counters in a `/stats` text body whose names end with
+/// `suffix` (one per cluster or file, say).
+fn counter_sum(body: &str, suffix: &str) -> u64 {
     body.lines()
         .filter_map(|l| l.split_once(':'))
-        .filter(|(name, _)| name.trim().ends_with("ratelimit.failure_mode_allowed"))
+        .filter(|(name, _)| name.trim().ends_with(suffix))
         .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
         .sum()
 }

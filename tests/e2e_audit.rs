@@ -939,6 +939,15 @@ fn an_entry_written_after_one_cut_short_by_a_full_spool_disk_is_recorded() {
         .filter(|r| r["kind"] == "gap" && r["reason"] == "input-unreadable")
         .collect();
     assert_eq!(gaps.len(), usize::from(cut), "{gaps:?}");
+    // The writes Envoy could not make at all (full0..7 after the cut one)
+    // are not in the spool; `up` says so from Envoy's own counter.
+    assert!(
+        eventually(std::time::Duration::from_secs(10), || stack
+            .stderr()
+            .contains("audit-spool-write-failed")),
+        "{}",
+        stack.stderr()
+    );
     stack.stop();
     let cfg = stack.config.display().to_string();
     let (code, out) = clawgress(&["audit", "verify", "--config", &cfg]);

@@ -281,7 +281,7 @@ fn rls_failing_open_raises_an_alert_naming_the_requests() {
     let counted = |log: &str| -> u64 {
         log.lines()
             .filter(|l| l.contains("ratelimit-unavailable"))
-            .filter_map(|l| l.split("requests=").nth(1))
+            .filter_map(|l| l.split("count=").nth(1))
             .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
             .sum()
     };
