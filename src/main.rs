@@ -425,23 +425,12 @@ fn main() -> ExitCode {
         }
         Command::Status { node } => {
             let run = || -> anyhow::Result<bool> {
-                let env = |k: &str| std::env::var(k).ok();
-                let (doc, named) = match node.config.as_deref().map(node::load).transpose() {
-                    Ok(doc) => (doc, None),
-                    // Status is what an operator runs when something is
-                    // wrong: a file mid-edit still names its state dir.
-                    Err(e) => {
-                        let named = node.config.as_deref().and_then(node::state_dir_named_in);
-                        if named.is_none() && node.state_dir.is_none() {
-                            return Err(e);
-                        }
-                        eprintln!("warning: {e:#}");
-                        (None, named)
-                    }
-                };
-                let given = node.state_dir.clone().or(named);
-                let dir = node::state_dir(given.as_deref(), doc.as_ref(), &env)?;
-                status::show(&dir, node.json)
+                let (loaded, dir) = node::locate(node.config.as_deref(), node.state_dir.as_deref());
+                // A file mid-edit still names its state dir: said, not fatal.
+                if let Err(e) = loaded {
+                    eprintln!("warning: {e:#}");
+                }
+                status::show(&dir?, node.json)
             };
             match run() {
                 Ok(true) => Ok(()),
@@ -450,19 +439,11 @@ fn main() -> ExitCode {
             }
         }
         Command::Reload { config, state_dir } => (|| {
-            let env = |k: &str| std::env::var(k).ok();
-            let loaded = config.as_deref().map(node::load).transpose();
             // An invalid file still reaches `up`: it refuses the reload
             // with the alert `config-rejected` (§10), which is what an
-            // operator's alerting sees. Its state directory is then read
-            // from the file as far as it parses.
-            let hint = match (&loaded, config.as_deref()) {
-                (Err(_), Some(p)) => node::state_dir_named_in(p),
-                _ => None,
-            };
-            let doc = loaded.as_ref().ok().and_then(|d| d.as_ref());
-            let signalled = node::state_dir(state_dir.as_deref().or(hint.as_deref()), doc, &env)
-                .and_then(|dir| up::signal_reload(&dir, config.as_deref()));
+            // operator's alerting sees.
+            let (loaded, dir) = node::locate(config.as_deref(), state_dir.as_deref());
+            let signalled = dir.and_then(|dir| up::signal_reload(&dir, config.as_deref()));
             let (pid, file, loaded) = match (loaded, signalled) {
                 (Err(e), Ok((pid, _))) => {
                     return Err(e.context(format!(

@@ -86,6 +86,25 @@ pub fn state_dir(
     }
 }
 
+/// For the verbs that find a running `up` (`status`, `reload`): FILE loaded
+/// if given, and the state dir from `--state-dir`, else from FILE — as far
+/// as it parses as YAML when it does not validate, since these are what an
+/// operator runs when something is wrong — else the default.
+pub fn locate(
+    config: Option<&Path>,
+    state_dir: Option<&Path>,
+) -> (Result<Option<Document>>, Result<PathBuf>) {
+    let env = |k: &str| std::env::var(k).ok();
+    let loaded = config.map(load).transpose();
+    let named = match (&loaded, config) {
+        (Err(_), Some(p)) => state_dir_named_in(p),
+        _ => None,
+    };
+    let doc = loaded.as_ref().ok().and_then(|d| d.as_ref());
+    let dir = self::state_dir(state_dir.or(named.as_deref()), doc, &env);
+    (loaded, dir)
+}
+
 /// `gateway.state_dir` as written in a config file that does not validate
 /// (as far as it parses as YAML at all): where to find the running `up`
 /// that should hear about it.

@@ -678,29 +678,10 @@ fn full_audit_storage_refuses_new_requests_with_503() {
 /// tampering. Needs root (mount); skipped otherwise.
 #[test]
 fn a_really_full_disk_blocks_then_resumes_with_nothing_lost_or_doubled() {
-    if !common::is_root() {
-        eprintln!("skipped: mounting a tmpfs needs root");
+    let Some(fs) = common::Tmpfs::mount("384k", "0700") else {
         return;
-    }
-    let fs = tempfile::tempdir().expect("tempdir");
-    let mnt = fs.path().join("audit");
-    std::fs::create_dir(&mnt).expect("mkdir");
-    let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=384k,mode=0700", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .expect("mount");
-    assert!(st.success(), "mount tmpfs");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _unmount = Unmount(mnt.clone());
+    };
+    let mnt = fs.path.clone();
 
     let up = Upstream::http();
     // min_free_mb 0: no threshold, only the failing writes say "full".
@@ -730,17 +711,7 @@ fn a_really_full_disk_blocks_then_resumes_with_nothing_lost_or_doubled() {
         == 5));
 
     // Fill the filesystem to the last byte.
-    let filler = mnt.join("filler");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&filler).expect("filler");
-        let chunk = vec![b'x'; 4096];
-        while f.write_all(&chunk).is_ok() {}
-        let mut one = [b'x'];
-        while f.write_all(&one).is_ok() {
-            one[0] = b'y';
-        }
-    }
+    let filler = fs.fill();
     // Requests keep coming, eight at a time (so the sink's batches hold
     // several records when a write runs out of space part-way), until the
     // sink, failing to write them, blocks.
@@ -846,29 +817,10 @@ fn a_really_full_disk_blocks_then_resumes_with_nothing_lost_or_doubled() {
 /// otherwise.
 #[test]
 fn an_entry_written_after_one_cut_short_by_a_full_spool_disk_is_recorded() {
-    if !common::is_root() {
-        eprintln!("skipped: mounting a tmpfs needs root");
+    let Some(fs) = common::Tmpfs::mount("256k", "0755") else {
         return;
-    }
-    let fs = tempfile::tempdir().expect("tempdir");
-    let mnt = fs.path().join("spool");
-    std::fs::create_dir(&mnt).expect("mkdir");
-    let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .expect("mount");
-    assert!(st.success(), "mount tmpfs");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _unmount = Unmount(mnt.clone());
+    };
+    let mnt = fs.path.clone();
     let up = Upstream::http();
     // min_free_mb 0: no threshold; the sink's own log is elsewhere.
     let mut stack = Stack::start(&format!(
@@ -884,17 +836,7 @@ fn an_entry_written_after_one_cut_short_by_a_full_spool_disk_is_recorded() {
     assert_eq!(stack.wait_audit(3).len(), 3);
     // Fill the filesystem to the last byte; the access log's last page
     // still has room for part of an entry.
-    let filler = mnt.join("filler");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&filler).expect("filler");
-        let chunk = vec![b'x'; 4096];
-        while f.write_all(&chunk).is_ok() {}
-        let mut one = [b'x'];
-        while f.write_all(&one).is_ok() {
-            one[0] = b'y';
-        }
-    }
+    let filler = fs.fill();
     // One entry per flush (Envoy flushes every 200 ms) until the page is
     // used up: one of them is cut short, the rest are not written at all.
     for i in 0..8 {

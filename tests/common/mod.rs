@@ -545,6 +545,60 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// A tmpfs of `size` (mount's syntax, `384k`) mounted on a fresh
+/// directory, unmounted when dropped: a filesystem a test can really fill.
+/// None, with a note, unless running as root.
+pub struct Tmpfs {
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(size: &str, mode: &str) -> Option<Tmpfs> {
+        if !is_root() {
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("fs");
+        std::fs::create_dir(&path).expect("mkdir");
+        let st = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode={mode}"),
+                "tmpfs",
+            ])
+            .arg(&path)
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mount tmpfs");
+        Some(Tmpfs { path, _dir: dir })
+    }
+
+    /// Fill it to the last byte with a file; returns that file (remove it
+    /// and the space is back).
+    pub fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let filler = self.path.join("filler");
+        let mut f = std::fs::File::create(&filler).expect("filler");
+        let chunk = vec![b'x'; 4096];
+        while f.write_all(&chunk).is_ok() {}
+        let mut one = [b'x'];
+        while f.write_all(&one).is_ok() {
+            one[0] = b'y';
+        }
+        filler
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
 /// Poll `f` every 50 ms until it returns true or `within` passes.
 pub fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + within;
