@@ -56,6 +56,8 @@ struct Slot {
 enum Event {
     Exited(usize, String),
     Restart(usize),
+    /// Running but silent for `KILL_AFTER_SILENT_PROBES` probes in a row.
+    Unresponsive(usize),
 }
 
 pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -> Result<()> {
@@ -325,7 +327,7 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
         boot.admin_socket.clone(),
         registry,
     );
-    watch_services(run.clone());
+    watch_children(run.clone(), boot.admin_socket.clone(), tx.clone());
     let mut counters = vec![SPOOL_WRITE_FAILED];
     if doc.gateway.quota_check == clawgress_policy::config::QuotaCheck::Rls
         && doc.stores.ratelimit_failure_mode == clawgress_policy::config::FailureMode::Allow
@@ -382,6 +384,15 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
                         tokio::time::sleep(delay).await;
                         let _ = tx.send(Event::Restart(i));
                     });
+                }
+                Some(Event::Unresponsive(i)) => {
+                    if let Some(pid) = slots[i].pid {
+                        tracing::error!(
+                            alert = "child-unresponsive", child = slots[i].spec.name, pid,
+                            "still not answering: killing it so that it restarts"
+                        );
+                        sys::signal(pid, sys::Sig::Kill);
+                    }
                 }
                 Some(Event::Restart(i)) => {
                     // A service that reads the operator's file when it
@@ -589,44 +600,95 @@ fn lock_state(state: &Path, run: &Path) -> Result<std::fs::File> {
     }
 }
 
-/// Probes each service's metrics endpoint every 2 s. A child whose socket
-/// accepts but that answers nothing for three probes in a row (stopped,
-/// wedged: its socket still accepts into the kernel's backlog, and every
-/// request that needs it fails closed with 503 meanwhile) is an alert, once
-/// per spell; a socket that refuses is a child not running, which the
-/// supervisor's exit handling covers.
-fn watch_services(run: PathBuf) {
-    const SILENT_PROBES: u32 = 3;
+/// Silent probes in a row before the alert `child-unresponsive`.
+const ALERT_AFTER_SILENT_PROBES: u32 = 3;
+/// Silent probes in a row before the supervisor kills the child so that it
+/// restarts: a wedged child is as good as an exited one (§10), and every
+/// request that needs it fails closed meanwhile. Well past the alert, so a
+/// child that stalls for a few seconds under load is only reported.
+const KILL_AFTER_SILENT_PROBES: u32 = 6;
+
+/// Probes every child every 2 s, all at once, each within 2 s: a service
+/// through its metrics endpoint, Envoy through its admin `/ready`. A child
+/// whose socket accepts but that answers nothing (stopped, wedged: its
+/// socket still accepts into the kernel's backlog) is counted silent. Three
+/// silent probes in a row are the alert `child-unresponsive`, once per
+/// spell; six are `Event::Unresponsive`, on which the supervisor kills it
+/// and the exit handling restarts it. A socket that refuses is a child not
+/// running, which the exit handling covers.
+fn watch_children(run: PathBuf, envoy_admin: PathBuf, tx: mpsc::UnboundedSender<Event>) {
     tokio::spawn(async move {
-        let mut silent = [0u32; SERVICES.len()];
+        let mut silent = [0u32; SERVICES.len() + 1];
         let mut tick = tokio::time::interval(Duration::from_secs(2));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            for (i, name) in SERVICES.iter().enumerate() {
-                let sock = metrics_socket(&run, name);
-                if tokio::net::UnixStream::connect(&sock).await.is_err() {
-                    silent[i] = 0;
-                    continue;
-                }
-                if metrics::scrape_unix(&sock).await.is_some() {
-                    if silent[i] >= SILENT_PROBES {
-                        tracing::info!(child = name, "answering again");
+            let sock = |i: usize| metrics_socket(&run, SERVICES[i]);
+            let (s0, s1, s2, s3) = (sock(0), sock(1), sock(2), sock(3));
+            let (a0, a1, a2, a3, e) = tokio::join!(
+                probe(&s0, SERVICE_PROBE),
+                probe(&s1, SERVICE_PROBE),
+                probe(&s2, SERVICE_PROBE),
+                probe(&s3, SERVICE_PROBE),
+                probe(&envoy_admin, ENVOY_PROBE),
+            );
+            let answers = [a0, a1, a2, a3, e];
+            for (i, answer) in answers.into_iter().enumerate() {
+                let name = SERVICES.get(i).copied().unwrap_or("envoy");
+                match answer {
+                    Probe::Answered | Probe::NotRunning => {
+                        if silent[i] >= ALERT_AFTER_SILENT_PROBES && answer == Probe::Answered {
+                            tracing::info!(child = name, "answering again");
+                        }
+                        silent[i] = 0;
+                        continue;
                     }
-                    silent[i] = 0;
-                    continue;
+                    Probe::Silent => silent[i] += 1,
                 }
-                silent[i] += 1;
-                if silent[i] == SILENT_PROBES {
+                if silent[i] == ALERT_AFTER_SILENT_PROBES {
                     tracing::error!(
                         alert = "child-unresponsive",
                         child = name,
-                        "running but not answering: requests that need it fail closed (503) until it answers"
+                        "running but not answering: requests that need it fail closed (503) until it answers; killed and restarted if it stays silent"
                     );
+                }
+                if silent[i] == KILL_AFTER_SILENT_PROBES && tx.send(Event::Unresponsive(i)).is_err()
+                {
+                    return;
                 }
             }
         }
     });
+}
+
+const SERVICE_PROBE: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+const ENVOY_PROBE: &[u8] = b"GET /ready HTTP/1.1\r\nHost: envoy\r\nConnection: close\r\n\r\n";
+
+#[derive(Debug, PartialEq, Eq)]
+enum Probe {
+    /// An HTTP status line came back (whatever the status: Envoy answers
+    /// 503 while it starts or drains, and is alive).
+    Answered,
+    /// Nothing listens: exited, or not started yet.
+    NotRunning,
+    /// The socket accepted, but no answer within 2 s.
+    Silent,
+}
+
+async fn probe(sock: &Path, request: &[u8]) -> Probe {
+    let Ok(mut s) = tokio::net::UnixStream::connect(sock).await else {
+        return Probe::NotRunning;
+    };
+    let answer = async {
+        s.write_all(request).await.ok()?;
+        let mut head = [0u8; 9];
+        s.read_exact(&mut head).await.ok()?;
+        head.starts_with(b"HTTP/1.").then_some(())
+    };
+    match tokio::time::timeout(Duration::from_secs(2), answer).await {
+        Ok(Some(())) => Probe::Answered,
+        _ => Probe::Silent,
+    }
 }
 
 /// A counter of Envoy's that means something went unrecorded or
@@ -1113,7 +1175,7 @@ async fn stop_all(
                         break;
                     }
                 }
-                Ok(Some(Event::Restart(_))) => {}
+                Ok(Some(Event::Restart(_) | Event::Unresponsive(_))) => {}
                 Ok(None) => break,
                 Err(_) => {
                     tracing::warn!(child = slots[i].spec.name, "did not stop in time; killing");

@@ -468,6 +468,73 @@ fn a_stopped_service_is_unhealthy_in_status_and_alerted() {
     assert!(stack.stop().expect("stopped").success());
 }
 
+/// §10: a child that is running but answers nothing (here: stopped) is as
+/// good as exited. The supervisor alerts, then kills it, and the exit
+/// handling restarts it: traffic comes back without anyone touching it.
+fn a_wedged_child_is_killed_and_restarted(name: &str, index: usize) {
+    let up = Upstream::http();
+    let mut stack = Stack::start(&config_allowing(&[up.addr.port()], ""));
+    let target = format!("http://{}/", up.addr);
+    let proxy = stack.proxy_url(AGENT, KEY);
+    assert_eq!(curl(&["-x", &proxy, &target], &[]).status, 200);
+    let pid = if name == "envoy" {
+        stack.envoy_pid()
+    } else {
+        stack.service_pid(name)
+    }
+    .expect("pid");
+    signal(pid, "STOP");
+    let restarted = eventually(Duration::from_secs(60), || {
+        let out = status(&stack);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["children"][index]["restarts"] == 1
+    });
+    if !restarted {
+        signal(pid, "CONT");
+    }
+    assert!(restarted, "{name} not restarted:\n{}", stack.stderr());
+    let out = status(&stack);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(
+        (
+            v["children"][index]["name"].as_str(),
+            v["children"][index]["last_exit"].as_str()
+        ),
+        (Some(name), Some("killed by signal 9")),
+        "{v}"
+    );
+    let log = stack.stderr();
+    let killed = log
+        .lines()
+        .find(|l| l.contains("killing it so that it restarts"))
+        .unwrap_or_default();
+    assert!(
+        killed.contains("child-unresponsive") && killed.contains(name),
+        "{log}"
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || curl(
+            &["-x", &proxy, &target],
+            &[]
+        )
+        .status
+            == 200),
+        "no traffic after {name} restarted:\n{}",
+        stack.stderr()
+    );
+    assert!(stack.stop().expect("stopped").success());
+}
+
+#[test]
+fn a_stopped_authz_is_killed_and_restarted() {
+    a_wedged_child_is_killed_and_restarted("authz", 1);
+}
+
+#[test]
+fn a_stopped_envoy_is_killed_and_restarted() {
+    a_wedged_child_is_killed_and_restarted("envoy", 4);
+}
+
 #[test]
 fn a_second_up_on_the_same_state_dir_is_refused_and_the_first_keeps_serving() {
     let (mut stack, _up, target, proxy) = allowed_stack();
