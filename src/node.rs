@@ -26,20 +26,43 @@ pub fn load(path: &Path) -> Result<Document> {
     })?;
     // Key files named relative to the config file are found next to it.
     let base = path.parent().unwrap_or(Path::new("."));
+    // (as written in the file, as opened): to name the line of a bad one.
+    let mut named: Vec<(String, String)> = Vec::new();
     for iss in &mut doc.jwt.issuers {
         for f in [&mut iss.jwks_file, &mut iss.hs256_secret_file]
             .into_iter()
             .flatten()
         {
+            let written = f.display().to_string();
             if f.is_relative() {
                 *f = base.join(&*f);
             }
+            named.push((written, f.display().to_string()));
         }
     }
     // Key files are part of the config: a bad one is refused now, not at
     // the first request.
-    jwt_verifier(&doc).map_err(|e| anyhow::anyhow!("invalid config:\n{}: {e}", path.display()))?;
+    jwt_verifier(&doc).map_err(|e| {
+        let line = key_file_line(&text, &named, &e)
+            .map(|n| format!("line {n}: "))
+            .unwrap_or_default();
+        anyhow::anyhow!("invalid config:\n{}: {line}{e}", path.display())
+    })?;
     Ok(doc)
+}
+
+/// The line of the key file a key-loading error names (`named`: each file
+/// as written and as opened), or else of the issuer it names.
+fn key_file_line(text: &str, named: &[(String, String)], error: &str) -> Option<usize> {
+    let line_of = |needle: &str| text.lines().position(|l| l.contains(needle)).map(|i| i + 1);
+    named
+        .iter()
+        .find(|(_, opened)| error.contains(&format!(" {opened}")))
+        .and_then(|(written, _)| line_of(written))
+        .or_else(|| {
+            let issuer = error.strip_prefix("jwt issuer ")?.split(": ").next()?;
+            line_of(issuer)
+        })
 }
 
 /// The issuers' keys of `doc`, loaded from their files.

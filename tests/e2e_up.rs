@@ -59,7 +59,44 @@ fn check_config_names_field_line_and_reason() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("nowhere.json") && err.contains("https://idp.test"),
+        err.contains("nowhere.json") && err.contains("https://idp.test") && err.contains("line 3"),
+        "{err}"
+    );
+    // A key file that loads but is refused (an RSA key under 2048 bits):
+    // named with its line too.
+    std::fs::write(
+        dir.path().join("small.json"),
+        r#"{"keys":[{"kty":"RSA","n":"AQAB","e":"AQAB"}]}"#,
+    )
+    .expect("write");
+    std::fs::write(
+        &bad,
+        "agents: []\njwt:\n  issuers:\n    - issuer: https://idp.test\n      jwks_file: small.json\n",
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_clawgress"))
+        .args(["up", "--check-config"])
+        .arg(&bad)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 5") && err.contains("2048"), "{err}");
+    // A YAML tag is refused, with its line, rather than dropped.
+    std::fs::write(
+        &bad,
+        "agents: []\ngateway:\n  state_dir: !!binary L3RtcA==\n",
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_clawgress"))
+        .args(["up", "--check-config"])
+        .arg(&bad)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("line 3") && err.contains("`!!binary`"),
         "{err}"
     );
 

@@ -848,6 +848,12 @@ impl Document {
                 None,
             ));
         }
+        if let Some((tag, line)) = first_tag(text) {
+            return Err(whole(
+                format!("YAML tag `{tag}` is not supported: write the plain value (a tag would change what the value means, or be ignored)"),
+                line,
+            ));
+        }
         let de = serde_yaml_ng::Deserializer::from_str(text);
         let doc: Document = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
@@ -1298,6 +1304,75 @@ fn too_deep(text: &str) -> Option<usize> {
     None
 }
 
+/// The first YAML tag in the document that would be dropped or change the
+/// value's meaning, if any: a local tag (`!x`), which serde would drop from
+/// a scalar, or a `!!` tag outside YAML's core schema (`!!binary aGk=`
+/// would be read as the string `aGk=`). `!!str`, `!!int` and the other core
+/// tags mean what they say and are kept. An unknown tag is an error, as an
+/// unknown field is.
+fn first_tag(text: &str) -> Option<(String, Option<usize>)> {
+    use serde_yaml_ng::Value;
+    fn walk(v: &Value) -> Option<String> {
+        match v {
+            Value::Tagged(t) => Some(t.tag.to_string()),
+            Value::Sequence(s) => s.iter().find_map(walk),
+            Value::Mapping(m) => m.iter().find_map(|(k, v)| walk(k).or_else(|| walk(v))),
+            _ => None,
+        }
+    }
+    const CORE: [&str; 9] = [
+        "!!str",
+        "!!int",
+        "!!bool",
+        "!!float",
+        "!!null",
+        "!!seq",
+        "!!map",
+        "!!timestamp",
+        "!!merge",
+    ];
+    // `!!` at the start of a token, outside quotes and comments: a plain
+    // scalar cannot start with `!`, so this is a tag.
+    let mut core_schema = None;
+    'lines: for (n, line) in text.lines().enumerate() {
+        let mut quote: Option<char> = None;
+        let mut prev = ' ';
+        for (i, c) in line.char_indices() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '#') if prev == ' ' => break,
+                (None, '!') if matches!(prev, ' ' | '[' | '{' | ',') => {
+                    let tag: String = line[i..]
+                        .chars()
+                        .take_while(|c| !c.is_whitespace() && !matches!(c, ',' | ']' | '}'))
+                        .collect();
+                    if tag.starts_with("!!") && !CORE.contains(&tag.as_str()) {
+                        core_schema = Some((tag, Some(n + 1)));
+                        break 'lines;
+                    }
+                }
+                _ => {}
+            }
+            prev = c;
+        }
+    }
+    // Unparseable text is left to the typed parse, which names the line.
+    let local = serde_yaml_ng::from_str::<Value>(text)
+        .ok()
+        .and_then(|v| walk(&v))
+        .map(|tag| {
+            let line = line_of(text, &tag);
+            (tag, line)
+        });
+    // Whichever comes first in the file.
+    match (core_schema, local) {
+        (Some(a), Some(b)) => Some(if b.1 < a.1 { b } else { a }),
+        (a, b) => a.or(b),
+    }
+}
+
 /// Split "agents[0].api_key_sha256: reason" into path and reason.
 fn split_path(msg: &str) -> (String, String) {
     if let Some((head, rest)) = msg.split_once(": ") {
@@ -1692,5 +1767,27 @@ quotas:
         let back = PolicyDocument::from_json(&json).expect("round trip");
         assert_eq!(back, doc);
         assert_eq!(back.to_canonical_json(), json);
+    }
+
+    #[test]
+    fn yaml_tags_are_refused_with_their_line() {
+        for (tagged, tag) in [
+            ("gateway: {admin_listen: !weird 127.0.0.1:9080}\n", "!weird"),
+            ("gateway:\n  state_dir: !!binary aGVsbG8=\n", "!!binary"),
+            (
+                "agents:\n  - !!python/object:x {agent_id: a}\n",
+                "!!python/object:x",
+            ),
+            ("nft: !cfg\n  mode: proxy-only\n", "!cfg"),
+        ] {
+            let text = format!("{tagged}{GOOD}");
+            let err = Document::from_yaml(&text).expect_err(tagged).to_string();
+            assert!(err.contains(&format!("YAML tag `{tag}`")), "{err}");
+            let line = tagged.lines().position(|l| l.contains(tag)).unwrap_or(0) + 1;
+            assert!(err.contains(&format!("line {line}")), "{err}");
+        }
+        // Core tags mean what they say; `!` inside a value is no tag.
+        let core = format!("gateway: {{state_dir: !!str /tmp/a!b}}\n{GOOD}");
+        assert!(Document::from_yaml(&core).is_ok(), "{core}");
     }
 }
