@@ -11,18 +11,20 @@ use common::*;
 fn check_config_names_field_line_and_reason() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bad = dir.path().join("bad.yaml");
-    std::fs::write(
-        &bad,
-        "agents:\n  - agent_id: a\n    auth_type: api_key\n    api_key_sha256: \"00\"\n",
-    )
-    .expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_clawgress"))
-        .args(["up", "--check-config"])
-        .arg(&bad)
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    // `up --check-config` on `text`: refused (exit 2); what it said.
+    let refused = |text: &str| {
+        std::fs::write(&bad, text).expect("write");
+        let out = Command::new(env!("CARGO_BIN_EXE_clawgress"))
+            .args(["up", "--check-config"])
+            .arg(&bad)
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        err
+    };
+    let err =
+        refused("agents:\n  - agent_id: a\n    auth_type: api_key\n    api_key_sha256: \"00\"\n");
     assert!(err.contains("line 4"), "{err}");
     assert!(err.contains("api_key_sha256"), "{err}");
 
@@ -46,18 +48,9 @@ fn check_config_names_field_line_and_reason() {
     );
 
     // Key files are part of the config: a missing one is named up front.
-    std::fs::write(
-        &bad,
+    let err = refused(
         "jwt:\n  issuers:\n    - {issuer: https://idp.test, jwks_file: nowhere.json}\nagents: []\n",
-    )
-    .expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_clawgress"))
-        .args(["up", "--check-config"])
-        .arg(&bad)
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    );
     assert!(
         err.contains("nowhere.json") && err.contains("https://idp.test") && err.contains("line 3"),
         "{err}"
@@ -69,32 +62,10 @@ fn check_config_names_field_line_and_reason() {
         r#"{"keys":[{"kty":"RSA","n":"AQAB","e":"AQAB"}]}"#,
     )
     .expect("write");
-    std::fs::write(
-        &bad,
-        "agents: []\njwt:\n  issuers:\n    - issuer: https://idp.test\n      jwks_file: small.json\n",
-    )
-    .expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_clawgress"))
-        .args(["up", "--check-config"])
-        .arg(&bad)
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused("agents: []\njwt:\n  issuers:\n    - issuer: https://idp.test\n      jwks_file: small.json\n");
     assert!(err.contains("line 5") && err.contains("2048"), "{err}");
     // A YAML tag is refused, with its line, rather than dropped.
-    std::fs::write(
-        &bad,
-        "agents: []\ngateway:\n  state_dir: !!binary L3RtcA==\n",
-    )
-    .expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_clawgress"))
-        .args(["up", "--check-config"])
-        .arg(&bad)
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused("agents: []\ngateway:\n  state_dir: !!binary L3RtcA==\n");
     assert!(
         err.contains("line 3") && err.contains("`!!binary`"),
         "{err}"
