@@ -500,7 +500,13 @@ fn matches(p: &Policy, req: &RequestFacts<'_>, guard: Option<IpNet>) -> bool {
         return false;
     }
     if let Some(methods) = &m.method {
-        if !methods.iter().any(|x| x.as_str() == req.method) {
+        // Methods are case-sensitive (RFC 9110), but upstreams often are
+        // not, and HTTP/2 lets an agent send `post`: a rule on POST matches
+        // it, so a method deny cannot be dodged by spelling.
+        if !methods
+            .iter()
+            .any(|x| x.as_str().eq_ignore_ascii_case(req.method))
+        {
             return false;
         }
     }
@@ -693,6 +699,13 @@ policies:
       identity: {agent_id: wide}
       destination: {hosts: ["*", "0.0.0.0/0", "::/0"]}
     action: allow
+  - policy_id: wide-no-post
+    priority: 400
+    match:
+      identity: {agent_id: wide}
+      destination: {hosts: ["*"]}
+      method: [POST]
+    action: deny
   - policy_id: local-test
     priority: 20
     match:
@@ -824,6 +837,19 @@ policies:
         // path-limited deny does not match one either.
         let d = eval(&s, &id, "api.example.com:443", "CONNECT", "");
         assert_eq!((d.allow, d.policy_id.as_str()), (false, DEFAULT_DENY));
+    }
+
+    #[test]
+    fn methods_match_whatever_their_case() {
+        let s = set();
+        let wide = who("wide", "");
+        assert!(eval(&s, &wide, "example.com", "GET", "/").allow);
+        for post in ["POST", "post", "Post"] {
+            let d = eval(&s, &wide, "example.com", post, "/");
+            assert_eq!((d.allow, d.policy_id.as_str()), (false, "wide-no-post"), "{post}");
+        }
+        let d = eval(&s, &who("x", ""), "api.example.com", "get", "/v1/x");
+        assert_eq!((d.allow, d.policy_id.as_str()), (true, "get-only"));
     }
 
     #[test]
