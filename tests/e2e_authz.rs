@@ -376,6 +376,20 @@ policies:
             403,
             "token-wrong-audience",
         ),
+        (
+            // Validly signed, `exp` a string (CVE-2026-25537): a JWT, but
+            // not an acceptable one: 403, not 407.
+            mint(
+                {
+                    let mut c = claims("trainer-1", now + 300);
+                    c["exp"] = serde_json::json!((now + 300).to_string());
+                    c
+                },
+                secret.as_bytes(),
+            ),
+            403,
+            "token-invalid-claim",
+        ),
         ("not.a.jwt".to_string(), 407, "token-malformed"),
         (format!("{ok}{}", "x".repeat(9000)), 403, "token-too-large"),
     ] {
@@ -394,7 +408,7 @@ policies:
         );
     }
     assert_eq!(up.requests().len(), 1);
-    let recs = stack.wait_audit(8);
+    let recs = stack.wait_audit(9);
     let allowed = recs
         .iter()
         .find(|r| r["decision"] == "allow")

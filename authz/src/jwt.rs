@@ -7,7 +7,9 @@
 //! - each key's algorithm is fixed when it is loaded (from its JWKS `alg`, or
 //!   its key type), and a token's `alg` must equal it: no `none`, no RS/HS
 //!   confusion; JWKS `oct` keys are ignored (HS256 needs the issuer's own
-//!   secret file); RSA keys under 2048 bits are refused at load;
+//!   secret file), and so are keys published for anything but verifying
+//!   (`use` not `sig`, `key_ops` without `verify`); RSA keys under 2048
+//!   bits are refused at load;
 //! - `exp` is required (per issuer), `nbf`/`exp`/`iat` are checked with a
 //!   bounded skew; `typ`, if present, is `JWT` or `at+jwt`; any `crit` header
 //!   is refused; tokens over 8 KiB are refused before anything is parsed.
@@ -85,6 +87,19 @@ fn claim_names(c: Option<&ClaimNames>) -> [String; 4] {
 
 /// The one algorithm a JWKS key may verify, or why it is not used.
 fn key_algorithm(jwk: &Jwk) -> Result<Algorithm, String> {
+    use jsonwebtoken::jwk::{KeyOperations, PublicKeyUse};
+    // RFC 7517 §4.2, §4.3: a key published for encryption, or for
+    // operations other than verifying, never verifies a signature.
+    if let Some(u) = jwk.common.public_key_use.as_ref() {
+        if *u != PublicKeyUse::Signature {
+            return Err(format!("its `use` is {u:?}, not `sig`"));
+        }
+    }
+    if let Some(ops) = jwk.common.key_operations.as_ref() {
+        if !ops.contains(&KeyOperations::Verify) {
+            return Err("its `key_ops` do not include `verify`".into());
+        }
+    }
     let by_type = match &jwk.algorithm {
         AlgorithmParameters::RSA(rsa) => {
             let n = b64(&rsa.n).ok_or("RSA modulus is not base64url")?;
@@ -227,11 +242,11 @@ impl JwtVerifier {
                 if t.eq_ignore_ascii_case("JWT") || t.eq_ignore_ascii_case("at+jwt") => {}
             Some(_) => return Err(TokenFailure::BadType),
         }
-        // Time claims of the wrong JSON type are malformed, never skipped or
+        // Time claims of the wrong JSON type are refused, never skipped or
         // taken as absent (the CVE-2026-25537 class of bug).
         for c in ["exp", "nbf", "iat"] {
             if payload.get(c).is_some_and(|v| !v.is_number()) {
-                return Err(TokenFailure::Malformed);
+                return Err(TokenFailure::InvalidClaim);
             }
         }
         let iss = payload
@@ -293,6 +308,13 @@ impl JwtVerifier {
                         ErrorKind::ImmatureSignature => TokenFailure::NotYetValid,
                         ErrorKind::InvalidAudience => TokenFailure::WrongAudience,
                         ErrorKind::InvalidIssuer => TokenFailure::UnknownIssuer,
+                        // There, but not as the library reads it (an `exp`
+                        // beyond u64): of the wrong type, not missing.
+                        ErrorKind::MissingRequiredClaim(c)
+                            if c == "exp" && payload.contains_key("exp") =>
+                        {
+                            TokenFailure::InvalidClaim
+                        }
                         ErrorKind::MissingRequiredClaim(c) if c == "exp" => {
                             TokenFailure::MissingExp
                         }
@@ -303,8 +325,14 @@ impl JwtVerifier {
                             TokenFailure::UnknownIssuer
                         }
                         ErrorKind::InvalidAlgorithm => TokenFailure::AlgorithmNotAllowed,
-                        ErrorKind::InvalidClaimFormat(_)
-                        | ErrorKind::InvalidToken
+                        ErrorKind::InvalidClaimFormat(c) if c == "aud" => {
+                            TokenFailure::WrongAudience
+                        }
+                        ErrorKind::InvalidClaimFormat(c) if c == "iss" => {
+                            TokenFailure::UnknownIssuer
+                        }
+                        ErrorKind::InvalidClaimFormat(_) => TokenFailure::InvalidClaim,
+                        ErrorKind::InvalidToken
                         | ErrorKind::Base64(_)
                         | ErrorKind::Json(_)
                         | ErrorKind::Utf8(_) => TokenFailure::Malformed,
@@ -332,7 +360,7 @@ fn claims(
     let time = |name: &str| -> Result<Option<f64>, TokenFailure> {
         match payload.get(name) {
             None => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or(TokenFailure::Malformed),
+            Some(v) => v.as_f64().map(Some).ok_or(TokenFailure::InvalidClaim),
         }
     };
     let (now, skew) = (now as f64, issuer.skew as f64);
@@ -492,6 +520,28 @@ mod tests {
     }
 
     #[test]
+    fn keys_not_for_verifying_are_not_used() {
+        let mut enc = public(&ec(), Algorithm::ES256, "enc");
+        enc["use"] = json!("enc");
+        let mut wrap = public(&ed(), Algorithm::EdDSA, "wrap");
+        wrap["key_ops"] = json!(["wrapKey"]);
+        for (extra, alg, kid, key) in [
+            (enc, Algorithm::ES256, "enc", ec()),
+            (wrap, Algorithm::EdDSA, "wrap", ed()),
+        ] {
+            let (v, _d) = verifier(extra);
+            let t = token(alg, Some(kid), &key, &claims());
+            assert_eq!(v.verify(&t, NOW), Err(TokenFailure::UnknownKey), "{kid}");
+        }
+        let mut sig = public(&ec(), Algorithm::ES256, "sig");
+        sig["use"] = json!("sig");
+        sig["key_ops"] = json!(["verify"]);
+        let (v, _d) = verifier(sig);
+        let t = token(Algorithm::ES256, Some("sig"), &ec(), &claims());
+        assert!(v.verify(&t, NOW).is_ok());
+    }
+
+    #[test]
     fn every_configured_algorithm_verifies() {
         let (v, _d) = verifier(json!({}));
         for (alg, kid, key) in [
@@ -611,7 +661,19 @@ mod tests {
             (with(&|c| c["exp"] = json!(NOW - 61)), TokenFailure::Expired),
             (
                 with(&|c| c["exp"] = json!((NOW + 300).to_string())),
-                TokenFailure::Malformed,
+                TokenFailure::InvalidClaim,
+            ),
+            (
+                with(&|c| c["nbf"] = json!(null)),
+                TokenFailure::InvalidClaim,
+            ),
+            (
+                with(&|c| c["iat"] = json!(true)),
+                TokenFailure::InvalidClaim,
+            ),
+            (
+                with(&|c| c["exp"] = json!(u64::MAX as f64 * 4.0)),
+                TokenFailure::InvalidClaim,
             ),
             (
                 with(&|c| {

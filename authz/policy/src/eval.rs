@@ -35,6 +35,9 @@ pub enum TokenFailure {
     BadType,
     CriticalHeader,
     MissingAgentClaim,
+    /// A registered claim of the wrong JSON type (`exp: "1796…"`,
+    /// `nbf: null`): a JWT, but not an acceptable one (403, not 407).
+    InvalidClaim,
 }
 
 impl TokenFailure {
@@ -54,6 +57,7 @@ impl TokenFailure {
             TokenFailure::BadType => "token-bad-type",
             TokenFailure::CriticalHeader => "token-critical-header",
             TokenFailure::MissingAgentClaim => "token-missing-agent-claim",
+            TokenFailure::InvalidClaim => "token-invalid-claim",
         }
     }
 }
@@ -109,6 +113,7 @@ impl Reason {
             Reason::PolicyAllow => "",
             Reason::Token(TokenFailure::TooLarge) => "The token is larger than 8 KiB; ask the issuer for a smaller token.",
             Reason::Token(TokenFailure::Malformed) => "The bearer token could not be parsed as a JWT; send Proxy-Authorization: Bearer <JWT>.",
+            Reason::Token(TokenFailure::InvalidClaim) => "A claim of the token (exp, nbf, iat, iss or aud) has the wrong type; ask the issuer for a standard JWT (RFC 7519).",
             Reason::Token(TokenFailure::Expired | TokenFailure::NotYetValid | TokenFailure::IssuedInFuture) => "The token is not valid at this time; get a fresh token from the issuer (and check the agent's clock).",
             Reason::Token(_) => "The token was not accepted; get a token from an issuer the gateway operator has configured.",
             Reason::PolicyDeny => "A policy denies this destination for this agent; ask the gateway operator to change that policy if the access is needed.",
@@ -147,7 +152,7 @@ impl Reason {
 pub struct RequestFacts<'a> {
     pub identity: &'a Identity,
     pub destination: &'a Destination,
-    /// Upper case.
+    /// As sent; method rules match it whatever its case.
     pub method: &'a str,
     /// Normalised path ([`crate::normalise_path`]); ignored for CONNECT.
     pub path: &'a str,
@@ -846,7 +851,11 @@ policies:
         assert!(eval(&s, &wide, "example.com", "GET", "/").allow);
         for post in ["POST", "post", "Post"] {
             let d = eval(&s, &wide, "example.com", post, "/");
-            assert_eq!((d.allow, d.policy_id.as_str()), (false, "wide-no-post"), "{post}");
+            assert_eq!(
+                (d.allow, d.policy_id.as_str()),
+                (false, "wide-no-post"),
+                "{post}"
+            );
         }
         let d = eval(&s, &who("x", ""), "api.example.com", "get", "/v1/x");
         assert_eq!((d.allow, d.policy_id.as_str()), (true, "get-only"));
