@@ -89,6 +89,24 @@ fn anonymous_wrong_key_disabled_and_unlisted_hosts_are_refused() {
         (r.status, r.json()["reason"].as_str()),
         (403, Some("private-destination"))
     );
+    // The allowed address spelled as clients also read it (curl rewrites
+    // these, so on a raw socket): Envoy would resolve it as a name, so it
+    // is refused, as malformed (write the dotted quad), not as private:
+    // the policy opened 127.0.0.1.
+    for host in ["127.1", "2130706433", "0x7f.1", "127.0.0.1."] {
+        let (status, body) = raw_get_answer(
+            stack.proxy,
+            &format!("http://{host}:{}/", up.addr.port()),
+            AGENT,
+            KEY,
+        );
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        assert_eq!(
+            (status, body["reason"].as_str()),
+            (403, Some("malformed-destination")),
+            "{host}: {body}"
+        );
+    }
     assert!(
         up.requests().is_empty(),
         "nothing denied reached the upstream"

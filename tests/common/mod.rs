@@ -371,10 +371,16 @@ pub fn curl(args: &[&str], env: &[(&str, &str)]) -> Reply {
 /// One plain-HTTP GET through the proxy on a raw socket (no process spawn,
 /// for load); returns the status code, 0 on failure.
 pub fn raw_get(proxy: SocketAddr, url: &str, agent: &str, key: &str) -> u16 {
+    raw_get_answer(proxy, url, agent, key).0
+}
+
+/// The same, sent exactly as given (no client rewrites the host, as curl
+/// does `127.1`); the status code (0 on failure) and the body.
+pub fn raw_get_answer(proxy: SocketAddr, url: &str, agent: &str, key: &str) -> (u16, String) {
     use base64::Engine;
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(proxy) else {
-        return 0;
+        return (0, String::new());
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
     let host = url
@@ -387,15 +393,21 @@ pub fn raw_get(proxy: SocketAddr, url: &str, agent: &str, key: &str) -> u16 {
         "GET {url} HTTP/1.1\r\nHost: {host}\r\nProxy-Authorization: Basic {cred}\r\nConnection: close\r\n\r\n"
     );
     if s.write_all(req.as_bytes()).is_err() {
-        return 0;
+        return (0, String::new());
     }
     let mut resp = Vec::new();
     let _ = s.read_to_end(&mut resp);
     let text = String::from_utf8_lossy(&resp);
-    text.split_whitespace()
+    let status = text
+        .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// Request heads an upstream saw: (lower-cased header name, value) lists.

@@ -425,8 +425,18 @@ impl PolicySet {
         };
         if !req.destination.canonical {
             // An address in a form Envoy would resolve as a name: never
-            // forwarded. Named for what it encodes when that is guarded.
-            let reason = if guard.is_some() {
+            // forwarded. Named for what it encodes when that is guarded and
+            // no policy opens it; otherwise malformed, whose hint says to
+            // write the dotted quad (which a policy may well allow).
+            let dotted = Destination {
+                canonical: true,
+                ..req.destination.clone()
+            };
+            let as_dotted = self.evaluate(&RequestFacts {
+                destination: &dotted,
+                ..*req
+            });
+            let reason = if guard.is_some() && !as_dotted.allow {
                 Reason::PrivateDestination
             } else {
                 Reason::MalformedDestination
@@ -890,7 +900,9 @@ policies:
             assert!(eval(&s, &t, form, "GET", "/").allow, "{form}");
         }
         // Other spellings are addresses to clients but names to Envoy's
-        // resolver: never forwarded, even where the address is allowed.
+        // resolver: never forwarded, even where the address is allowed —
+        // then as malformed (write the dotted quad), not as private: a
+        // policy opened the range. Where none does, private.
         for form in [
             "127.1:8080",
             "0x7f000001:8080",
@@ -899,6 +911,12 @@ policies:
             "[::ffff:127.0.0.1%25lo]:8080",
         ] {
             let d = eval(&s, &t, form, "GET", "/");
+            assert_eq!(
+                (d.allow, d.reason),
+                (false, Reason::MalformedDestination),
+                "{form}"
+            );
+            let d = eval(&s, &wide, form, "GET", "/");
             assert_eq!(
                 (d.allow, d.reason),
                 (false, Reason::PrivateDestination),
