@@ -287,6 +287,15 @@ pub async fn serve(
 ) -> Result<()> {
     let doc = load_config(config)?;
     let state = node::state_dir(state_dir, Some(&doc), &|k| std::env::var(k).ok())?;
+    // Before anything can raise an alert (a kept bundle rejected at start):
+    // every alert is also an audit record (§10).
+    let spool = node::spool_dir(&doc, &state);
+    if node::private_dir(&spool).is_ok() {
+        crate::metrics::record_alerts_in(
+            node::events_spool(&doc, &state),
+            &format!("{service:?}").to_lowercase(),
+        );
+    }
     let bundles = match service {
         Service::Authz | Service::Ratelimit => bundle_source(&policy_source, &state)?,
         _ => None,
@@ -337,13 +346,6 @@ pub async fn serve(
         None => node::revision_of(doc),
     };
     let start_rev = initial.as_ref().map(|f| f.revision);
-    let spool = node::spool_dir(&doc, &state);
-    if node::private_dir(&spool).is_ok() {
-        crate::metrics::record_alerts_in(
-            node::events_spool(&doc, &state),
-            &format!("{service:?}").to_lowercase(),
-        );
-    }
     tracing::info!(service = ?service, listen = ?listen, revision = revision_name(&start_doc, start_rev), "starting");
     let name = format!("{service:?}").to_lowercase();
     if let (Some(b), Some(r)) = (&bundles, start_rev) {

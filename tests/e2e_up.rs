@@ -606,6 +606,29 @@ fn authz_restarted_with_no_verifying_bundle_allows_nothing() {
         "{}",
         stack.stderr()
     );
+    // The alerts at start are audit records too, as every alert is (§10).
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let alerts: Vec<String> = stack
+                .all_audit_records()
+                .iter()
+                .filter(|r| r["kind"] == "alert")
+                .map(|r| r.to_string())
+                .collect();
+            alerts
+                .iter()
+                .any(|a| a.contains("bundle-rejected") && a.contains("bundle rejected at start"))
+                && alerts
+                    .iter()
+                    .any(|a| a.contains("bundle-rejected") && a.contains("no kept bundle verifies"))
+        }),
+        "{:#?}",
+        stack
+            .all_audit_records()
+            .iter()
+            .filter(|r| r["kind"] == "alert")
+            .collect::<Vec<_>>()
+    );
 }
 
 #[test]
