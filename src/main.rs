@@ -443,7 +443,14 @@ fn main() -> ExitCode {
             // with the alert `config-rejected` (§10), which is what an
             // operator's alerting sees.
             let (loaded, dir) = node::locate(config.as_deref(), state_dir.as_deref());
-            let signalled = dir.and_then(|dir| up::signal_reload(&dir, config.as_deref()));
+            let signalled = dir
+                .and_then(|dir| up::signal_reload(&dir, config.as_deref()))
+                .or_else(|e| match (&loaded, config.as_deref()) {
+                    // The file does not say where `up` keeps its state: the
+                    // `up` started with it is found by its command line.
+                    (Err(_), Some(c)) => up::signal_reload_by_config(c).map_err(|_| e),
+                    _ => Err(e),
+                });
             let (pid, file, loaded) = match (loaded, signalled) {
                 (Err(e), Ok((pid, _))) => {
                     return Err(e.context(format!(

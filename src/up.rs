@@ -567,6 +567,60 @@ pub fn signal_reload(state_dir: &Path, config: Option<&Path>) -> Result<(u32, Pa
     Ok((pid, file))
 }
 
+/// `clawgress reload --config FILE` when FILE says too little to find the
+/// state dir (emptied, unparseable mid-edit): the running `clawgress up`
+/// whose `--config` is FILE, found by its command line, is signalled, so it
+/// refuses the reload with its alert (§10) as it would any bad file.
+pub fn signal_reload_by_config(config: &Path) -> Result<(u32, PathBuf)> {
+    let want = absolute(config)?;
+    let same = |p: &Path| match (p.canonicalize(), want.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => p == want,
+    };
+    let me = std::process::id();
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_clawgress = args.first().is_some_and(|a| {
+            Path::new(a)
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("clawgress"))
+        });
+        if pid == me || !is_clawgress || !args.iter().any(|a| a == "up") {
+            continue;
+        }
+        let given = args.iter().enumerate().find_map(|(i, a)| {
+            a.strip_prefix("--config=").map(str::to_string).or_else(|| {
+                (a == "--config")
+                    .then(|| args.get(i + 1).cloned())
+                    .flatten()
+            })
+        });
+        let Some(given) = given else { continue };
+        // Relative to where that `up` was started.
+        let file = match std::fs::read_link(entry.path().join("cwd")) {
+            Ok(cwd) => cwd.join(&given),
+            Err(_) => PathBuf::from(&given),
+        };
+        if same(&file) {
+            sys::signal(pid, sys::Sig::Hup);
+            return Ok((pid, want));
+        }
+    }
+    bail!(
+        "no running `clawgress up --config {}` found",
+        want.display()
+    )
+}
+
 const SERVICES: [&str; 4] = ["admin", "authz", "ratelimit", "audit"];
 
 fn metrics_socket(run: &Path, name: &str) -> PathBuf {

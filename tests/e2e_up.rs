@@ -284,6 +284,29 @@ fn reload_applies_a_valid_file_and_refuses_a_bad_one() {
         200
     );
 
+    // Emptied, or unparseable before `gateway:` (the file no longer says
+    // where `up` keeps its state): `up` is still found, and alerts.
+    for broken in ["", "gateway: [\n"] {
+        std::fs::write(&stack.config, broken).expect("write");
+        let before = stack.stderr().matches("config-rejected").count();
+        let out = reload(&stack.config);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("refused by clawgress up (pid"),
+            "{broken:?}: {err}"
+        );
+        assert!(
+            eventually(Duration::from_secs(10), || stack
+                .stderr()
+                .matches("config-rejected")
+                .count()
+                > before),
+            "{broken:?}: up raised no alert:\n{}",
+            stack.stderr()
+        );
+    }
+    assert_eq!(curl(&["-x", &proxy, &to_b], &[]).status, 200);
+
     // A save cut short before `agents:` (only the gateway section left):
     // valid YAML, but committing it would deny everything. Refused.
     let cut = widened.split("agents:").next().expect("head").to_string();
