@@ -72,6 +72,8 @@ impl Checkpoint {
 const POLL: Duration = Duration::from_millis(100);
 /// Largest read per round; a backlog is worked off in chunks of this size.
 const CHUNK: usize = 1 << 20;
+/// How long a stopping tail goes on reading what is already in the file.
+const FINAL_READ: Duration = Duration::from_secs(2);
 
 /// Follow `log` until `stop`, sending records and checkpoints to the writer.
 pub fn follow(
@@ -87,10 +89,23 @@ pub fn follow(
     let mut carry: Vec<u8> = Vec::new();
     let mut reported_gap = false;
     let mut starting = true;
-    while !stop.load(Ordering::Relaxed) {
+    // Asked to stop: what is in the file by then is still read, to its
+    // end (Envoy, stopped first, has flushed its last entries), within a
+    // bound; the rest waits for the next start.
+    let mut stopping: Option<std::time::Instant> = None;
+    loop {
+        if stopping.is_none() && stop.load(Ordering::Relaxed) {
+            stopping = Some(std::time::Instant::now() + FINAL_READ);
+        }
+        if stopping.is_some_and(|until| std::time::Instant::now() > until) {
+            break;
+        }
         let mut file = match File::open(&log) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if stopping.is_some() {
+                    break;
+                }
                 std::thread::sleep(POLL);
                 continue;
             }
@@ -131,6 +146,9 @@ pub fn follow(
         file.seek(SeekFrom::Start(pos.offset + carry.len() as u64))?;
         let n = file.read(&mut buf)?;
         if n == 0 {
+            if stopping.is_some() {
+                break;
+            }
             reported_gap = false;
             std::thread::sleep(POLL);
             continue;
@@ -348,5 +366,42 @@ mod tests {
         let again = read(&dir.path().join("cp2"));
         let again: Vec<&str> = again.iter().map(|r| r.request_id.as_str()).collect();
         assert_eq!(again, ids);
+    }
+
+    /// Stopped with entries still unread (Envoy, stopped first, flushed
+    /// its last ones just before): they are read before the tail returns,
+    /// not left for the next start.
+    #[test]
+    fn a_stopping_tail_reads_what_is_already_there() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("access.log");
+        let text: String = (0..50)
+            .map(|i| format!("{}\n", entry(&format!("r{i}"))))
+            .collect();
+        std::fs::write(&log, text).expect("write");
+        let (tx, mut rx) = mpsc::channel(1024);
+        let stop = Arc::new(AtomicBool::new(true));
+        let cp = dir.path().join("cp");
+        follow(
+            log,
+            cp.clone(),
+            tx,
+            stop,
+            Default::default(),
+            access_log_line,
+        )
+        .expect("follow");
+        let mut got = Vec::new();
+        let mut saved = None;
+        while let Ok(m) = rx.try_recv() {
+            match m {
+                Msg::Records(rs) => got.extend(rs),
+                Msg::Checkpoint(c) => saved = Some(c.position),
+                _ => {}
+            }
+        }
+        assert_eq!(got.len(), 50);
+        assert_eq!(got[49].request_id, "r49");
+        assert!(saved.is_some_and(|p| p.offset > 0), "{saved:?}");
     }
 }
