@@ -238,11 +238,12 @@ pub async fn up(args: UpArgs, registry: prometheus_client::registry::Registry) -
                 "warn".into(),
                 "--log-path".into(),
                 state.join("envoy.log").display().to_string(),
-                // The access-log file is the audit spool: flush it often so
-                // records show up promptly (Envoy's default is 10 s).
-                "--file-flush-interval-msec".into(),
-                "200".into(),
-            ],
+            ]
+            .into_iter()
+            // The access-log file is the audit spool: every entry written
+            // as it is logged (Envoy's default buffers up to 10 s).
+            .chain(clawgress_envoy::SPOOL_FLUSH_FLAGS.map(String::from))
+            .collect(),
             user: envoy_user,
             shared_files: match envoy_user {
                 None => vec![],

@@ -547,6 +547,12 @@ fn systemd_units_are_hardened_and_agree_with_the_config() {
     // Envoy: admin socket in its own runtime dir, stats for Prometheus, and
     // the access log where the sink reads it.
     let e = by_name["clawgress-envoy.service"];
+    // It writes the spool as `clawgress up` runs it: each entry as logged.
+    let exec = e.service("ExecStart").unwrap_or("");
+    assert!(
+        exec.contains(&clawgress_envoy::SPOOL_FLUSH_FLAGS.join(" ")),
+        "{exec}"
+    );
     let admin_pipe = envoy["admin"]["address"]["pipe"]["path"]
         .as_str()
         .expect("admin pipe");

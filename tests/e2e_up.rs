@@ -136,7 +136,14 @@ fn a_crash_looping_child_makes_up_exit_nonzero_naming_it() {
 
 #[test]
 fn a_killed_envoy_is_restarted_and_traffic_resumes() {
-    let (stack, _up, target, proxy) = allowed_stack();
+    let (stack, up, target, proxy) = allowed_stack();
+    // Requests served just before the kill: their records must not die in
+    // Envoy's write buffer (§6: one record per request).
+    let served: Vec<String> = (0..20)
+        .map(|i| format!("/before-kill/{i}"))
+        .filter(|p| raw_get(stack.proxy, &format!("http://{}{p}", up.addr), AGENT, KEY) == 200)
+        .collect();
+    assert_eq!(served.len(), 20);
     let pid = stack.envoy_pid().expect("envoy pid");
     signal(pid, "KILL");
     assert!(
@@ -151,6 +158,23 @@ fn a_killed_envoy_is_restarted_and_traffic_resumes() {
     assert!(
         log.contains("child-restarted") && log.contains("envoy"),
         "{log}"
+    );
+    let recorded = |p: &String| {
+        stack
+            .audit_records()
+            .iter()
+            .filter(|r| r["path"] == p.as_str())
+            .count()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || served
+            .iter()
+            .all(|p| recorded(p) == 1)),
+        "records lost with Envoy: {:?}",
+        served
+            .iter()
+            .filter(|p| recorded(p) != 1)
+            .collect::<Vec<_>>()
     );
 }
 

@@ -279,13 +279,9 @@ fn start_envoy(envoy: &Path, config: &Path, log: &Path) -> Result<Child> {
     Command::new(envoy)
         .arg("-c")
         .arg(config)
-        .args([
-            "--disable-hot-restart",
-            "--log-level",
-            "warn",
-            "--file-flush-interval-msec",
-            "200",
-        ])
+        .args(["--disable-hot-restart", "--log-level", "warn"])
+        // As `clawgress up` runs it: the floor writes the same spool.
+        .args(clawgress_envoy::SPOOL_FLUSH_FLAGS)
         .arg("--log-path")
         .arg(log)
         .stdout(Stdio::null())

@@ -9,6 +9,19 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+/// Flags Envoy runs with wherever its access-log file is the audit spool
+/// (DESIGN §6; `clawgress up`, the bench's floor). Envoy buffers file
+/// writes and a killed Envoy loses its buffer, records of requests it
+/// already served: with a minimum flush size of 0 every entry is handed to
+/// Envoy's flush thread as it is logged (entries logged together still go
+/// out in one write), and the interval is only a backstop.
+pub const SPOOL_FLUSH_FLAGS: [&str; 4] = [
+    "--file-flush-min-size-kb",
+    "0",
+    "--file-flush-interval-msec",
+    "200",
+];
+
 /// The shipped bootstrap template.
 pub const BOOTSTRAP_TEMPLATE: &str = include_str!("../bootstrap.yaml.tmpl");
 /// Its access-log block for `gateway.audit_input: file`.
