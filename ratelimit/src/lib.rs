@@ -405,9 +405,19 @@ pub fn response(o: &Outcome, descriptors: usize) -> RateLimitResponse {
     }
     RateLimitResponse {
         overall_code: code as i32,
-        // Envoy expects one status per descriptor it sent.
+        // Envoy expects one status per descriptor it sent, and writes
+        // every one that carries a limit into `x-ratelimit-limit`: the
+        // binding window once, as authz does, the rest bare.
         statuses: status
-            .map(|s| vec![s; descriptors.max(1)])
+            .map(|s| {
+                let bare = DescriptorStatus {
+                    code: Code::Ok as i32,
+                    ..Default::default()
+                };
+                std::iter::once(s)
+                    .chain(std::iter::repeat_n(bare, descriptors.max(1) - 1))
+                    .collect()
+            })
             .unwrap_or_default(),
         response_headers_to_add: if o.admitted {
             Vec::new()
@@ -663,11 +673,15 @@ quotas:
             last = Some(go(&s, &who("fast", "", ""), 1, T0).await);
         }
         let o = last.expect("ran");
-        let r = response(&o, 1);
+        let r = response(&o, 3);
         assert_eq!(r.overall_code, Code::OverLimit as i32);
         let h = &r.response_headers_to_add[0];
         assert_eq!((h.key.as_str(), h.value.as_str()), ("retry-after", "1"));
-        assert_eq!(r.statuses.len(), 1);
+        // One status per descriptor; only the first names the limit (so
+        // Envoy's x-ratelimit-limit says it once).
+        assert_eq!(r.statuses.len(), 3);
+        assert!(r.statuses[0].current_limit.is_some());
+        assert!(r.statuses[1..].iter().all(|s| s.current_limit.is_none()));
         let md = r.dynamic_metadata.expect("metadata");
         assert!(md.fields.contains_key("quota_applied"));
     }
