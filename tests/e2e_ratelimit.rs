@@ -248,6 +248,12 @@ fn with_quota_check_authz_a_store_outage_fails_closed_too() {
         "never a 429, never allowed: {r:?}"
     );
     assert_eq!(up.requests().len(), 1);
+    // One alert per failure, in one kind (the store's), not two.
+    let log = stack.stderr();
+    assert!(
+        log.contains("ratelimit-store-unavailable") && !log.contains("ratelimit-store-failed"),
+        "{log}"
+    );
 }
 
 /// `quota_check: rls` with `failure_mode: allow`: a rate-limit service that

@@ -585,7 +585,9 @@ impl Authorization for AuthzService {
                     verdict.quota = Some(q);
                 }
                 Err(e) => {
-                    tracing::error!(alert = "ratelimit-store-failed", error = %e, "quota check failed; refused (fail closed)");
+                    // The store's failure is already the alert
+                    // `ratelimit-store-unavailable` (one per failure).
+                    tracing::warn!(error = %e, "quota check failed; refused (fail closed)");
                     verdict.decision = Decision::deny("", Reason::RatelimitUnavailable);
                 }
             }
