@@ -336,9 +336,16 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    let written = f
+        .write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        // A full disk, say: no half-written temp file left behind (each
+        // process has its own name, so nothing would reuse it).
+        let _ = std::fs::remove_file(&tmp);
+        return Err(anyhow::Error::new(e).context(format!("cannot write {}", path.display())));
+    }
     Ok(())
 }
 
@@ -372,6 +379,21 @@ pub fn keep_accepted(run: &Path, doc: &Document) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_private_write_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The target is a directory: the rename fails.
+        let target = dir.path().join("last-good");
+        std::fs::create_dir(&target).expect("mkdir");
+        assert!(write_private(&target, b"x").is_err());
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("read")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("last-good")]);
+    }
 
     #[test]
     fn the_accepted_document_is_kept_and_loads_back_the_same() {

@@ -559,7 +559,6 @@ pub async fn serve(
             let input = match doc.gateway.audit_input {
                 clawgress_policy::config::AuditInput::Grpc
                 | clawgress_policy::config::AuditInput::File => {
-                    let spool = node::spool_dir(&doc, &state);
                     node::private_dir(&spool)?;
                     clawgress_audit_sink::Input::File {
                         log: node::access_log_file(&doc, &state),

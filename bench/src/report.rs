@@ -45,15 +45,14 @@ pub fn verdicts(runs: &[Run]) -> Vec<Verdict> {
 /// `clawgress-b`).
 pub fn verdicts_of(runs: &[Run], arm: &str) -> Vec<Verdict> {
     let mut v = Vec::new();
-    let this = arm;
-    let added = |arm: &str, f: fn(&Run) -> f64| {
-        figure(runs, arm, "open@0.50", f) - figure(runs, "bare", "open@0.50", f)
+    let added = |which: &str, f: fn(&Run) -> f64| {
+        figure(runs, which, "open@0.50", f) - figure(runs, "bare", "open@0.50", f)
     };
     for (name, f) in [
         ("p50", (|r: &Run| r.p50_ms) as fn(&Run) -> f64),
         ("p99", |r: &Run| r.p99_ms),
     ] {
-        let (c, fl) = (added(this, f), added("floor", f));
+        let (c, fl) = (added(arm, f), added("floor", f));
         let ratio = c / fl.max(1e-3);
         v.push(Verdict {
             target: format!("added {name} at 50 % of the floor's max: clawgress ÷ floor"),
@@ -62,7 +61,7 @@ pub fn verdicts_of(runs: &[Run], arm: &str) -> Vec<Verdict> {
             pass: ratio <= 1.25,
         });
     }
-    let t = figure(runs, this, "closed", |r| r.achieved_rps)
+    let t = figure(runs, arm, "closed", |r| r.achieved_rps)
         / figure(runs, "floor", "closed", |r| r.achieved_rps).max(1e-9);
     v.push(Verdict {
         target: "max throughput: clawgress ÷ floor".into(),
@@ -73,7 +72,7 @@ pub fn verdicts_of(runs: &[Run], arm: &str) -> Vec<Verdict> {
     // Only when the floor's services ran as a process of their own.
     let floor_cpu = figure(runs, "floor", "open@0.50", |r| r.services_cpu_us_per_req);
     if floor_cpu > 0.0 {
-        let cpu = figure(runs, this, "open@0.50", |r| r.services_cpu_us_per_req) / floor_cpu;
+        let cpu = figure(runs, arm, "open@0.50", |r| r.services_cpu_us_per_req) / floor_cpu;
         v.push(Verdict {
             target: "services' CPU per request at 50 %: clawgress ÷ floor".into(),
             value: cpu,
@@ -90,7 +89,7 @@ pub fn verdicts_of(runs: &[Run], arm: &str) -> Vec<Verdict> {
     ] {
         if let Some(h) = runs
             .iter()
-            .find(|r| r.arm == this && r.kind.starts_with(prefix))
+            .find(|r| r.arm == arm && r.kind.starts_with(prefix))
         {
             let held = h.ok as f64;
             let want = 10_000.0;

@@ -428,15 +428,18 @@ impl PolicySet {
             // forwarded. Named for what it encodes when that is guarded and
             // no policy opens it; otherwise malformed, whose hint says to
             // write the dotted quad (which a policy may well allow).
-            let dotted = Destination {
-                canonical: true,
-                ..req.destination.clone()
+            let opened = || {
+                let dotted = Destination {
+                    canonical: true,
+                    ..req.destination.clone()
+                };
+                self.evaluate(&RequestFacts {
+                    destination: &dotted,
+                    ..*req
+                })
+                .allow
             };
-            let as_dotted = self.evaluate(&RequestFacts {
-                destination: &dotted,
-                ..*req
-            });
-            let reason = if guard.is_some() && !as_dotted.allow {
+            let reason = if guard.is_some() && !opened() {
                 Reason::PrivateDestination
             } else {
                 Reason::MalformedDestination
